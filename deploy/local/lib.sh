@@ -1,0 +1,229 @@
+# Shared by deploy/local/{up,down,status,test}: where things live, and how to start and stop
+# the real parts (Apache Kafka in KRaft mode, PostgreSQL 15) on one machine without containers.
+# Source it; do not run it.
+#
+# Everything is overridable from the environment. SLUICE_PROFILE picks a set of ports and a
+# state folder, so the test suite's stack (profile `test`) never meets the demo stack (`dev`).
+
+set -euo pipefail
+
+DEPLOY_LOCAL=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$DEPLOY_LOCAL/../.." && pwd)
+
+SLUICE_PROFILE=${SLUICE_PROFILE:-dev}
+case "$SLUICE_PROFILE" in
+  dev)  _pg=54320; _kafka=19092; _ctl=19093; _ingest=8080; _ingest_m=9464; _writer_m=9465 ;;
+  test) _pg=54330; _kafka=19192; _ctl=19193; _ingest=8180; _ingest_m=9564; _writer_m=9565 ;;
+  *) echo "SLUICE_PROFILE must be dev or test, not '$SLUICE_PROFILE'" >&2; exit 2 ;;
+esac
+
+# PostgreSQL refuses to run as root, and its server user must reach the data folder: root's
+# state therefore lives under /var/lib, everyone else's under their home.
+if [ "$(id -u)" = 0 ]; then _state_root=/var/lib/sluice; else _state_root=${XDG_DATA_HOME:-$HOME/.local/share}/sluice; fi
+SLUICE_STATE=${SLUICE_STATE:-$_state_root/$SLUICE_PROFILE}
+SLUICE_CACHE=${SLUICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SLUICE_CACHE/target}
+
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+PG_PORT=${SLUICE_PG_PORT:-$_pg}
+PG_DATA=$SLUICE_STATE/postgres
+PG_LOG=$SLUICE_STATE/postgres.log
+PG_USER=sluice
+PG_DB=sluice
+
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$DEPLOY_LOCAL/pom.xml")
+KAFKA_HOME=$SLUICE_CACHE/kafka-$KAFKA_VERSION
+KAFKA_PORT=${SLUICE_KAFKA_PORT:-$_kafka}
+KAFKA_CONTROLLER_PORT=${SLUICE_KAFKA_CONTROLLER_PORT:-$_ctl}
+KAFKA_HEAP=${SLUICE_KAFKA_HEAP:-512m}
+KAFKA_DIR=$SLUICE_STATE/kafka
+KAFKA_LOG=$SLUICE_STATE/kafka.log
+KAFKA_PID=$SLUICE_STATE/kafka.pid
+
+INGEST_PORT=${SLUICE_INGEST_PORT:-$_ingest}
+INGEST_METRICS_PORT=${SLUICE_INGEST_METRICS_PORT:-$_ingest_m}
+WRITER_METRICS_PORT=${SLUICE_WRITER_METRICS_PORT:-$_writer_m}
+
+DATABASE_URL="postgres://$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
+KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Waits up to $2 seconds for port $1 (while the process in pid file $5, if given, lives); on
+# failure prints the tail of log $3 and exits.
+wait_port() {
+  local port=$1 secs=$2 log=$3 what=$4 pidf=${5:-} i
+  for ((i = 0; i < secs * 5; i++)); do
+    port_open "$port" && return 0
+    if [ -n "$pidf" ] && ! pid_alive "$pidf"; then
+      printf 'error: %s exited during start-up. Last lines of %s:\n' "$what" "$log" >&2
+      tail -n 30 "$log" >&2 || true
+      exit 1
+    fi
+    sleep 0.2
+  done
+  printf 'error: %s did not open 127.0.0.1:%s within %ss. Last lines of %s:\n' "$what" "$port" "$secs" "$log" >&2
+  tail -n 30 "$log" >&2 || true
+  exit 1
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Installs, idempotently, what a fresh machine of this kind lacks.
+install_prereqs() {
+  local missing=()
+  [ -x "$PG_BIN/initdb" ] || missing+=(postgresql-15 postgresql-client-15)
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  command -v cmake >/dev/null || missing+=(cmake)
+  command -v c++ >/dev/null || missing+=(build-essential)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  [ -f /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+  # librdkafka's CMake build (rdkafka-sys) compiles its OIDC support against libcurl.
+  [ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -f /usr/include/curl/curl.h ] || missing+=(libcurl4-openssl-dev)
+  [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  command -v curl >/dev/null || missing+=(curl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]} (apt)"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Debian's package starts a system cluster on 5432; sluice runs its own and needs none.
+  fi
+  command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and run this again"
+  install_kafka
+}
+
+# Resolves the broker's jars from Maven Central into the cache (first run only).
+install_kafka() {
+  if [ -f "$KAFKA_HOME/libs/kafka_2.13-$KAFKA_VERSION.jar" ]; then return 0; fi
+  say "fetching Apache Kafka $KAFKA_VERSION jars with mvn into $KAFKA_HOME/libs (first run only)"
+  mkdir -p "$KAFKA_HOME"
+  mvn -q -B -f "$DEPLOY_LOCAL/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$KAFKA_HOME/libs.partial" >"$KAFKA_HOME/mvn.log" 2>&1 \
+    || { tail -n 30 "$KAFKA_HOME/mvn.log" >&2; die "mvn could not fetch the Kafka jars (log above)"; }
+  rm -rf "$KAFKA_HOME/libs" && mv "$KAFKA_HOME/libs.partial" "$KAFKA_HOME/libs"
+}
+
+# Runs a PostgreSQL binary as the server's user (root may not).
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+start_postgres() {
+  if as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
+    say "postgres   already running  127.0.0.1:$PG_PORT  ($PG_DATA)"
+    return 0
+  fi
+  port_open "$PG_PORT" && die "port $PG_PORT is taken by another process; set SLUICE_PG_PORT"
+  mkdir -p "$SLUICE_STATE"
+  if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+    mkdir -p "$PG_DATA"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DATA" "$SLUICE_STATE"
+    as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$PG_LOG" 2>&1 \
+      || { tail -n 20 "$PG_LOG" >&2; die "initdb failed"; }
+    cat >>"$PG_DATA/postgresql.conf" <<CONF
+# sluice local stack: loopback TCP only, sized for a small shared machine.
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = ''
+max_connections = 300
+shared_buffers = 512MB
+work_mem = 16MB
+maintenance_work_mem = 256MB
+max_wal_size = 4GB
+checkpoint_timeout = 15min
+wal_compression = lz4
+max_locks_per_transaction = 256
+CONF
+  fi
+  [ "$(id -u)" = 0 ] && chown postgres:postgres "$SLUICE_STATE" && touch "$PG_LOG" && chown postgres:postgres "$PG_LOG"
+  as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null \
+    || { tail -n 20 "$PG_LOG" >&2; die "PostgreSQL did not start (log above: $PG_LOG)"; }
+  "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
+    "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" | grep -q 1 \
+    || "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$PG_DB"
+  say "postgres   started          127.0.0.1:$PG_PORT  ($PG_DATA)"
+}
+
+stop_postgres() {
+  if [ -f "$PG_DATA/PG_VERSION" ] && as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
+    as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null
+    say "postgres   stopped"
+  else
+    say "postgres   not running"
+  fi
+}
+
+kafka_java() {
+  setsid java -Xms128m "-Xmx$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    "-Dlog4j2.configurationFile=$DEPLOY_LOCAL/log4j2.properties" \
+    -cp "$KAFKA_HOME/libs/*" "$@"
+}
+
+start_kafka() {
+  if pid_alive "$KAFKA_PID"; then
+    say "kafka      already running  127.0.0.1:$KAFKA_PORT  (pid $(cat "$KAFKA_PID"))"
+    return 0
+  fi
+  port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by another process; set SLUICE_KAFKA_PORT"
+  mkdir -p "$KAFKA_DIR"
+  sed -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+    -e "s|@DATA@|$KAFKA_DIR/data|g" "$DEPLOY_LOCAL/server.properties" >"$KAFKA_DIR/server.properties"
+  if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
+    local cluster_id
+    cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
+    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 \
+      || { tail -n 20 "$KAFKA_LOG" >&2; die "Kafka storage format failed (log above: $KAFKA_LOG)"; }
+  fi
+  # setsid: the broker outlives this script and is not hit by the terminal's Ctrl-C.
+  kafka_java kafka.Kafka "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 </dev/null &
+  echo $! >"$KAFKA_PID"
+  wait_port "$KAFKA_PORT" 90 "$KAFKA_LOG" "Kafka" "$KAFKA_PID"
+  say "kafka      started          127.0.0.1:$KAFKA_PORT  (pid $(cat "$KAFKA_PID"), log $KAFKA_LOG)"
+}
+
+stop_kafka() {
+  if pid_alive "$KAFKA_PID"; then
+    local pid i
+    pid=$(cat "$KAFKA_PID")
+    kill -TERM "$pid"
+    for ((i = 0; i < 300; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    rm -f "$KAFKA_PID"
+    say "kafka      stopped"
+  else
+    say "kafka      not running"
+  fi
+}
+
+# Starts one of our binaries in the background with its pid and log in the state folder.
+start_service() {
+  local name=$1 port=$2; shift 2
+  local pidf="$SLUICE_STATE/$name.pid" log="$SLUICE_STATE/$name.log"
+  if pid_alive "$pidf"; then
+    say "$(printf '%-10s' "$name") already running  (pid $(cat "$pidf"))"
+    return 0
+  fi
+  setsid "$@" >>"$log" 2>&1 </dev/null &
+  echo $! >"$pidf"
+  wait_port "$port" 30 "$log" "$name" "$pidf"
+  say "$(printf '%-10s' "$name") started          127.0.0.1:$port  (pid $(cat "$pidf"), log $log)"
+}
+
+stop_service() {
+  local name=$1 pidf="$SLUICE_STATE/$1.pid" pid i
+  if pid_alive "$pidf"; then
+    pid=$(cat "$pidf")
+    kill -TERM "$pid"
+    for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    rm -f "$pidf"
+    say "$(printf '%-10s' "$name") stopped"
+  fi
+}

@@ -1,0 +1,5 @@
+//! `sluice-ingest`.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("not implemented yet")
+}

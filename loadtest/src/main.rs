@@ -1,0 +1,5 @@
+//! `sluice-loadtest`.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("not implemented yet")
+}

@@ -1,0 +1,51 @@
+//! Kafka topic names and the message key rule (DESIGN §3).
+
+/// Anonymous visitors, one message per visitor per collector request.
+pub const VISITOR: &str = "sluice.visitor.v1";
+/// Sessions, one message per session per collector request.
+pub const SESSION: &str = "sluice.session.v1";
+/// Events: track, page, screen, group and pixel calls.
+pub const EVENT: &str = "sluice.event.v1";
+/// Identity changes: identify and alias calls.
+pub const IDENTITY: &str = "sluice.identity.v1";
+/// Messages the writer cannot store, with the reason and their origin in headers.
+pub const DLQ: &str = "sluice.dlq.v1";
+
+/// The four topics the writer consumes, in the order it names them.
+pub const DATA_TOPICS: [&str; 4] = [VISITOR, SESSION, EVENT, IDENTITY];
+
+/// Every topic sluice uses, created at start-up when missing.
+pub const ALL_TOPICS: [&str; 5] = [VISITOR, SESSION, EVENT, IDENTITY, DLQ];
+
+/// Header names on dead-lettered messages.
+pub mod dlq_headers {
+    /// Why the writer could not store the message (a short snake_case word).
+    pub const REASON: &str = "sluice.reason";
+    /// Human-readable detail of the reason.
+    pub const DETAIL: &str = "sluice.detail";
+    /// Topic the message was consumed from.
+    pub const SOURCE_TOPIC: &str = "sluice.source.topic";
+    /// Partition the message was consumed from, in decimal.
+    pub const SOURCE_PARTITION: &str = "sluice.source.partition";
+    /// Offset of the message in its source partition, in decimal.
+    pub const SOURCE_OFFSET: &str = "sluice.source.offset";
+}
+
+/// The key of every data message: `{tenant_id}/{anonymous_id}`, or the user id when the
+/// message has no anonymous id, so that one visitor's messages stay ordered in one partition.
+pub fn message_key(tenant_id: i64, anonymous_id: Option<&str>, user_id: Option<&str>) -> String {
+    let who = anonymous_id.or(user_id).unwrap_or_default();
+    format!("{tenant_id}/{who}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_prefers_anonymous_id_then_user_id() {
+        assert_eq!(message_key(7, Some("a1"), Some("u1")), "7/a1");
+        assert_eq!(message_key(7, None, Some("u1")), "7/u1");
+        assert_eq!(message_key(7, None, None), "7/");
+    }
+}

@@ -1,0 +1,192 @@
+//! Test harness for sluice's integration and fault tests: a real Kafka broker and a real
+//! PostgreSQL, shared by every test of a run, with a database and topic names of each test's
+//! own so tests run in parallel without meeting.
+//!
+//! `deploy/local/test` starts a fresh stack and names it in `SLUICE_TEST_KAFKA_BROKERS` and
+//! `SLUICE_TEST_DATABASE_URL`. A test run without them (`cargo test` alone) starts the same
+//! stack itself through `deploy/local/up --infra-only` (profile `test`), once per process.
+//!
+//! # Layout
+//! - [`Stack`]: where the broker and the database are.
+//! - [`TestDb`]: a fresh database per test.
+//! - [`create_topics`], [`unique_name`]: topics of a test's own.
+//! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio_postgres::NoTls;
+
+/// Where the shared broker and database of this test run are.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// Kafka bootstrap servers, `host:port`.
+    pub kafka_brokers: String,
+    /// URL of the cluster's maintenance database; tests make their own databases beside it.
+    pub database_url: String,
+}
+
+impl Stack {
+    /// The stack of this run: named by the environment, or started once per process.
+    pub fn get() -> &'static Stack {
+        static STACK: OnceLock<Stack> = OnceLock::new();
+        STACK.get_or_init(|| match Self::from_env() {
+            Some(stack) => stack,
+            None => Self::start().unwrap_or_else(|err| panic!("cannot start the test stack: {err:#}")),
+        })
+    }
+
+    fn from_env() -> Option<Stack> {
+        let kafka_brokers = std::env::var("SLUICE_TEST_KAFKA_BROKERS").ok()?;
+        let database_url = std::env::var("SLUICE_TEST_DATABASE_URL").ok()?;
+        Some(Stack { kafka_brokers, database_url })
+    }
+
+    fn start() -> Result<Stack> {
+        let up = repo_root().join("deploy/local/up");
+        let out = Command::new(&up)
+            .arg("--infra-only")
+            .env("SLUICE_PROFILE", "test")
+            .output()
+            .with_context(|| format!("running {}", up.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("{} failed:\n{stdout}\n{}", up.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        let value = |name: &str| {
+            stdout
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(str::to_owned)
+                .with_context(|| format!("{} printed no {name}", up.display()))
+        };
+        Ok(Stack {
+            kafka_brokers: value("SLUICE_KAFKA_BROKERS=")?,
+            database_url: value("SLUICE_DATABASE_URL=")?,
+        })
+    }
+}
+
+/// The repository's top folder.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A name no other test of any run uses: `{prefix}_{random hex}`.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// A database of one test's own, created empty on the shared cluster.
+pub struct TestDb {
+    /// The database's name.
+    pub name: String,
+    /// Its URL, for services and pools under test.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates a fresh, empty database.
+    pub async fn new() -> Result<TestDb> {
+        let stack = Stack::get();
+        let admin = connect(&stack.database_url).await?;
+        let name = unique_name("t");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        let url = with_database(&stack.database_url, &name)?;
+        Ok(TestDb { name, url })
+    }
+
+    /// A new connection to this database.
+    pub async fn client(&self) -> Result<tokio_postgres::Client> {
+        connect(&self.url).await
+    }
+}
+
+/// Connects to PostgreSQL, driving the connection on a background task.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            eprintln!("postgres connection ended: {err}");
+        }
+    });
+    Ok(client)
+}
+
+/// `url` with its database path replaced by `name`.
+fn with_database(url: &str, name: &str) -> Result<String> {
+    let (base, rest) = url.rsplit_once('/').context("database URL has no /database")?;
+    let query = rest.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    Ok(format!("{base}/{name}{query}"))
+}
+
+/// A Kafka client configuration pointing at the test broker.
+pub fn kafka_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &Stack::get().kafka_brokers);
+    config
+}
+
+/// Creates topics (one replica, `partitions` each) and waits until they exist; a topic that
+/// exists already is fine.
+pub async fn create_topics(names: &[&str], partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        kafka_config().create().context("creating Kafka admin client")?;
+    let topics: Vec<NewTopic> = names
+        .iter()
+        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&topics, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => bail!("creating topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// Path of a sluice binary (`sluice-writer`, ...) built beside the running test executable.
+/// `deploy/local/test` builds them before the tests run.
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-binary>: the binaries sit in target/<profile>.
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable has no target folder")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} is not built: run `cargo build --bins` (deploy/local/test does)", path.display());
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_is_swapped_in_urls() {
+        assert_eq!(
+            with_database("postgres://u@h:1/sluice", "t_1").unwrap(),
+            "postgres://u@h:1/t_1"
+        );
+        assert_eq!(
+            with_database("postgres://u@h:1/sluice?sslmode=disable", "x").unwrap(),
+            "postgres://u@h:1/x?sslmode=disable"
+        );
+    }
+}

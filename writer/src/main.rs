@@ -1,0 +1,5 @@
+//! `sluice-writer`.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("not implemented yet")
+}
