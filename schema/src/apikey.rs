@@ -40,7 +40,11 @@ pub fn generate() -> NewKey {
     let plaintext = format!("{KEY_MARKER}{body}");
     let prefix = body[..PREFIX_LEN].to_owned();
     let hash = hash(&plaintext);
-    NewKey { plaintext, prefix, hash }
+    NewKey {
+        plaintext,
+        prefix,
+        hash,
+    }
 }
 
 /// The lookup prefix of a presented key, or `None` when it is not of the key's form (such a

@@ -3,10 +3,18 @@
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "sluice-schema", version, about = "sluice's database: migrations, partitions, tenants, keys, seed data")]
+#[command(
+    name = "sluice-schema",
+    version,
+    about = "sluice's database: migrations, partitions, tenants, keys, seed data"
+)]
 struct Cli {
     /// PostgreSQL URL.
-    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice@127.0.0.1:54320/sluice")]
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
+    )]
     database_url: String,
 }
 

@@ -281,7 +281,12 @@ pub trait Versioned {
 macro_rules! versioned {
     ($($t:ty),*) => { $(impl Versioned for $t { fn version(&self) -> u16 { self.v } })* };
 }
-versioned!(EventMessage, VisitorMessage, SessionMessage, IdentityMessage);
+versioned!(
+    EventMessage,
+    VisitorMessage,
+    SessionMessage,
+    IdentityMessage
+);
 
 /// Reads one Kafka value as message `T`, refusing versions this build does not know.
 pub fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, DecodeError> {

@@ -31,6 +31,58 @@ pub mod dlq_headers {
     pub const SOURCE_OFFSET: &str = "sluice.source.offset";
 }
 
+/// The topic names one deployment uses: the contract's names behind an optional prefix
+/// (`SLUICE_TOPIC_PREFIX`), so that tests, or two pipelines sharing one Kafka cluster, never
+/// meet. The default prefix is empty: the contract's names exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Topic of [`crate::messages::VisitorMessage`]s.
+    pub visitor: String,
+    /// Topic of [`crate::messages::SessionMessage`]s.
+    pub session: String,
+    /// Topic of [`crate::messages::EventMessage`]s.
+    pub event: String,
+    /// Topic of [`crate::messages::IdentityMessage`]s.
+    pub identity: String,
+    /// Dead-letter topic.
+    pub dlq: String,
+}
+
+impl Topics {
+    /// The contract's names, each behind `prefix` (which may be empty).
+    pub fn with_prefix(prefix: &str) -> Topics {
+        Topics {
+            visitor: format!("{prefix}{VISITOR}"),
+            session: format!("{prefix}{SESSION}"),
+            event: format!("{prefix}{EVENT}"),
+            identity: format!("{prefix}{IDENTITY}"),
+            dlq: format!("{prefix}{DLQ}"),
+        }
+    }
+
+    /// The four topics the writer consumes.
+    pub fn data(&self) -> [&str; 4] {
+        [&self.visitor, &self.session, &self.event, &self.identity]
+    }
+
+    /// Every topic, data and DLQ, as created at start-up.
+    pub fn all(&self) -> [&str; 5] {
+        [
+            &self.visitor,
+            &self.session,
+            &self.event,
+            &self.identity,
+            &self.dlq,
+        ]
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics::with_prefix("")
+    }
+}
+
 /// The key of every data message: `{tenant_id}/{anonymous_id}`, or the user id when the
 /// message has no anonymous id, so that one visitor's messages stay ordered in one partition.
 pub fn message_key(tenant_id: i64, anonymous_id: Option<&str>, user_id: Option<&str>) -> String {
@@ -41,6 +93,15 @@ pub fn message_key(tenant_id: i64, anonymous_id: Option<&str>, user_id: Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_is_prepended_to_every_topic() {
+        assert_eq!(Topics::default().all(), ALL_TOPICS);
+        let t = Topics::with_prefix("t1.");
+        assert_eq!(t.event, "t1.sluice.event.v1");
+        assert!(t.all().iter().all(|name| name.starts_with("t1.sluice.")));
+        assert_eq!(t.data().len(), DATA_TOPICS.len());
+    }
 
     #[test]
     fn key_prefers_anonymous_id_then_user_id() {

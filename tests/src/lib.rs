@@ -39,14 +39,19 @@ impl Stack {
         static STACK: OnceLock<Stack> = OnceLock::new();
         STACK.get_or_init(|| match Self::from_env() {
             Some(stack) => stack,
-            None => Self::start().unwrap_or_else(|err| panic!("cannot start the test stack: {err:#}")),
+            None => {
+                Self::start().unwrap_or_else(|err| panic!("cannot start the test stack: {err:#}"))
+            }
         })
     }
 
     fn from_env() -> Option<Stack> {
         let kafka_brokers = std::env::var("SLUICE_TEST_KAFKA_BROKERS").ok()?;
         let database_url = std::env::var("SLUICE_TEST_DATABASE_URL").ok()?;
-        Some(Stack { kafka_brokers, database_url })
+        Some(Stack {
+            kafka_brokers,
+            database_url,
+        })
     }
 
     fn start() -> Result<Stack> {
@@ -58,7 +63,11 @@ impl Stack {
             .with_context(|| format!("running {}", up.display()))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
-            bail!("{} failed:\n{stdout}\n{}", up.display(), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "{} failed:\n{stdout}\n{}",
+                up.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let value = |name: &str| {
             stdout
@@ -127,8 +136,13 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 
 /// `url` with its database path replaced by `name`.
 fn with_database(url: &str, name: &str) -> Result<String> {
-    let (base, rest) = url.rsplit_once('/').context("database URL has no /database")?;
-    let query = rest.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let (base, rest) = url
+        .rsplit_once('/')
+        .context("database URL has no /database")?;
+    let query = rest
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     Ok(format!("{base}/{name}{query}"))
 }
 
@@ -142,8 +156,9 @@ pub fn kafka_config() -> ClientConfig {
 /// Creates topics (one replica, `partitions` each) and waits until they exist; a topic that
 /// exists already is fine.
 pub async fn create_topics(names: &[&str], partitions: i32) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        kafka_config().create().context("creating Kafka admin client")?;
+    let admin: AdminClient<DefaultClientContext> = kafka_config()
+        .create()
+        .context("creating Kafka admin client")?;
     let topics: Vec<NewTopic> = names
         .iter()
         .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
@@ -169,7 +184,10 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
         .context("test executable has no target folder")?;
     let path = dir.join(name);
     if !path.exists() {
-        bail!("{} is not built: run `cargo build --bins` (deploy/local/test does)", path.display());
+        bail!(
+            "{} is not built: run `cargo build --bins` (deploy/local/test does)",
+            path.display()
+        );
     }
     Ok(path)
 }

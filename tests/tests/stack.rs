@@ -23,7 +23,9 @@ async fn consumer_group_reads_back_every_produced_message_in_order() {
     for payload in &sent {
         producer
             .send(
-                FutureRecord::to(&topic).key("tenant/visitor").payload(payload),
+                FutureRecord::to(&topic)
+                    .key("tenant/visitor")
+                    .payload(payload),
                 Duration::from_secs(10),
             )
             .await
@@ -62,17 +64,27 @@ async fn test_databases_are_separate_and_answer_queries() {
     ca.batch_execute("CREATE TABLE only_in_a (x int); INSERT INTO only_in_a VALUES (41), (1)")
         .await
         .unwrap();
-    let row = ca.query_one("SELECT sum(x)::int, current_database() FROM only_in_a", &[]).await.unwrap();
+    let row = ca
+        .query_one("SELECT sum(x)::int, current_database() FROM only_in_a", &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
     assert_eq!(row.get::<_, String>(1), a.name);
     let cb = b.client().await.unwrap();
     let err = cb.query("SELECT * FROM only_in_a", &[]).await.unwrap_err();
     let db_err = err.as_db_error().expect("a database error");
-    assert_eq!(db_err.code(), &tokio_postgres::error::SqlState::UNDEFINED_TABLE, "{db_err}");
+    assert_eq!(
+        db_err.code(),
+        &tokio_postgres::error::SqlState::UNDEFINED_TABLE,
+        "{db_err}"
+    );
     let version: i32 = cb
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
         .unwrap()
         .get(0);
-    assert!((150000..160000).contains(&version), "expected PostgreSQL 15, got {version}");
+    assert!(
+        (150000..160000).contains(&version),
+        "expected PostgreSQL 15, got {version}"
+    );
 }
