@@ -160,10 +160,17 @@ stop_postgres() {
   fi
 }
 
-kafka_java() {
-  setsid java -Xms128m "-Xmx$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
-    "-Dlog4j2.configurationFile=$DEPLOY_LOCAL/log4j2.properties" \
-    -cp "$KAFKA_HOME/libs/*" "$@"
+# The broker's JVM: small heap, short GC pauses (it shares two cores with everything else).
+KAFKA_JAVA=(java -Xms128m "-Xmx$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
+  "-Dlog4j2.configurationFile=$DEPLOY_LOCAL/log4j2.properties" -cp "$KAFKA_HOME/libs/*")
+
+# Runs "$@" in the background as a daemon: HUP ignored, and a background job of a script
+# ignores SIGINT, so it outlives this script and the terminal's Ctrl-C. The subshell execs,
+# so $! is the process itself and its pid file stays true.
+daemon() {
+  local pidf=$1 log=$2; shift 2
+  (trap '' HUP; exec "$@") >>"$log" 2>&1 </dev/null &
+  echo $! >"$pidf"
 }
 
 start_kafka() {
@@ -177,13 +184,11 @@ start_kafka() {
     -e "s|@DATA@|$KAFKA_DIR/data|g" "$DEPLOY_LOCAL/server.properties" >"$KAFKA_DIR/server.properties"
   if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
     local cluster_id
-    cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
-    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 \
+    cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
+    "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 \
       || { tail -n 20 "$KAFKA_LOG" >&2; die "Kafka storage format failed (log above: $KAFKA_LOG)"; }
   fi
-  # setsid: the broker outlives this script and is not hit by the terminal's Ctrl-C.
-  kafka_java kafka.Kafka "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 </dev/null &
-  echo $! >"$KAFKA_PID"
+  daemon "$KAFKA_PID" "$KAFKA_LOG" "${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_DIR/server.properties"
   wait_port "$KAFKA_PORT" 90 "$KAFKA_LOG" "Kafka" "$KAFKA_PID"
   say "kafka      started          127.0.0.1:$KAFKA_PORT  (pid $(cat "$KAFKA_PID"), log $KAFKA_LOG)"
 }
@@ -210,8 +215,7 @@ start_service() {
     say "$(printf '%-10s' "$name") already running  (pid $(cat "$pidf"))"
     return 0
   fi
-  setsid "$@" >>"$log" 2>&1 </dev/null &
-  echo $! >"$pidf"
+  daemon "$pidf" "$log" "$@"
   wait_port "$port" 30 "$log" "$name" "$pidf"
   say "$(printf '%-10s' "$name") started          127.0.0.1:$port  (pid $(cat "$pidf"), log $log)"
 }

@@ -11,6 +11,7 @@
 //! - [`TestDb`]: a fresh database per test.
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
+//! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,6 +24,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_postgres::NoTls;
+
+pub mod private;
 
 /// Where the shared broker and database of this test run are.
 #[derive(Debug, Clone)]
