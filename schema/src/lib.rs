@@ -5,8 +5,18 @@
 //! - [`topics`]: Kafka topic names and the message key rule.
 //! - [`messages`]: the JSON values the collector produces and the writer consumes.
 //! - [`runtime`]: what every sluice binary does at start-up (logs, metrics recorder, signals).
+//! - [`migrate`]: the numbered SQL migrations of `schema/migrations/` and their runner.
+//! - [`partitions`]: month and tenant-hash partitions of `event`: create ahead, list, prune.
+//! - [`error`]: [`SchemaError`], the library's one error type.
+
+#![warn(missing_docs)]
 
 pub mod apikey;
+pub mod error;
 pub mod messages;
+pub mod migrate;
+pub mod partitions;
 pub mod runtime;
 pub mod topics;
+
+pub use error::SchemaError;

@@ -1,6 +1,14 @@
 //! `sluice-schema`: migrations, partitions, control plane and seed data.
+//!
+//! Every command that makes something prints its id (or key) alone on the last line of
+//! stdout, so scripts can take it with `| tail -n1`; logs go to stderr.
 
-use clap::Parser;
+use anyhow::{Context, Result};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use sluice_schema::partitions::{self, PartitionConfig};
+use sluice_schema::{migrate, runtime};
+use tokio_postgres::{Client, NoTls};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -12,13 +20,191 @@ struct Cli {
     /// PostgreSQL URL.
     #[arg(
         long,
+        global = true,
         env = "SLUICE_DATABASE_URL",
         default_value = "postgres://sluice@127.0.0.1:54320/sluice"
     )]
     database_url: String,
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: runtime::LogFormat,
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("not implemented yet")
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply, roll back or show the SQL migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Create, list or drop the month partitions of `event`.
+    Partitions {
+        #[command(subcommand)]
+        action: PartitionAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Roll back the newest N applied migrations (default 1).
+    Down {
+        /// How many to roll back.
+        #[arg(default_value_t = 1)]
+        steps: usize,
+    },
+    /// Show each migration and whether it is applied.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum PartitionAction {
+    /// Create the current month and the months ahead, when missing.
+    Ensure {
+        /// Months to create beyond the current one.
+        #[arg(long, env = "SLUICE_PARTITION_MONTHS_AHEAD", default_value_t = 3)]
+        months_ahead: u32,
+        /// Hash leaves per new month (an existing month keeps its own).
+        #[arg(long, env = "SLUICE_PARTITION_HASH_MODULUS", default_value_t = 8)]
+        hash_modulus: u32,
+    },
+    /// Detach and drop months older than the newest N (the current month counts as one).
+    Prune {
+        /// Months to keep, the current one included.
+        #[arg(long)]
+        keep_months: u32,
+    },
+    /// Show months, their leaves, row estimates and sizes.
+    List,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    runtime::init_tracing(cli.log_format);
+    let mut client = connect(&cli.database_url).await?;
+    match cli.command {
+        Command::Migrate { action } => run_migrate(&mut client, action).await,
+        Command::Partitions { action } => run_partitions(&mut client, action).await,
+    }
+}
+
+async fn connect(url: &str) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.with_context(|| {
+        format!("cannot connect to PostgreSQL at {url}: is it running? (set SLUICE_DATABASE_URL or --database-url)")
+    })?;
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            tracing::error!(cause = %err, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+async fn run_migrate(client: &mut Client, action: MigrateAction) -> Result<()> {
+    match action {
+        MigrateAction::Up => {
+            let applied = migrate::up(client).await?;
+            for m in &applied {
+                println!("applied {:04} {} ({} ms)", m.version, m.name, m.duration_ms);
+            }
+            let current = migrate::MIGRATIONS.last().map_or(0, |m| m.version);
+            if applied.is_empty() {
+                println!("up to date");
+            }
+            println!("{current:04}");
+        }
+        MigrateAction::Down { steps } => {
+            let done = migrate::down(client, steps).await?;
+            for m in &done {
+                println!(
+                    "rolled back {:04} {} ({} ms)",
+                    m.version, m.name, m.duration_ms
+                );
+            }
+            let now_at = migrate::status(client)
+                .await?
+                .iter()
+                .filter(|s| s.applied_at.is_some())
+                .map(|s| s.version)
+                .max()
+                .unwrap_or(0);
+            println!("{now_at:04}");
+        }
+        MigrateAction::Status => {
+            let status = migrate::status(client).await?;
+            for s in &status {
+                let state = match (&s.applied_at, s.modified, s.unknown) {
+                    (_, _, true) => "applied, UNKNOWN to this build".to_owned(),
+                    (Some(at), true, _) => format!("applied {at}, FILE EDITED since"),
+                    (Some(at), false, _) => format!("applied {at}"),
+                    (None, _, _) => "pending".to_owned(),
+                };
+                println!("{:04} {:<16} {state}", s.version, s.name);
+            }
+            if status.iter().any(|s| s.modified || s.unknown) {
+                anyhow::bail!("the database and this build disagree (see above): restore edited files, or run a matching sluice-schema");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_partitions(client: &mut Client, action: PartitionAction) -> Result<()> {
+    match action {
+        PartitionAction::Ensure {
+            months_ahead,
+            hash_modulus,
+        } => {
+            let cfg = PartitionConfig {
+                hash_modulus,
+                months_ahead,
+            };
+            for m in partitions::ensure_ahead(client, Utc::now(), &cfg).await? {
+                println!(
+                    "{} {}",
+                    m.table,
+                    if m.created { "created" } else { "exists" }
+                );
+            }
+        }
+        PartitionAction::Prune { keep_months } => {
+            let dropped = partitions::prune(client, Utc::now(), keep_months).await?;
+            for table in &dropped {
+                println!("dropped {table}");
+            }
+            println!("{}", dropped.len());
+        }
+        PartitionAction::List => {
+            for month in partitions::list(client).await? {
+                let rows: f64 = month.leaves.iter().map(|l| l.estimated_rows.max(0.0)).sum();
+                let bytes: i64 = month.leaves.iter().map(|l| l.total_bytes).sum();
+                println!(
+                    "{} {} leaves={} rows~{rows:.0} bytes={bytes}",
+                    month.table,
+                    month.bounds,
+                    month.leaves.len()
+                );
+                for leaf in &month.leaves {
+                    println!(
+                        "  {} {} rows~{:.0} bytes={}",
+                        leaf.table,
+                        leaf.bounds,
+                        leaf.estimated_rows.max(0.0),
+                        leaf.total_bytes
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }

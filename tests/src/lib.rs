@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //! - [`Stack`]: where the broker and the database are.
-//! - [`TestDb`]: a fresh database per test.
+//! - [`TestDb`]: a fresh database per test, empty or migrated ([`TestDb::migrated`]).
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
@@ -116,6 +116,17 @@ impl TestDb {
             .with_context(|| format!("creating database {name}"))?;
         let url = with_database(&stack.database_url, &name)?;
         Ok(TestDb { name, url })
+    }
+
+    /// Creates a fresh database with every migration applied (no event month partitions:
+    /// tests create the months they need with `sluice_schema::partitions`).
+    pub async fn migrated() -> Result<TestDb> {
+        let db = TestDb::new().await?;
+        let mut client = db.client().await?;
+        sluice_schema::migrate::up(&mut client)
+            .await
+            .with_context(|| format!("migrating test database {}", db.name))?;
+        Ok(db)
     }
 
     /// A new connection to this database.

@@ -1,0 +1,3 @@
+DROP TABLE identity_link;
+DROP TABLE lead;
+DROP TABLE visitor;

@@ -1,0 +1,10 @@
+DROP FUNCTION funnel_publish(bigint, bigint, integer, text);
+DROP TABLE funnel_publication;
+DROP FUNCTION funnel_publication_immutable();
+DROP TABLE funnel_step_match;
+DROP FUNCTION funnel_rule_is_valid(jsonb);
+DROP TABLE funnel_step;
+DROP TABLE funnel_version;
+DROP FUNCTION funnel_version_guard();
+DROP FUNCTION funnel_step_guard();
+DROP TABLE funnel;

@@ -1,0 +1,96 @@
+//! [`SchemaError`]: the one error type of the schema library. Each message says what went
+//! wrong and what to do about it.
+
+/// Everything the schema library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// A database call failed; `context` says which.
+    #[error("{context}: {}", db_message(.source))]
+    Db {
+        /// What was being done.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// An applied migration's SQL differs from the file this binary carries.
+    #[error(
+        "migration {version:04} ({name}) was edited after it was applied (database checksum \
+         {applied}, file checksum {file}); never edit an applied migration: restore the file \
+         and add a new numbered migration with the change"
+    )]
+    ChecksumMismatch {
+        /// Migration number.
+        version: i32,
+        /// Migration name.
+        name: String,
+        /// Hex SHA-256 recorded when it was applied.
+        applied: String,
+        /// Hex SHA-256 of the embedded file.
+        file: String,
+    },
+    /// The database has a migration applied that this binary does not know.
+    #[error(
+        "the database has migration {version:04} ({name}) applied, which this build of \
+         sluice-schema does not know; run a newer sluice-schema"
+    )]
+    UnknownMigration {
+        /// Migration number.
+        version: i32,
+        /// Its name as recorded.
+        name: String,
+    },
+    /// A month partition setting is out of range.
+    #[error("invalid partition setting: {0}")]
+    InvalidPartitionConfig(String),
+    /// An external id could not be decoded.
+    #[error("invalid id {input:?}: {reason}")]
+    InvalidId {
+        /// What was given.
+        input: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A row named by the caller does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// PII keys are missing or malformed.
+    #[error("PII key configuration: {0}")]
+    PiiConfig(String),
+    /// A ciphertext could not be decrypted.
+    #[error("cannot decrypt PII: {0}")]
+    PiiDecrypt(String),
+}
+
+impl SchemaError {
+    /// Wraps a driver error with what was being done.
+    pub(crate) fn db(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
+        let context = context.into();
+        move |source| SchemaError::Db { context, source }
+    }
+
+    /// The PostgreSQL SQLSTATE code of a database error, when the server sent one.
+    pub fn sql_state(&self) -> Option<&str> {
+        match self {
+            SchemaError::Db { source, .. } => source.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+/// The server's message with its detail and hint, or the driver's own text.
+fn db_message(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => {
+            let mut msg = db.message().to_owned();
+            if let Some(detail) = db.detail() {
+                msg.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                msg.push_str(&format!("; hint: {hint}"));
+            }
+            msg
+        }
+        None => err.to_string(),
+    }
+}
