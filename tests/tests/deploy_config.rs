@@ -1,0 +1,879 @@
+//! The deploy files agree with the programs they deploy. No container engine runs where sluice
+//! is built, so `deploy/compose`, `deploy/k8s`, `deploy/prometheus` and `deploy/grafana` are
+//! checked here instead of by running them:
+//! - every `SLUICE_*` variable the compose file or a manifest sets is one the binary it starts
+//!   really accepts (its `--help` lists `[env: NAME]`), and every command exists;
+//! - ports, probes, Services, selectors, autoscalers and grace periods fit together;
+//! - Prometheus configs and rules pass `promtool check`, and the rules' unit tests pass;
+//! - the rules and the dashboard only query metrics the services' sources define.
+//!
+//! The binaries must be built first (`cargo build --bins`; `deploy/local/test` does).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sluice_tests::{bin_path, repo_root};
+use yaml_rust2::{Yaml, YamlLoader};
+
+// ---- helpers -----------------------------------------------------------------------------
+
+fn read(rel: &str) -> String {
+    let path = repo_root().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("reading {}: {err}", path.display()))
+}
+
+/// Every document of a YAML file, with `<<` merge keys applied (YAML 1.2 parsers keep them as
+/// plain keys; compose files use them).
+fn yaml_docs(rel: &str) -> Vec<Yaml> {
+    YamlLoader::load_from_str(&read(rel))
+        .unwrap_or_else(|err| panic!("{rel} is not valid YAML: {err}"))
+        .into_iter()
+        .map(merge_keys)
+        .collect()
+}
+
+fn merge_keys(node: Yaml) -> Yaml {
+    match node {
+        Yaml::Hash(hash) => {
+            let merge_key = Yaml::String("<<".into());
+            let mut out = yaml_rust2::yaml::Hash::new();
+            let mut inherited = Vec::new();
+            for (key, value) in hash {
+                if key == merge_key {
+                    match value {
+                        Yaml::Array(items) => inherited.extend(items),
+                        other => inherited.push(other),
+                    }
+                } else {
+                    out.insert(key, merge_keys(value));
+                }
+            }
+            for source in inherited {
+                if let Yaml::Hash(source) = merge_keys(source) {
+                    for (key, value) in source {
+                        if !out.contains_key(&key) {
+                            out.insert(key, value);
+                        }
+                    }
+                }
+            }
+            Yaml::Hash(out)
+        }
+        Yaml::Array(items) => Yaml::Array(items.into_iter().map(merge_keys).collect()),
+        other => other,
+    }
+}
+
+/// A scalar as text (YAML may type `8080` or `"8080"` or `true`).
+fn scalar(node: &Yaml) -> Option<String> {
+    match node {
+        Yaml::String(s) | Yaml::Real(s) => Some(s.clone()),
+        Yaml::Integer(i) => Some(i.to_string()),
+        Yaml::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn items(node: &Yaml) -> &[Yaml] {
+    node.as_vec().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// The port of a listen address such as `0.0.0.0:8080` or `[::]:8080`.
+fn listen_port(addr: &str) -> u16 {
+    addr.rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or_else(|| panic!("listen address {addr:?} has no port"))
+}
+
+/// `--help` of a sluice binary (and of a subcommand path), run without any `SLUICE_*`
+/// variable of this process so clap prints the names only.
+fn help(binary: &str, subcommands: &[String]) -> String {
+    let path = bin_path(binary).unwrap_or_else(|err| panic!("{err:#}"));
+    let mut cmd = Command::new(&path);
+    cmd.args(subcommands).arg("--help");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("SLUICE_") {
+            cmd.env_remove(name);
+        }
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|err| panic!("running {}: {err}", path.display()));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`{binary} {} --help` failed ({}): the deploy files run a command the binary does not \
+         have.\nstdout: {text}\nstderr: {}",
+        subcommands.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// Whether a help text documents the environment variable `name` (clap: `[env: NAME]`, or
+/// `[env: NAME=value]` when it is set).
+fn documents_env(help: &str, name: &str) -> bool {
+    help.contains(&format!("[env: {name}]")) || help.contains(&format!("[env: {name}="))
+}
+
+/// The variables among `names` that `command` (binary, then subcommands) does not accept:
+/// neither the binary's top-level help nor the subcommand's help names them.
+fn unaccepted(command: &[String], names: &BTreeSet<String>) -> Vec<String> {
+    let (binary, subcommands) = command.split_first().expect("an empty command");
+    let subcommands: Vec<String> = subcommands
+        .iter()
+        .filter(|arg| !arg.starts_with('-'))
+        .cloned()
+        .collect();
+    let mut helps = vec![help(binary, &[])];
+    if !subcommands.is_empty() {
+        helps.push(help(binary, &subcommands));
+    }
+    names
+        .iter()
+        .filter(|name| name.starts_with("SLUICE_"))
+        .filter(|name| !helps.iter().any(|h| documents_env(h, name)))
+        .map(|name| format!("{binary}: {name}"))
+        .collect()
+}
+
+// ---- compose -----------------------------------------------------------------------------
+
+const COMPOSE: &str = "deploy/compose/docker-compose.yml";
+
+fn compose() -> Yaml {
+    yaml_docs(COMPOSE).remove(0)
+}
+
+fn compose_sluice_services(file: &Yaml) -> Vec<(String, &Yaml)> {
+    let services = file["services"]
+        .as_hash()
+        .expect("compose file has no services");
+    services
+        .iter()
+        .filter(|(_, svc)| {
+            svc["image"]
+                .as_str()
+                .is_some_and(|image| image.starts_with("sluice"))
+        })
+        .map(|(name, svc)| (scalar(name).unwrap_or_default(), svc))
+        .collect()
+}
+
+fn compose_env(svc: &Yaml) -> BTreeMap<String, String> {
+    svc["environment"]
+        .as_hash()
+        .map(|env| {
+            env.iter()
+                .filter_map(|(k, v)| Some((scalar(k)?, scalar(v).unwrap_or_default())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn compose_command(svc: &Yaml) -> Vec<String> {
+    items(&svc["command"]).iter().filter_map(scalar).collect()
+}
+
+/// Container ports a compose service publishes (`ports`, last part) or exposes (`expose`).
+fn compose_ports(svc: &Yaml) -> (BTreeSet<u16>, BTreeSet<u16>) {
+    let published = items(&svc["ports"])
+        .iter()
+        .filter_map(scalar)
+        .filter_map(|p| p.rsplit(':').next().and_then(|c| c.parse().ok()))
+        .collect();
+    let exposed = items(&svc["expose"])
+        .iter()
+        .filter_map(scalar)
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    (published, exposed)
+}
+
+#[test]
+fn compose_sets_only_variables_the_binaries_accept() {
+    let file = compose();
+    let services = compose_sluice_services(&file);
+    let names: BTreeSet<&str> = services.iter().map(|(n, _)| n.as_str()).collect();
+    for wanted in ["migrate", "ingest", "writer"] {
+        assert!(names.contains(wanted), "compose has no `{wanted}` service");
+    }
+    let mut problems = Vec::new();
+    for (name, svc) in &services {
+        let command = compose_command(svc);
+        assert!(
+            !command.is_empty(),
+            "compose service {name} names no command"
+        );
+        let env: BTreeSet<String> = compose_env(svc).into_keys().collect();
+        problems.extend(
+            unaccepted(&command, &env)
+                .into_iter()
+                .map(|p| format!("compose {name}: {p}")),
+        );
+    }
+    assert!(
+        problems.is_empty(),
+        "variables set in {COMPOSE} that the binaries do not accept:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn compose_ports_and_scrape_targets_match_the_services() {
+    let file = compose();
+    let svc = |name: &str| &file["services"][name];
+
+    let ingest = compose_env(svc("ingest"));
+    let (published, exposed) = compose_ports(svc("ingest"));
+    let api = listen_port(&ingest["SLUICE_INGEST_LISTEN"]);
+    let ingest_metrics = listen_port(&ingest["SLUICE_METRICS_LISTEN"]);
+    assert!(
+        published.contains(&api),
+        "ingest listens on {api} but publishes {published:?}"
+    );
+    assert!(
+        published.contains(&ingest_metrics) || exposed.contains(&ingest_metrics),
+        "ingest metrics port {ingest_metrics} is neither published nor exposed"
+    );
+    for (name, env) in [("ingest", &ingest), ("writer", &compose_env(svc("writer")))] {
+        for var in ["SLUICE_INGEST_LISTEN", "SLUICE_METRICS_LISTEN"] {
+            if let Some(addr) = env.get(var) {
+                assert!(
+                    !addr.starts_with("127.") && !addr.starts_with("localhost"),
+                    "compose {name}: {var}={addr} is loopback, unreachable from other containers"
+                );
+            }
+        }
+    }
+
+    let writer = compose_env(svc("writer"));
+    let (writer_published, writer_exposed) = compose_ports(svc("writer"));
+    let writer_metrics = listen_port(&writer["SLUICE_METRICS_LISTEN"]);
+    assert!(
+        writer_published.is_empty(),
+        "the writer publishes host ports {writer_published:?}: `--scale writer=N` would collide"
+    );
+    assert!(
+        writer_exposed.contains(&writer_metrics),
+        "writer metrics port {writer_metrics} is not exposed"
+    );
+    for var in [
+        "SLUICE_PII_KEYS",
+        "SLUICE_PII_ACTIVE_KEY",
+        "SLUICE_WRITER_GROUP",
+    ] {
+        assert!(writer.contains_key(var), "compose writer sets no {var}");
+    }
+    let active = &writer["SLUICE_PII_ACTIVE_KEY"];
+    assert!(
+        writer["SLUICE_PII_KEYS"]
+            .split(',')
+            .any(|entry| entry.trim().starts_with(&format!("{active}="))),
+        "the active PII key {active} is not among SLUICE_PII_KEYS"
+    );
+
+    // Prometheus finds each service by its compose name, on its metrics port.
+    let prom = yaml_docs("deploy/prometheus/prometheus.compose.yml").remove(0);
+    let mut scraped = BTreeMap::new();
+    for job in items(&prom["scrape_configs"]) {
+        for sd in items(&job["dns_sd_configs"]) {
+            for name in items(&sd["names"]).iter().filter_map(scalar) {
+                let port = sd["port"].as_i64().expect("dns_sd_configs without port");
+                scraped.insert(name, (scalar(&job["job_name"]).unwrap_or_default(), port));
+            }
+        }
+    }
+    assert_eq!(
+        scraped.get("ingest"),
+        Some(&("sluice-ingest".to_owned(), i64::from(ingest_metrics))),
+        "Prometheus (compose) scrapes the collector elsewhere"
+    );
+    assert_eq!(
+        scraped.get("writer"),
+        Some(&("sluice-writer".to_owned(), i64::from(writer_metrics))),
+        "Prometheus (compose) scrapes the writer elsewhere"
+    );
+
+    // Every file the compose file mounts is in the repository.
+    let base = repo_root().join("deploy/compose");
+    for (name, svc) in file["services"].as_hash().expect("services") {
+        for volume in items(&svc["volumes"]).iter().filter_map(scalar) {
+            let source = volume.split(':').next().unwrap_or_default();
+            if source.starts_with('.') {
+                assert!(
+                    base.join(source).exists(),
+                    "compose {}: mounts {source}, which does not exist",
+                    scalar(name).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+// ---- kubernetes --------------------------------------------------------------------------
+
+struct Manifests {
+    docs: Vec<(String, Yaml)>,
+}
+
+impl Manifests {
+    fn load() -> Manifests {
+        let dir = repo_root().join("deploy/k8s");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("deploy/k8s")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        files.sort();
+        let mut docs = Vec::new();
+        for path in files {
+            let rel = path
+                .strip_prefix(repo_root())
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            for doc in yaml_docs(&rel) {
+                if !doc.is_null() {
+                    docs.push((rel.clone(), doc));
+                }
+            }
+        }
+        Manifests { docs }
+    }
+
+    fn of_kind(&self, kind: &str) -> Vec<&Yaml> {
+        self.docs
+            .iter()
+            .map(|(_, d)| d)
+            .filter(|d| d["kind"].as_str() == Some(kind))
+            .collect()
+    }
+
+    fn named(&self, kind: &str, name: &str) -> Option<&Yaml> {
+        self.of_kind(kind)
+            .into_iter()
+            .find(|d| d["metadata"]["name"].as_str() == Some(name))
+    }
+
+    /// The value a container's env entry resolves to, through ConfigMaps and Secrets.
+    fn env_value(&self, entry: &Yaml) -> Option<String> {
+        if let Some(value) = scalar(&entry["value"]) {
+            return Some(value);
+        }
+        let from = &entry["valueFrom"];
+        for (kind, key, data) in [
+            ("ConfigMap", "configMapKeyRef", "data"),
+            ("Secret", "secretKeyRef", "stringData"),
+        ] {
+            let reference = &from[key];
+            if let (Some(name), Some(k)) = (reference["name"].as_str(), reference["key"].as_str()) {
+                return self.named(kind, name).and_then(|obj| scalar(&obj[data][k]));
+            }
+        }
+        None
+    }
+}
+
+/// A workload's pod template: Deployment and Job both keep it at `spec.template.spec`.
+fn pod_spec(workload: &Yaml) -> &Yaml {
+    &workload["spec"]["template"]["spec"]
+}
+
+fn container_env(m: &Manifests, container: &Yaml) -> BTreeMap<String, Option<String>> {
+    items(&container["env"])
+        .iter()
+        .filter_map(|e| Some((scalar(&e["name"])?, m.env_value(e))))
+        .collect()
+}
+
+fn container_ports(container: &Yaml) -> BTreeMap<String, i64> {
+    items(&container["ports"])
+        .iter()
+        .filter_map(|p| Some((scalar(&p["name"])?, p["containerPort"].as_i64()?)))
+        .collect()
+}
+
+/// A probe's or Service's port (a number, or a container port's name) as a number.
+fn resolve_port(port: &Yaml, ports: &BTreeMap<String, i64>) -> Option<i64> {
+    port.as_i64()
+        .or_else(|| port.as_str().and_then(|n| ports.get(n).copied()))
+}
+
+#[test]
+fn k8s_sets_only_variables_the_binaries_accept() {
+    let m = Manifests::load();
+    let mut problems = Vec::new();
+    let mut seen = BTreeSet::new();
+    for kind in ["Deployment", "Job", "CronJob"] {
+        for workload in m.of_kind(kind) {
+            let name = workload["metadata"]["name"].as_str().unwrap_or("?");
+            for container in items(&pod_spec(workload)["containers"]) {
+                let command: Vec<String> = items(&container["command"])
+                    .iter()
+                    .filter_map(scalar)
+                    .collect();
+                assert!(
+                    !command.is_empty(),
+                    "{kind} {name} names no command: the image's default would run"
+                );
+                seen.insert(command[0].clone());
+                let env = container_env(&m, container);
+                for (var, value) in &env {
+                    if value.is_none() {
+                        problems.push(format!(
+                            "{kind} {name}: {var} refers to a ConfigMap/Secret key that no \
+                             manifest defines"
+                        ));
+                    }
+                }
+                assert!(
+                    items(&container["envFrom"]).is_empty(),
+                    "{kind} {name}: envFrom hides which variables a service gets; name them"
+                );
+                let names = env.into_keys().collect();
+                problems.extend(
+                    unaccepted(&command, &names)
+                        .into_iter()
+                        .map(|p| format!("{kind} {name}: {p}")),
+                );
+            }
+        }
+    }
+    for binary in ["sluice-ingest", "sluice-writer", "sluice-schema"] {
+        assert!(seen.contains(binary), "no manifest runs {binary}");
+    }
+    assert!(
+        problems.is_empty(),
+        "deploy/k8s sets variables the binaries do not accept:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn k8s_ports_probes_selectors_and_grace_periods_fit_together() {
+    let m = Manifests::load();
+    let mut deployments = BTreeMap::new();
+    for d in m.of_kind("Deployment") {
+        let name = scalar(&d["metadata"]["name"]).expect("Deployment without name");
+        let labels = d["spec"]["template"]["metadata"]["labels"].clone();
+        let selector = d["spec"]["selector"]["matchLabels"]
+            .as_hash()
+            .expect("Deployment without matchLabels");
+        for (k, v) in selector {
+            assert_eq!(
+                &labels[k.as_str().unwrap_or_default()],
+                v,
+                "Deployment {name}: its selector does not select its own pods"
+            );
+        }
+        deployments.insert(name, d);
+    }
+    for wanted in ["sluice-ingest", "sluice-writer"] {
+        assert!(deployments.contains_key(wanted), "no Deployment {wanted}");
+    }
+    let selects = |selector: &Yaml, pod_labels: &Yaml| {
+        selector.as_hash().is_some_and(|s| {
+            !s.is_empty()
+                && s.iter()
+                    .all(|(k, v)| &pod_labels[k.as_str().unwrap_or_default()] == v)
+        })
+    };
+
+    let mut topic_partitions = None;
+    for (name, d) in &deployments {
+        let pod = pod_spec(d);
+        let container = &items(&pod["containers"])[0];
+        let env = container_env(&m, container);
+        let ports = container_ports(container);
+        let var = |n: &str| env.get(n).cloned().flatten();
+
+        // The metrics port is the one the binary listens on, and the probes ask it.
+        let metrics = var("SLUICE_METRICS_LISTEN")
+            .unwrap_or_else(|| panic!("Deployment {name} sets no SLUICE_METRICS_LISTEN"));
+        assert_eq!(
+            ports.get("metrics"),
+            Some(&i64::from(listen_port(&metrics))),
+            "Deployment {name}: container port `metrics` differs from SLUICE_METRICS_LISTEN"
+        );
+        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+            let get = &container[probe]["httpGet"];
+            assert_eq!(
+                get["path"].as_str(),
+                Some(path),
+                "Deployment {name}: {probe} path"
+            );
+            assert_eq!(
+                resolve_port(&get["port"], &ports),
+                Some(i64::from(listen_port(&metrics))),
+                "Deployment {name}: {probe} asks another port than the metrics listener"
+            );
+        }
+        if let Some(listen) = var("SLUICE_INGEST_LISTEN") {
+            assert_eq!(
+                ports.get("http"),
+                Some(&i64::from(listen_port(&listen))),
+                "Deployment {name}: container port `http` differs from SLUICE_INGEST_LISTEN"
+            );
+        }
+        if let Some(partitions) = var("SLUICE_TOPIC_PARTITIONS") {
+            topic_partitions = Some(partitions.parse::<i64>().expect("SLUICE_TOPIC_PARTITIONS"));
+        }
+
+        // Grace period: the preStop pause plus the drain must end before SIGKILL.
+        let grace = pod["terminationGracePeriodSeconds"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("Deployment {name} sets no terminationGracePeriodSeconds"));
+        let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_i64()
+            .unwrap_or(0);
+        let drain = var("SLUICE_DRAIN_TIMEOUT_MS")
+            .map(|ms| ms.parse::<i64>().expect("SLUICE_DRAIN_TIMEOUT_MS") / 1000)
+            .unwrap_or(0);
+        assert!(
+            grace > pre_stop + drain,
+            "Deployment {name}: grace {grace}s does not cover preStop {pre_stop}s + drain {drain}s"
+        );
+        assert!(
+            container["resources"]["requests"]["cpu"].as_str().is_some()
+                || container["resources"]["requests"]["cpu"].as_i64().is_some(),
+            "Deployment {name}: no CPU request (the HPA's utilisation needs one)"
+        );
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"].as_bool(),
+            Some(true),
+            "Deployment {name} may run as root"
+        );
+        assert_eq!(
+            pod["securityContext"]["runAsUser"].as_i64(),
+            Some(dockerfile_uid()),
+            "Deployment {name}: runAsUser differs from the Dockerfile's USER"
+        );
+
+        // Exactly one PodDisruptionBudget guards it.
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        let pdbs = m
+            .of_kind("PodDisruptionBudget")
+            .into_iter()
+            .filter(|p| selects(&p["spec"]["selector"]["matchLabels"], labels))
+            .count();
+        assert_eq!(
+            pdbs, 1,
+            "Deployment {name}: {pdbs} PodDisruptionBudgets select it"
+        );
+    }
+
+    // Services select pods that have the ports they forward to.
+    for svc in m.of_kind("Service") {
+        let name = svc["metadata"]["name"].as_str().unwrap_or("?");
+        let target = deployments
+            .values()
+            .find(|d| {
+                selects(
+                    &svc["spec"]["selector"],
+                    &d["spec"]["template"]["metadata"]["labels"],
+                )
+            })
+            .unwrap_or_else(|| panic!("Service {name} selects no Deployment's pods"));
+        let ports = container_ports(&items(&pod_spec(target)["containers"])[0]);
+        for port in items(&svc["spec"]["ports"]) {
+            assert!(
+                resolve_port(&port["targetPort"], &ports).is_some(),
+                "Service {name}: targetPort {:?} is no port of its pods",
+                port["targetPort"]
+            );
+        }
+    }
+
+    // Autoscalers scale Deployments that exist; writers never outnumber partitions.
+    let hpa = m
+        .named("HorizontalPodAutoscaler", "sluice-ingest")
+        .expect("ingest HPA");
+    assert!(deployments.contains_key(
+        hpa["spec"]["scaleTargetRef"]["name"]
+            .as_str()
+            .unwrap_or_default()
+    ));
+    let scaled = m
+        .named("ScaledObject", "sluice-writer")
+        .expect("writer ScaledObject");
+    assert_eq!(
+        scaled["spec"]["scaleTargetRef"]["name"].as_str(),
+        Some("sluice-writer")
+    );
+    let max = scaled["spec"]["maxReplicaCount"]
+        .as_i64()
+        .expect("maxReplicaCount");
+    let partitions = topic_partitions.expect("no Deployment sets SLUICE_TOPIC_PARTITIONS");
+    assert!(
+        max <= partitions,
+        "up to {max} writers for {partitions} partitions: the extra ones would sit idle"
+    );
+    let query =
+        scalar(&items(&scaled["spec"]["triggers"])[0]["metadata"]["query"]).unwrap_or_default();
+    assert!(
+        query.contains("sluice_writer_consumer_lag"),
+        "the writer scales on something else than its lag: {query}"
+    );
+
+    // kustomization.yaml lists every manifest, so `kubectl apply -k` misses none.
+    let kustomization = yaml_docs("deploy/k8s/kustomization.yaml").remove(0);
+    let listed: BTreeSet<String> = items(&kustomization["resources"])
+        .iter()
+        .filter_map(scalar)
+        .collect();
+    let present: BTreeSet<String> = m
+        .docs
+        .iter()
+        .filter_map(|(file, _)| {
+            Path::new(file)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .filter(|f| f != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        listed, present,
+        "kustomization.yaml resources differ from the manifests in deploy/k8s"
+    );
+}
+
+/// The numeric user the Dockerfile's runtime stage runs as.
+fn dockerfile_uid() -> i64 {
+    read("Dockerfile")
+        .lines()
+        .filter_map(|l| l.strip_prefix("USER "))
+        .next_back()
+        .and_then(|u| u.split(':').next())
+        .and_then(|u| u.trim().parse().ok())
+        .expect("the Dockerfile sets no numeric USER")
+}
+
+#[test]
+fn dockerfile_builds_every_binary_of_the_workspace() {
+    let dockerfile = read("Dockerfile");
+    for krate in ["schema", "ingest", "writer", "loadtest"] {
+        let manifest = read(&format!("{krate}/Cargo.toml"));
+        let bins: Vec<&str> = manifest
+            .split("[[bin]]")
+            .skip(1)
+            .filter_map(|section| {
+                section
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("name = "))
+                    .map(|n| n.trim_matches('"'))
+            })
+            .collect();
+        assert!(!bins.is_empty(), "{krate}/Cargo.toml declares no binary");
+        for bin in bins {
+            assert!(
+                dockerfile.contains(&format!("target/release/{bin}")),
+                "the Dockerfile does not ship {bin}"
+            );
+        }
+    }
+    assert!(dockerfile_uid() != 0, "the runtime image runs as root");
+}
+
+// ---- prometheus and grafana --------------------------------------------------------------
+
+/// Runs promtool, or says loudly that it is missing and returns false.
+fn promtool(args: &[&str]) -> bool {
+    let out = match Command::new("promtool")
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+    {
+        Ok(out) => out,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "\n!!! SKIPPED: promtool is not installed, `promtool {}` did not run. Install \
+                 Debian's `prometheus` package (deploy/local/lib.sh install_prereqs does). !!!\n",
+                args.join(" ")
+            );
+            return false;
+        }
+        Err(err) => panic!("running promtool: {err}"),
+    };
+    assert!(
+        out.status.success(),
+        "promtool {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
+#[test]
+fn prometheus_configs_and_rules_pass_promtool() {
+    for config in [
+        "deploy/prometheus/prometheus.yml",
+        "deploy/prometheus/prometheus.compose.yml",
+    ] {
+        if !promtool(&["check", "config", config]) {
+            return;
+        }
+    }
+    promtool(&["check", "rules", "deploy/prometheus/rules/sluice.rules.yml"]);
+    // Each alert fires on the failure it names and stays quiet on a healthy pipeline.
+    promtool(&[
+        "test",
+        "rules",
+        "deploy/prometheus/tests/sluice.rules.test.yml",
+    ]);
+}
+
+/// The `sluice_*` metric names a PromQL expression uses, without histogram suffixes.
+fn metrics_in(expr: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = expr[i..].find("sluice_") {
+        let start = i + pos;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = expr[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(expr.len(), |n| start + n);
+        if boundary {
+            let name = &expr[start..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            found.insert(base.to_owned());
+        }
+        i = end;
+    }
+    found
+}
+
+/// Every `"sluice_..."` string literal in a service's sources: the metrics it can export.
+fn metrics_defined_in(crate_dir: &str) -> BTreeSet<String> {
+    fn walk(dir: &Path, out: &mut BTreeSet<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                for piece in text.split('"').skip(1).step_by(2) {
+                    if piece.starts_with("sluice_")
+                        && piece.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        out.insert(piece.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(&repo_root().join(crate_dir).join("src"), &mut out);
+    out
+}
+
+/// DESIGN §7's metrics: the dashboard shows each of them.
+const CONTRACT_METRICS: [&str; 9] = [
+    "sluice_ingest_requests_total",
+    "sluice_ingest_events_total",
+    "sluice_ingest_request_duration_seconds",
+    "sluice_ingest_kafka_produce_duration_seconds",
+    "sluice_writer_rows_total",
+    "sluice_writer_batch_rows",
+    "sluice_writer_copy_duration_seconds",
+    "sluice_writer_consumer_lag",
+    "sluice_writer_dlq_total",
+];
+
+fn dashboard_exprs() -> Vec<String> {
+    let text = read("deploy/grafana/dashboards/sluice.json");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is not JSON");
+    let mut exprs = Vec::new();
+    for panel in dash["panels"].as_array().expect("dashboard has no panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(
+                target["expr"]
+                    .as_str()
+                    .expect("target without expr")
+                    .to_owned(),
+            );
+            assert_eq!(
+                target["datasource"]["uid"].as_str(),
+                Some("${datasource}"),
+                "panel {:?} is bound to one data source",
+                panel["title"]
+            );
+        }
+    }
+    exprs
+}
+
+#[test]
+fn dashboard_shows_every_contract_metric() {
+    let used: BTreeSet<String> = dashboard_exprs()
+        .iter()
+        .flat_map(|e| metrics_in(e))
+        .collect();
+    for metric in CONTRACT_METRICS {
+        assert!(
+            used.contains(metric),
+            "the dashboard does not show {metric}"
+        );
+    }
+    let provisioned = yaml_docs("deploy/grafana/provisioning/datasources/prometheus.yml").remove(0);
+    assert_eq!(
+        provisioned["datasources"][0]["type"].as_str(),
+        Some("prometheus")
+    );
+}
+
+#[test]
+fn rules_and_dashboard_query_only_metrics_the_services_define() {
+    let defined: BTreeSet<String> = metrics_defined_in("ingest")
+        .into_iter()
+        .chain(metrics_defined_in("writer"))
+        .collect();
+    let rules = yaml_docs("deploy/prometheus/rules/sluice.rules.yml").remove(0);
+    let mut queried = BTreeMap::new();
+    for group in items(&rules["groups"]) {
+        for rule in items(&group["rules"]) {
+            let name = scalar(&rule["alert"])
+                .or_else(|| scalar(&rule["record"]))
+                .unwrap_or_default();
+            for metric in metrics_in(rule["expr"].as_str().unwrap_or_default()) {
+                queried.insert(metric, format!("rule {name}"));
+            }
+        }
+    }
+    for expr in dashboard_exprs() {
+        for metric in metrics_in(&expr) {
+            queried
+                .entry(metric)
+                .or_insert_with(|| "the dashboard".to_owned());
+        }
+    }
+    let missing: Vec<String> = queried
+        .iter()
+        .filter(|(metric, _)| !defined.contains(*metric))
+        .map(|(metric, user)| format!("{metric} (used by {user})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics queried but defined in neither ingest/src nor writer/src:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn metric_names_are_found_in_promql() {
+    assert_eq!(
+        metrics_in("sum(rate(sluice_writer_rows_total[5m])) / x_sluice_no + histogram_quantile(0.9, sluice_writer_batch_rows_bucket)"),
+        BTreeSet::from(["sluice_writer_rows_total".to_owned(), "sluice_writer_batch_rows".to_owned()])
+    );
+}
