@@ -1,1 +1,180 @@
-//! sluice ingest.
+//! sluice's HTTP collector: a Segment-compatible tracking API and pixel that validates and
+//! enriches messages and produces them to Kafka, answering 200 only after Kafka acknowledged
+//! every message of the request.
+//!
+//! The only entry is [`serve`] (or [`serve_on`] with a metrics listener of the caller's):
+//! the binary parses flags, binds, and calls it with the SIGTERM future; tests bind
+//! `127.0.0.1:0` and pass their own shutdown future.
+//!
+//! # Layout
+//! - [`config`]: every setting, a flag and a `SLUICE_*` variable.
+//! - [`routes`]: endpoints, CORS, and the request pipeline.
+//! - [`auth`]: write keys: extraction, cached look-up, constant-time check, `last_used_at`.
+//! - [`payload`]: body decoding (gzip, beacons, forms), simd-json parsing, validation.
+//! - [`enrich`]: receive time, skew-corrected `occurred_at`, IP, user agent, bot flag, UTM;
+//!   visitor and session summaries.
+//! - [`produce`]: records, the [`produce::Sink`] trait, the Kafka sink, topic creation.
+//! - [`limits`]: per-key token buckets.
+//! - [`health`]: `/healthz`, `/readyz`.
+//! - [`metrics`]: every metric name; the Prometheus recorder.
+//! - [`error`]: the error enum and its HTTP mapping.
+
+pub mod auth;
+pub mod config;
+pub mod enrich;
+pub mod error;
+pub mod health;
+pub mod limits;
+pub mod metrics;
+pub mod payload;
+pub mod produce;
+pub mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::IngestError;
+
+use auth::{KeyStore, PgKeyStore};
+use produce::{KafkaSink, Sink};
+use routes::App;
+
+/// Runs the collector on `listener` until `shutdown` resolves, with `/metrics`, `/healthz`
+/// and `/readyz` on `config.metrics_listen`. Then drains: stops accepting, finishes
+/// in-flight requests, flushes the producer.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), IngestError> {
+    let addr = config.metrics_listen;
+    let metrics_listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| IngestError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    serve_on(config, listener, metrics_listener, shutdown).await
+}
+
+/// [`serve`] with the metrics listener bound by the caller.
+pub async fn serve_on(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), IngestError> {
+    let prometheus = metrics::handle().map_err(IngestError::Metrics)?;
+    let sink = KafkaSink::new(&config)?;
+    let pool = database_pool(&config)?;
+    let app = Arc::new(App::new(config, sink, PgKeyStore::new(pool)));
+
+    // One token stops everything: the caller's shutdown future triggers it.
+    let stop = CancellationToken::new();
+    let background = tokio::spawn(background(app.clone(), stop.clone()));
+
+    let metrics_app = Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(prometheus.render())),
+        )
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(routes::readyz))
+        .with_state(app.clone());
+    let metrics_stop = stop.clone();
+    let metrics_server = tokio::spawn(async move {
+        axum::serve(metrics_listener, metrics_app)
+            .with_graceful_shutdown(async move { metrics_stop.cancelled().await })
+            .await
+    });
+
+    let local = listener.local_addr().ok();
+    tracing::info!(listen = ?local, "collector listening");
+    let api_stop = stop.clone();
+    let served = axum::serve(
+        listener,
+        routes::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("draining: no new connections, finishing in-flight requests");
+        api_stop.cancel();
+    })
+    .await;
+
+    // In-flight requests are done (each awaited its own acknowledgements); anything still in
+    // the producer's queue belongs to requests that gave up, and gets its last chance here.
+    app.sink
+        .flush(Duration::from_millis(app.config.drain_timeout_ms))
+        .await;
+    app.auth.flush_last_used().await;
+    stop.cancel();
+    let _ = background.await;
+    let _ = metrics_server.await;
+    tracing::info!("collector stopped");
+    served.map_err(|source| IngestError::Listen {
+        addr: local.map(|a| a.to_string()).unwrap_or_default(),
+        source,
+    })
+}
+
+/// A small pool for key look-ups, with short timeouts so a dead database makes a fast 503.
+fn database_pool(config: &Config) -> Result<deadpool_postgres::Pool, IngestError> {
+    let pg = tokio_postgres::Config::from_str(&config.database_url)
+        .map_err(|e| IngestError::DatabaseConfig(e.to_string()))?;
+    let manager = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
+    let timeout = Some(Duration::from_secs(2));
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(config.database_pool_size.max(1))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(timeout)
+        .create_timeout(timeout)
+        .recycle_timeout(timeout)
+        .build()
+        .map_err(|e| IngestError::DatabaseConfig(e.to_string()))
+}
+
+/// Background duties until `stop`: readiness probes, topic creation (retried until it
+/// works, so a collector started before Kafka becomes ready by itself), `last_used_at`.
+async fn background<S: Sink, K: KeyStore>(app: Arc<App<S, K>>, stop: CancellationToken) {
+    let mut topics_ready = false;
+    let mut probe = tokio::time::interval(Duration::from_millis(
+        app.config.readiness_interval_ms.max(100),
+    ));
+    let mut flush = tokio::time::interval(Duration::from_millis(
+        app.config.key_last_used_flush_ms.max(100),
+    ));
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = probe.tick() => {
+                if !topics_ready {
+                    match produce::ensure_topics(&app.config).await {
+                        Ok(()) => topics_ready = true,
+                        Err(err) => tracing::warn!(cause = %err, "cannot create topics yet; retrying"),
+                    }
+                }
+                let started = Instant::now();
+                let kafka = app.sink.probe(health::PROBE_TIMEOUT).await;
+                app.health.record("kafka", started, kafka);
+                let started = Instant::now();
+                let pg = tokio::time::timeout(health::PROBE_TIMEOUT, app.auth.store().ping())
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
+                app.health.record("postgres", started, pg);
+            }
+            _ = flush.tick() => app.auth.flush_last_used().await,
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The collector's settings: one typed struct, every field a CLI flag and a `SLUICE_*`
+//! environment variable (DESIGN §8), with the local stack's defaults beside the fields.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use sluice_schema::runtime::LogFormat;
+use sluice_schema::topics::Topics;
+
+/// Everything `sluice-ingest` can be told.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sluice-ingest", version, about = "sluice's HTTP collector")]
+pub struct Config {
+    /// Address of the collector's API (`/v1/...`).
+    #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address of `/metrics`, `/healthz` and `/readyz`, kept off the public port so the
+    /// internet cannot scrape it. Port 0 picks a free port (tests).
+    #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    pub kafka_brokers: String,
+
+    /// PostgreSQL URL, for API key look-ups only.
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
+    )]
+    pub database_url: String,
+
+    /// Prefix before every topic name (empty: the contract's names exactly).
+    #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
+    /// Partitions of each topic created at start-up (existing topics are left as they are).
+    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = 6)]
+    pub topic_partitions: i32,
+
+    /// Replication factor of each topic created at start-up.
+    #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+
+    /// How long a request waits for Kafka to acknowledge all its messages before it answers
+    /// 503. Also librdkafka's `message.timeout.ms` (default 300000), so a message the client
+    /// was told failed is not delivered minutes later by a background retry.
+    #[arg(long, env = "SLUICE_PRODUCE_TIMEOUT_MS", default_value_t = 5000)]
+    pub produce_timeout_ms: u64,
+
+    /// Producer queue bound, in messages (librdkafka `queue.buffering.max.messages`, default
+    /// 100000). A full queue answers 503 at once instead of queueing without end.
+    #[arg(
+        long,
+        env = "SLUICE_PRODUCER_QUEUE_MAX_MESSAGES",
+        default_value_t = 100_000
+    )]
+    pub producer_queue_max_messages: u32,
+
+    /// Producer queue bound, in kibibytes (librdkafka `queue.buffering.max.kbytes`, default
+    /// 1048576).
+    #[arg(
+        long,
+        env = "SLUICE_PRODUCER_QUEUE_MAX_KBYTES",
+        default_value_t = 262_144
+    )]
+    pub producer_queue_max_kbytes: u32,
+
+    /// How long the producer waits to fill a batch (librdkafka `linger.ms`, default 5).
+    #[arg(long, env = "SLUICE_PRODUCER_LINGER_MS", default_value_t = 5)]
+    pub producer_linger_ms: u32,
+
+    /// Compression of produced batches: `lz4` or `zstd` (DESIGN §3).
+    #[arg(long, env = "SLUICE_PRODUCER_COMPRESSION", default_value = "lz4")]
+    pub producer_compression: String,
+
+    /// Largest single message, in bytes of its JSON (Segment's limit: 32 KB).
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", default_value_t = 32_768)]
+    pub max_message_bytes: usize,
+
+    /// Largest request body, in bytes, both as sent and after gzip decompression
+    /// (Segment's limit: 500 KB).
+    #[arg(long, env = "SLUICE_MAX_REQUEST_BYTES", default_value_t = 512_000)]
+    pub max_request_bytes: usize,
+
+    /// Deepest nesting of JSON objects and arrays in a body. Bounds the parser's stack.
+    #[arg(long, env = "SLUICE_MAX_JSON_DEPTH", default_value_t = 32)]
+    pub max_json_depth: usize,
+
+    /// Longest id (`messageId`, `anonymousId`, `userId`, `sessionId`, `groupId`), in bytes.
+    #[arg(long, env = "SLUICE_MAX_ID_BYTES", default_value_t = 256)]
+    pub max_id_bytes: usize,
+
+    /// Longest event, page or screen name, in bytes.
+    #[arg(long, env = "SLUICE_MAX_NAME_BYTES", default_value_t = 512)]
+    pub max_name_bytes: usize,
+
+    /// Most messages in one batch request.
+    #[arg(long, env = "SLUICE_MAX_BATCH_MESSAGES", default_value_t = 2_500)]
+    pub max_batch_messages: usize,
+
+    /// Sustained messages per second one write key may send (token bucket refill rate);
+    /// 0 turns rate limiting off.
+    #[arg(
+        long,
+        env = "SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND",
+        default_value_t = 5_000
+    )]
+    pub rate_limit_per_key_per_second: u32,
+
+    /// Burst of messages one write key may send at once (token bucket size).
+    #[arg(
+        long,
+        env = "SLUICE_RATE_LIMIT_BURST_MESSAGES",
+        default_value_t = 10_000
+    )]
+    pub rate_limit_burst_messages: u32,
+
+    /// Peers whose `X-Forwarded-For` is believed, as addresses or CIDR blocks, comma
+    /// separated (`10.0.0.0/8,127.0.0.1`). Empty: the socket's address is the client's.
+    #[arg(long, env = "SLUICE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = Cidr::from_str)]
+    pub trusted_proxies: Vec<Cidr>,
+
+    /// How long a found key is cached, in milliseconds: a revoked key stops working within it.
+    #[arg(long, env = "SLUICE_KEY_CACHE_TTL_MS", default_value_t = 30_000)]
+    pub key_cache_ttl_ms: u64,
+
+    /// How long an unknown key is cached, in milliseconds: shorter, so a key made a moment
+    /// ago works soon, while a flood of bad keys still costs one look-up per prefix.
+    #[arg(
+        long,
+        env = "SLUICE_KEY_CACHE_NEGATIVE_TTL_MS",
+        default_value_t = 5_000
+    )]
+    pub key_cache_negative_ttl_ms: u64,
+
+    /// Most cached keys (found and unknown); expired entries are dropped first when full.
+    #[arg(long, env = "SLUICE_KEY_CACHE_MAX_ENTRIES", default_value_t = 100_000)]
+    pub key_cache_max_entries: usize,
+
+    /// How often `api_key.last_used_at` is written for the keys used since, in milliseconds.
+    #[arg(long, env = "SLUICE_KEY_LAST_USED_FLUSH_MS", default_value_t = 60_000)]
+    pub key_last_used_flush_ms: u64,
+
+    /// Connections in the PostgreSQL pool (key look-ups only).
+    #[arg(long, env = "SLUICE_DATABASE_POOL_SIZE", default_value_t = 4)]
+    pub database_pool_size: usize,
+
+    /// How often `/readyz`'s view of Kafka and PostgreSQL is refreshed, in milliseconds.
+    #[arg(long, env = "SLUICE_READINESS_INTERVAL_MS", default_value_t = 2_000)]
+    pub readiness_interval_ms: u64,
+
+    /// How long a drain (SIGTERM) may take to flush the producer, in milliseconds.
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+
+    /// Most requests handled at once; more wait for a slot (a bound on memory).
+    #[arg(long, env = "SLUICE_MAX_CONCURRENT_REQUESTS", default_value_t = 1_024)]
+    pub max_concurrent_requests: usize,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The defaults, as the binary would have them with no flags and no environment.
+    pub fn local() -> Config {
+        // Parsing an empty command line only yields the declared defaults (environment
+        // variables aside), which are all valid, so this cannot fail in practice; fall back
+        // to clap's own error exit if it ever did.
+        Config::try_parse_from(["sluice-ingest"]).unwrap_or_else(|err| err.exit())
+    }
+
+    /// The topic names this collector produces to.
+    pub fn topics(&self) -> Topics {
+        Topics::with_prefix(&self.topic_prefix)
+    }
+
+    /// [`Config::produce_timeout_ms`] as a duration.
+    pub fn produce_timeout(&self) -> Duration {
+        Duration::from_millis(self.produce_timeout_ms)
+    }
+
+    /// A `Retry-After` (whole seconds, at least 1) for 503 answers.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.produce_timeout_ms.div_ceil(1000).max(1)
+    }
+}
+
+/// An IP address block, `addr/len` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// First address of the block.
+    addr: IpAddr,
+    /// Prefix length in bits.
+    len: u8,
+}
+
+impl Cidr {
+    /// True when `ip` lies inside the block. IPv4-mapped IPv6 addresses count as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                u128::from(u32::from(net)),
+                u128::from(u32::from(ip)),
+                32,
+                self.len,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(u128::from(net), u128::from(ip), 128, self.len)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, bits: u8, len: u8) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let shift = u32::from(bits - len);
+    (a >> shift) == (b >> shift)
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let s = s.trim();
+        let (addr, len) = match s.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR block like 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|len| *len <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { addr, len })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_blocks_contain_their_addresses() {
+        let net: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.1.2.3".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.9.9.9".parse().unwrap()));
+        let one: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let all: Cidr = "::/0".parse().unwrap();
+        assert!(all.contains("2001:db8::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::try_parse_from(["x"]).unwrap();
+        assert_eq!(c.max_message_bytes, 32_768);
+        assert_eq!(c.max_request_bytes, 512_000);
+        assert_eq!(c.topics().event, "sluice.event.v1");
+        assert_eq!(c.retry_after_secs(), 5);
+    }
+}

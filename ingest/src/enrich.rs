@@ -1,0 +1,461 @@
+//! Validated messages to the contract's Kafka messages: receive time, clock-skew-corrected
+//! `occurred_at`, client IP (trusted proxies only), user agent and bot flag, UTM parameters
+//! from the page URL; and the visitor and session summaries of each request.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::http::HeaderMap;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sluice_schema::messages::{
+    event_id, EventMessage, EventType, IdentityKind, IdentityMessage, JsonObject, SessionMessage,
+    Touch, VisitorMessage, VERSION,
+};
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::config::Cidr;
+use crate::payload::{Kind, Message};
+
+/// Facts of the request that every message of it shares.
+#[derive(Debug, Clone)]
+pub struct RequestFacts {
+    /// Who sent it (from the key, never from the body).
+    pub principal: Principal,
+    /// When the collector received it.
+    pub received_at: DateTime<Utc>,
+    /// The client's address, after trusted proxies.
+    pub ip: Option<IpAddr>,
+    /// The request's `User-Agent`.
+    pub user_agent: Option<String>,
+}
+
+/// The messages one request yields, by topic.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outgoing {
+    /// Events (track, page, screen, group, pixel).
+    pub events: Vec<EventMessage>,
+    /// Identify and alias calls.
+    pub identities: Vec<IdentityMessage>,
+    /// One per visitor seen in the request.
+    pub visitors: Vec<VisitorMessage>,
+    /// One per session seen in the request.
+    pub sessions: Vec<SessionMessage>,
+}
+
+/// The client's address: the socket peer, unless the peer is a trusted proxy, in which case
+/// `X-Forwarded-For` is read from the right, skipping trusted hops, and the first untrusted
+/// address is the client. Reading from the right matters: the left end is whatever the
+/// client chose to write.
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+    let peer_ip = peer.ip();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer_ip) {
+        return peer_ip;
+    }
+    let mut client = peer_ip;
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            // A garbled hop: nothing left of it can be believed.
+            break;
+        };
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// Substrings (lower case) of crawler and automation user agents. Flagged, never dropped.
+const BOT_MARKERS: [&str; 14] = [
+    "bot",
+    "crawl",
+    "spider",
+    "slurp",
+    "headlesschrome",
+    "lighthouse",
+    "phantomjs",
+    "facebookexternalhit",
+    "bingpreview",
+    "mediapartners-google",
+    "python-requests",
+    "curl/",
+    "wget/",
+    "scrapy",
+];
+
+/// True when the user agent looks like a crawler or automation.
+pub fn is_bot(user_agent: &str) -> bool {
+    let ua = user_agent.to_ascii_lowercase();
+    BOT_MARKERS.iter().any(|m| ua.contains(m))
+}
+
+/// UTM parameters of a URL, named as in `Touch::utm` (`source`, `medium`, ...).
+pub fn utm_from_url(url: &str) -> JsonObject {
+    let mut utm = JsonObject::new();
+    let Some((_, query)) = url.split_once('?') else {
+        return utm;
+    };
+    let query = query.split('#').next().unwrap_or_default();
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        let field = match name.as_ref() {
+            "utm_source" => "source",
+            "utm_medium" => "medium",
+            "utm_campaign" => "campaign",
+            "utm_term" => "term",
+            "utm_content" => "content",
+            _ => continue,
+        };
+        if !value.is_empty() {
+            utm.entry(field)
+                .or_insert(Value::String(value.into_owned()));
+        }
+    }
+    utm
+}
+
+fn str_at<'a>(o: &'a JsonObject, path: &[&str]) -> Option<&'a str> {
+    let (last, parents) = path.split_last()?;
+    let mut cur = o;
+    for p in parents {
+        cur = cur.get(*p)?.as_object()?;
+    }
+    cur.get(*last)?.as_str()
+}
+
+/// Attribution of one message: UTM from the page URL (or the SDK's `context.campaign`),
+/// referrer, and the page URL.
+fn touch_of(m: &Message) -> Touch {
+    let url = str_at(&m.context, &["page", "url"]).or_else(|| str_at(&m.properties, &["url"]));
+    let mut utm = url.map(utm_from_url).unwrap_or_default();
+    if utm.is_empty() {
+        if let Some(Value::Object(c)) = m.context.get("campaign") {
+            for (from, to) in [
+                ("source", "source"),
+                ("medium", "medium"),
+                ("name", "campaign"),
+                ("term", "term"),
+                ("content", "content"),
+            ] {
+                if let Some(Value::String(v)) = c.get(from) {
+                    utm.insert(to.into(), Value::String(v.clone()));
+                }
+            }
+        }
+    }
+    Touch {
+        utm,
+        referrer: str_at(&m.context, &["page", "referrer"])
+            .or_else(|| str_at(&m.properties, &["referrer"]))
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned),
+        landing_page: url.map(str::to_owned),
+    }
+}
+
+/// `occurred_at` corrected for the client's clock: the client says the event happened
+/// `sentAt - timestamp` before sending, so it happened that long before we received it.
+/// Without `sentAt`, `timestamp` as is; without either, the receive time.
+pub fn occurred_at(
+    timestamp: Option<DateTime<Utc>>,
+    sent_at: Option<DateTime<Utc>>,
+    received_at: DateTime<Utc>,
+) -> DateTime<Utc> {
+    match (timestamp, sent_at) {
+        (Some(ts), Some(sent)) => received_at - (sent - ts),
+        (Some(ts), None) => ts,
+        (None, _) => received_at,
+    }
+}
+
+/// Running summary of one visitor or session within a request.
+struct Summary {
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    events: i64,
+    pages: i64,
+    touch: Touch,
+    anonymous_id: Option<String>,
+    user_id: Option<String>,
+    device: JsonObject,
+    geo: JsonObject,
+}
+
+impl Summary {
+    fn new(at: DateTime<Utc>, m: &Message) -> Summary {
+        Summary {
+            first: at,
+            last: at,
+            events: 0,
+            pages: 0,
+            touch: touch_of(m),
+            anonymous_id: m.anonymous_id.clone(),
+            user_id: m.user_id.clone(),
+            device: pick(&m.context, &["device", "os", "screen", "userAgent"]),
+            geo: pick(&m.context, &["location", "timezone", "locale"]),
+        }
+    }
+
+    fn add(&mut self, at: DateTime<Utc>, m: &Message, is_event: bool) {
+        if at < self.first {
+            self.first = at;
+            self.touch = touch_of(m);
+        }
+        self.last = self.last.max(at);
+        if is_event {
+            self.events += 1;
+        }
+        if matches!(m.kind, Kind::Page | Kind::Screen | Kind::Pixel) {
+            self.pages += 1;
+        }
+        if m.user_id.is_some() {
+            self.user_id.clone_from(&m.user_id);
+        }
+    }
+}
+
+fn pick(o: &JsonObject, fields: &[&str]) -> JsonObject {
+    fields
+        .iter()
+        .filter_map(|f| o.get(*f).map(|v| ((*f).to_owned(), v.clone())))
+        .collect()
+}
+
+/// Turns one request's validated messages into the contract's messages.
+pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
+    let tenant_id = facts.principal.tenant_id;
+    let workspace_id = facts.principal.workspace_id;
+    let mut out = Outgoing::default();
+    // Insertion-ordered summaries: the index map keeps the output deterministic.
+    let mut visitors: Vec<(String, Summary)> = Vec::new();
+    let mut visitor_at: HashMap<String, usize> = HashMap::new();
+    let mut sessions: Vec<(String, Summary)> = Vec::new();
+    let mut session_at: HashMap<String, usize> = HashMap::new();
+    let mut request_ua: Option<String> = None;
+    let mut request_bot = false;
+
+    for mut m in messages {
+        let at = occurred_at(m.timestamp, m.sent_at, facts.received_at);
+        let message_id = m
+            .message_id
+            .clone()
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        // Segment semantics: a server SDK forwards the end user's agent and address in
+        // `context`; the request's own are the SDK's, so they only fill in.
+        let user_agent = m
+            .context
+            .get("userAgent")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .or_else(|| facts.user_agent.clone());
+        let ip = m
+            .context
+            .get("ip")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<IpAddr>().ok())
+            .or(facts.ip)
+            .map(|ip| ip.to_string());
+        let bot = user_agent.as_deref().is_some_and(is_bot);
+        if request_ua.is_none() {
+            request_ua.clone_from(&user_agent);
+            request_bot = bot;
+        }
+        let touch_needed = !matches!(m.kind, Kind::Alias);
+        if touch_needed && !m.context.contains_key("campaign") {
+            let utm = touch_of(&m).utm;
+            if !utm.is_empty() {
+                let campaign: JsonObject = utm
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            if k == "campaign" {
+                                "name".to_owned()
+                            } else {
+                                k
+                            },
+                            v,
+                        )
+                    })
+                    .collect();
+                m.context.insert("campaign".into(), Value::Object(campaign));
+            }
+        }
+        let is_event = !matches!(m.kind, Kind::Identify | Kind::Alias);
+        if let Some(anon) = m.anonymous_id.as_ref() {
+            match visitor_at.get(anon) {
+                Some(&i) => visitors[i].1.add(at, &m, is_event),
+                None => {
+                    let mut s = Summary::new(at, &m);
+                    s.add(at, &m, is_event);
+                    visitor_at.insert(anon.clone(), visitors.len());
+                    visitors.push((anon.clone(), s));
+                }
+            }
+        }
+        if let Some(sid) = m.session_id.as_ref() {
+            match session_at.get(sid) {
+                Some(&i) => sessions[i].1.add(at, &m, is_event),
+                None => {
+                    let mut s = Summary::new(at, &m);
+                    s.add(at, &m, is_event);
+                    session_at.insert(sid.clone(), sessions.len());
+                    sessions.push((sid.clone(), s));
+                }
+            }
+        }
+        let kind = match m.kind {
+            Kind::Track => EventType::Track,
+            Kind::Page => EventType::Page,
+            Kind::Screen => EventType::Screen,
+            Kind::Group => EventType::Group,
+            Kind::Pixel => EventType::Pixel,
+            Kind::Identify | Kind::Alias => {
+                out.identities.push(IdentityMessage {
+                    v: VERSION,
+                    tenant_id,
+                    workspace_id,
+                    kind: if m.kind == Kind::Identify {
+                        IdentityKind::Identify
+                    } else {
+                        IdentityKind::Alias
+                    },
+                    message_id,
+                    anonymous_id: m.anonymous_id,
+                    user_id: m.user_id,
+                    previous_id: m.previous_id,
+                    traits: m.traits,
+                    context: m.context,
+                    occurred_at: at,
+                    received_at: facts.received_at,
+                });
+                continue;
+            }
+        };
+        let mut properties = m.properties;
+        if m.kind == Kind::Group {
+            if let Some(group_id) = m.group_id {
+                properties.insert("groupId".into(), Value::String(group_id));
+            }
+            properties.insert("traits".into(), Value::Object(m.traits));
+        }
+        out.events.push(EventMessage {
+            v: VERSION,
+            tenant_id,
+            workspace_id,
+            event_id: event_id(tenant_id, &message_id),
+            message_id,
+            kind,
+            name: m.name,
+            anonymous_id: m.anonymous_id,
+            user_id: m.user_id,
+            session_id: m.session_id,
+            occurred_at: at,
+            timestamp: m.timestamp,
+            sent_at: m.sent_at,
+            received_at: facts.received_at,
+            properties,
+            context: m.context,
+            ip,
+            user_agent,
+            bot,
+        });
+    }
+
+    out.visitors = visitors
+        .into_iter()
+        .map(|(anonymous_id, s)| VisitorMessage {
+            v: VERSION,
+            tenant_id,
+            workspace_id,
+            anonymous_id,
+            user_id: s.user_id,
+            first_seen_at: s.first,
+            last_seen_at: s.last,
+            event_count: s.events,
+            first_touch: s.touch,
+            user_agent: request_ua.clone(),
+            bot: request_bot,
+        })
+        .collect();
+    out.sessions = sessions
+        .into_iter()
+        .map(|(session_id, s)| SessionMessage {
+            v: VERSION,
+            tenant_id,
+            workspace_id,
+            session_id,
+            anonymous_id: s.anonymous_id,
+            user_id: s.user_id,
+            started_at: s.first,
+            last_seen_at: s.last,
+            event_count: s.events,
+            page_count: s.pages,
+            first_touch: s.touch,
+            device: s.device,
+            geo: s.geo,
+        })
+        .collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use chrono::Duration;
+
+    #[test]
+    fn skew_is_corrected_by_the_send_delay() {
+        let received = Utc::now();
+        let client_clock_ahead = Duration::hours(2);
+        let sent = received + client_clock_ahead;
+        let ts = sent - Duration::seconds(30);
+        assert_eq!(
+            occurred_at(Some(ts), Some(sent), received),
+            received - Duration::seconds(30)
+        );
+        assert_eq!(occurred_at(Some(ts), None, received), ts);
+        assert_eq!(occurred_at(None, Some(sent), received), received);
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 203.0.113.7, 10.0.0.2"),
+        );
+        let proxy: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let stranger: SocketAddr = "198.51.100.1:5000".parse().unwrap();
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(stranger, &h, &trusted), stranger.ip());
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy.ip());
+        assert_eq!(client_ip(proxy, &h, &[]), proxy.ip());
+    }
+
+    #[test]
+    fn utm_and_bots() {
+        let utm = utm_from_url(
+            "https://x.io/a?utm_source=news&utm_medium=email&utm_campaign=spring%20sale&q=1#top",
+        );
+        assert_eq!(utm["source"], "news");
+        assert_eq!(utm["campaign"], "spring sale");
+        assert_eq!(utm.len(), 3);
+        assert!(utm_from_url("https://x.io/").is_empty());
+        assert!(is_bot("Mozilla/5.0 (compatible; Googlebot/2.1)"));
+        assert!(!is_bot("Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0"));
+    }
+}

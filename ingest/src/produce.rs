@@ -1,0 +1,301 @@
+//! Producing a request's messages to Kafka and waiting for every acknowledgement: the
+//! [`Sink`] trait (so handlers can be tested without a broker), the Kafka sink (idempotent,
+//! `acks=all`, compressed, bounded queue), and topic creation at start-up.
+//!
+//! Delivery guarantee: [`Sink::send`] returns `Ok` only when Kafka acknowledged every record
+//! of the call (with `acks=all`, when all in-sync replicas have it). Any other outcome is an
+//! error the caller answers 503: some records may still have been stored, which the client's
+//! retry with the same `messageId`s makes harmless (the writer deduplicates by event id).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde::Serialize;
+use sluice_schema::topics::{message_key, Topics};
+
+use crate::config::Config;
+use crate::enrich::Outgoing;
+use crate::error::IngestError;
+use crate::metrics;
+
+/// Which of the contract's topics a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// `sluice.visitor.v1`.
+    Visitor,
+    /// `sluice.session.v1`.
+    Session,
+    /// `sluice.event.v1`.
+    Event,
+    /// `sluice.identity.v1`.
+    Identity,
+}
+
+impl Topic {
+    /// This topic's name among `topics`.
+    pub fn name(self, topics: &Topics) -> &str {
+        match self {
+            Topic::Visitor => &topics.visitor,
+            Topic::Session => &topics.session,
+            Topic::Event => &topics.event,
+            Topic::Identity => &topics.identity,
+        }
+    }
+}
+
+/// One Kafka record, serialised.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Destination.
+    pub topic: Topic,
+    /// `{tenant_id}/{anonymous_id or user_id}`.
+    pub key: String,
+    /// The message's JSON.
+    pub payload: Vec<u8>,
+}
+
+/// Serialises a request's messages into records, events first, in request order, so one
+/// visitor's records keep their order within a partition.
+pub fn records(out: &Outgoing) -> Result<Vec<Record>, serde_json::Error> {
+    let mut records = Vec::with_capacity(
+        out.events.len() + out.identities.len() + out.visitors.len() + out.sessions.len(),
+    );
+    fn push<T: Serialize>(
+        records: &mut Vec<Record>,
+        topic: Topic,
+        key: String,
+        msg: &T,
+    ) -> Result<(), serde_json::Error> {
+        records.push(Record {
+            topic,
+            key,
+            payload: serde_json::to_vec(msg)?,
+        });
+        Ok(())
+    }
+    for e in &out.events {
+        let key = message_key(e.tenant_id, e.anonymous_id.as_deref(), e.user_id.as_deref());
+        push(&mut records, Topic::Event, key, e)?;
+    }
+    for i in &out.identities {
+        // An alias has no anonymous id: key it by the previous id, the identity being merged.
+        let who = i.anonymous_id.as_deref().or(i.previous_id.as_deref());
+        let key = message_key(i.tenant_id, who, i.user_id.as_deref());
+        push(&mut records, Topic::Identity, key, i)?;
+    }
+    for v in &out.visitors {
+        let key = message_key(v.tenant_id, Some(&v.anonymous_id), None);
+        push(&mut records, Topic::Visitor, key, v)?;
+    }
+    for s in &out.sessions {
+        let key = message_key(s.tenant_id, s.anonymous_id.as_deref(), s.user_id.as_deref());
+        push(&mut records, Topic::Session, key, s)?;
+    }
+    Ok(records)
+}
+
+/// Why a send failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The producer's bounded queue is full: Kafka is slower than the traffic.
+    #[error("producer queue full")]
+    QueueFull,
+    /// Not every acknowledgement came within the produce timeout.
+    #[error("Kafka did not acknowledge in time")]
+    Timeout,
+    /// Kafka refused a record.
+    #[error("Kafka refused a message: {0}")]
+    Kafka(KafkaError),
+}
+
+impl ProduceError {
+    /// Metric label.
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            ProduceError::QueueFull => "queue_full",
+            ProduceError::Timeout => "timeout",
+            ProduceError::Kafka(_) => "kafka",
+        }
+    }
+}
+
+/// Where a request's records go: Kafka in production, a vector in handler unit tests.
+pub trait Sink: Send + Sync + 'static {
+    /// Sends `records` and resolves when all are acknowledged, or with the first failure.
+    fn send(&self, records: Vec<Record>) -> impl Future<Output = Result<(), ProduceError>> + Send;
+    /// Records handed over and not yet acknowledged.
+    fn queue_depth(&self) -> usize;
+    /// True when the backend answered recently (for `/readyz`); probes it.
+    fn probe(&self, timeout: Duration) -> impl Future<Output = Result<(), String>> + Send;
+    /// Waits up to `timeout` for everything in flight (drain).
+    fn flush(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// The Kafka [`Sink`].
+pub struct KafkaSink {
+    /// The shared producer; rdkafka batches across requests inside it.
+    producer: FutureProducer,
+    /// Topic names.
+    topics: Topics,
+    /// How long a send waits for acknowledgements.
+    timeout: Duration,
+}
+
+/// The producer settings of DESIGN §3, with the bounds from `config`.
+pub fn producer_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", &config.producer_compression)
+        .set("linger.ms", config.producer_linger_ms.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            config.producer_queue_max_messages.to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            config.producer_queue_max_kbytes.to_string(),
+        )
+        // Give up on a message when the request gave up on it, so nothing is stored long
+        // after its client was told 503 (librdkafka default: 300000).
+        .set(
+            "message.timeout.ms",
+            config.produce_timeout_ms.max(1).to_string(),
+        )
+        // Notice a stopped broker quickly (librdkafka default: 60000).
+        .set(
+            "socket.timeout.ms",
+            config.produce_timeout_ms.max(10).to_string(),
+        )
+        .set("client.id", "sluice-ingest");
+    c
+}
+
+impl KafkaSink {
+    /// A sink producing to `config`'s brokers and topics.
+    pub fn new(config: &Config) -> Result<KafkaSink, IngestError> {
+        let producer: FutureProducer = producer_config(config)
+            .create()
+            .map_err(IngestError::KafkaConfig)?;
+        Ok(KafkaSink {
+            producer,
+            topics: config.topics(),
+            timeout: config.produce_timeout(),
+        })
+    }
+}
+
+impl Sink for KafkaSink {
+    async fn send(&self, records: Vec<Record>) -> Result<(), ProduceError> {
+        let started = Instant::now();
+        let mut pending = Vec::with_capacity(records.len());
+        // Enqueue in order (librdkafka keeps per-partition order with idempotence on), then
+        // wait for all acknowledgements together: the request costs one round trip, not one
+        // per message.
+        for r in &records {
+            let record = FutureRecord::to(r.topic.name(&self.topics))
+                .key(&r.key)
+                .payload(&r.payload);
+            match self.producer.send_result(record) {
+                Ok(delivery) => pending.push(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    return Err(ProduceError::QueueFull)
+                }
+                Err((err, _)) => return Err(ProduceError::Kafka(err)),
+            }
+        }
+        let acks = futures::future::join_all(pending);
+        // librdkafka times messages out at `message.timeout.ms` itself; this outer timeout
+        // is the request's own promise, with a little slack for the callback to arrive.
+        let results = tokio::time::timeout(self.timeout + Duration::from_millis(500), acks)
+            .await
+            .map_err(|_| ProduceError::Timeout)?;
+        for result in results {
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
+                    return Err(ProduceError::Timeout)
+                }
+                Ok(Err((err, _))) => return Err(ProduceError::Kafka(err)),
+                // The producer was dropped under us: only at shut-down.
+                Err(_canceled) => return Err(ProduceError::Timeout),
+            }
+        }
+        ::metrics::histogram!(metrics::KAFKA_PRODUCE_DURATION_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn queue_depth(&self) -> usize {
+        usize::try_from(self.producer.in_flight_count()).unwrap_or(0)
+    }
+
+    async fn probe(&self, timeout: Duration) -> Result<(), String> {
+        let producer = self.producer.clone();
+        // fetch_metadata blocks its thread; keep it off the runtime's workers.
+        let result = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|md| md.brokers().len())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match result {
+            Ok(0) => Err("no brokers in metadata".into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        let result = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        match result {
+            Ok(Ok(())) => tracing::info!("producer flushed"),
+            Ok(Err(err)) => tracing::warn!(cause = %err, "producer flush incomplete"),
+            Err(err) => tracing::warn!(cause = %err, "producer flush task failed"),
+        }
+    }
+}
+
+/// Creates the topics of `config` that are missing.
+pub async fn ensure_topics(config: &Config) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("socket.timeout.ms", "5000")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let topics = config.topics();
+    let new: Vec<NewTopic> = topics
+        .all()
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.topic_partitions,
+                TopicReplication::Fixed(config.topic_replication),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(format!("creating topic {topic}: {code}")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! The HTTP API: routes, CORS, and the one request pipeline every endpoint shares:
+//! read body (bounded) -> authenticate -> decode + parse -> rate limit -> enrich -> produce
+//! -> answer only after Kafka acknowledged everything.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+use tower_http::cors::{Any, CorsLayer};
+
+use crate::auth::{key_from_headers, Authenticator, KeyStore, Principal};
+use crate::config::Config;
+use crate::enrich::{client_ip, enrich, RequestFacts};
+use crate::error::IngestError;
+use crate::health::{healthz, Health};
+use crate::limits::RateLimiter;
+use crate::metrics;
+use crate::payload::{self, Defaults, Endpoint, Kind, Limits, Parsed, Rejected};
+use crate::produce::{records, Sink};
+
+/// Everything a request handler needs, shared by all requests.
+pub struct App<S, K> {
+    /// Settings.
+    pub config: Config,
+    /// Size and shape bounds, from `config`.
+    pub limits: Limits,
+    /// Where records go.
+    pub sink: S,
+    /// Key checks.
+    pub auth: Authenticator<K>,
+    /// Per-key token buckets.
+    pub limiter: RateLimiter,
+    /// Readiness, for `/readyz`.
+    pub health: Health,
+}
+
+impl<S: Sink, K: KeyStore> App<S, K> {
+    /// The shared state of a collector over `sink` and `store`.
+    pub fn new(config: Config, sink: S, store: K) -> App<S, K> {
+        let auth = Authenticator::new(
+            store,
+            Duration::from_millis(config.key_cache_ttl_ms),
+            Duration::from_millis(config.key_cache_negative_ttl_ms),
+            config.key_cache_max_entries,
+            config.retry_after_secs(),
+        );
+        App {
+            limits: Limits::from_config(&config),
+            limiter: RateLimiter::new(
+                config.rate_limit_per_key_per_second,
+                config.rate_limit_burst_messages,
+                config.key_cache_max_entries,
+            ),
+            auth,
+            sink,
+            health: Health::default(),
+            config,
+        }
+    }
+}
+
+/// What the per-endpoint handlers return.
+type HandlerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+/// The public API's routes. Segment's short paths (`/v1/t`, `/v1/p`, ...) are the ones
+/// analytics.js posts to, so they are served too.
+pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
+    fn on<S: Sink, K: KeyStore>(
+        endpoint: Endpoint,
+    ) -> impl Fn(State<Arc<App<S, K>>>, Request) -> HandlerFuture + Clone + Send + Sync + 'static
+    {
+        move |State(app), req| Box::pin(async move { ingest(app, endpoint, req).await })
+    }
+    let single = |kind| Endpoint::Single(kind);
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+        ])
+        .max_age(Duration::from_secs(86_400));
+    Router::new()
+        .route("/v1/batch", post(on::<S, K>(Endpoint::Batch)))
+        .route("/v1/b", post(on::<S, K>(Endpoint::Batch)))
+        .route("/v1/track", post(on::<S, K>(single(Kind::Track))))
+        .route("/v1/t", post(on::<S, K>(single(Kind::Track))))
+        .route("/v1/page", post(on::<S, K>(single(Kind::Page))))
+        .route("/v1/p", post(on::<S, K>(single(Kind::Page))))
+        .route("/v1/screen", post(on::<S, K>(single(Kind::Screen))))
+        .route("/v1/s", post(on::<S, K>(single(Kind::Screen))))
+        .route("/v1/identify", post(on::<S, K>(single(Kind::Identify))))
+        .route("/v1/i", post(on::<S, K>(single(Kind::Identify))))
+        .route("/v1/alias", post(on::<S, K>(single(Kind::Alias))))
+        .route("/v1/a", post(on::<S, K>(single(Kind::Alias))))
+        .route("/v1/group", post(on::<S, K>(single(Kind::Group))))
+        .route("/v1/g", post(on::<S, K>(single(Kind::Group))))
+        .route("/v1/p.gif", get(on::<S, K>(single(Kind::Pixel))))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<S, K>))
+        .layer(cors)
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            app.config.max_concurrent_requests.max(1),
+        ))
+        .with_state(app)
+}
+
+/// `/readyz` of the collector's state.
+pub async fn readyz<S: Sink, K: KeyStore>(State(app): State<Arc<App<S, K>>>) -> Response {
+    app.health.readyz()
+}
+
+/// A 1x1 transparent GIF.
+const PIXEL_GIF: [u8; 43] = [
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+/// Answers one API request and records its metrics.
+async fn ingest<S: Sink, K: KeyStore>(
+    app: Arc<App<S, K>>,
+    endpoint: Endpoint,
+    req: Request,
+) -> Response {
+    let started = Instant::now();
+    let label = endpoint.as_str();
+    let is_pixel = endpoint == Endpoint::Single(Kind::Pixel);
+    let response = match handle(&app, endpoint, req).await {
+        Ok(accepted) if is_pixel => {
+            let _ = accepted;
+            (
+                [
+                    (header::CONTENT_TYPE, HeaderValue::from_static("image/gif")),
+                    (
+                        header::CACHE_CONTROL,
+                        HeaderValue::from_static("no-cache, no-store, must-revalidate, private"),
+                    ),
+                    (header::PRAGMA, HeaderValue::from_static("no-cache")),
+                    (header::EXPIRES, HeaderValue::from_static("0")),
+                ],
+                PIXEL_GIF.as_slice(),
+            )
+                .into_response()
+        }
+        Ok((accepted, rejected)) => (
+            StatusCode::OK,
+            Json(json!({ "success": true, "accepted": accepted, "rejected": rejected })),
+        )
+            .into_response(),
+        Err(err) => {
+            if err.status().is_server_error() {
+                tracing::warn!(endpoint = label, cause = %err, "request failed");
+            }
+            err.into_response()
+        }
+    };
+    ::metrics::counter!(metrics::REQUESTS_TOTAL, "endpoint" => label, "status" => response.status().as_u16().to_string())
+        .increment(1);
+    ::metrics::histogram!(metrics::REQUEST_DURATION_SECONDS, "endpoint" => label)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The pipeline. Returns the accepted count and the refused messages.
+async fn handle<S: Sink, K: KeyStore>(
+    app: &App<S, K>,
+    endpoint: Endpoint,
+    req: Request,
+) -> Result<(usize, Vec<Rejected>), IngestError> {
+    let received_at = Utc::now();
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr);
+    let ip = peer.map(|peer| client_ip(peer, headers, &app.config.trusted_proxies));
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+
+    // A key in the headers is checked before the body is even read, so unauthenticated
+    // floods cost no parsing.
+    let header_key = key_from_headers(headers);
+    let header_principal = match &header_key {
+        Some(key) => Some(app.auth.authenticate(key).await?),
+        None => None,
+    };
+
+    let (parsed, body_key) = if endpoint == Endpoint::Single(Kind::Pixel) {
+        pixel(parts.uri.query().unwrap_or_default(), &app.limits)?
+    } else {
+        let raw = read_body(body, app.limits.max_request_bytes).await?;
+        let mut json = payload::decode_body(
+            &raw,
+            headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok()),
+            headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+            &app.limits,
+        )?;
+        ::metrics::histogram!(metrics::REQUEST_BODY_BYTES).record(json.len() as f64);
+        let mut parsed = payload::parse(&mut json, endpoint, &app.limits)?;
+        let key = parsed.write_key.take();
+        (parsed, key)
+    };
+
+    let principal = authorize(
+        app,
+        header_principal,
+        header_key.as_deref(),
+        body_key.as_deref(),
+    )
+    .await?;
+
+    let cost =
+        u32::try_from((parsed.messages.len() + parsed.rejected.len()).max(1)).unwrap_or(u32::MAX);
+    if let Err(retry_after_secs) = app.limiter.check(principal.key_id, cost, Instant::now()) {
+        ::metrics::counter!(metrics::RATE_LIMITED_TOTAL).increment(1);
+        return Err(IngestError::RateLimited { retry_after_secs });
+    }
+
+    let Parsed {
+        messages, rejected, ..
+    } = parsed;
+    for r in &rejected {
+        ::metrics::counter!(metrics::REJECTED_TOTAL, "reason" => r.reason.as_str()).increment(1);
+    }
+    if messages.is_empty() {
+        return Err(if rejected.is_empty() {
+            IngestError::BadRequest("the batch is empty".into())
+        } else {
+            IngestError::AllRejected(rejected)
+        });
+    }
+    if let Some(sent) = messages.iter().find_map(|(_, m)| m.sent_at) {
+        let skew = (received_at - sent).num_milliseconds().unsigned_abs() as f64 / 1000.0;
+        ::metrics::histogram!(metrics::CLOCK_SKEW_SECONDS).record(skew);
+    }
+    let mut counts = [0u64; 7];
+    for (_, m) in &messages {
+        counts[m.kind as usize] += 1;
+    }
+    let accepted = messages.len();
+    let facts = RequestFacts {
+        principal,
+        received_at,
+        ip,
+        user_agent,
+    };
+    let out = enrich(messages.into_iter().map(|(_, m)| m).collect(), &facts);
+    let records = records(&out)
+        .map_err(|e| IngestError::BadRequest(format!("cannot encode a message ({e})")))?;
+    ::metrics::gauge!(metrics::PRODUCER_QUEUE_MESSAGES).set(app.sink.queue_depth() as f64);
+    let sent = app.sink.send(records).await;
+    let outcome = if sent.is_ok() { "accepted" } else { "failed" };
+    for kind in [
+        Kind::Track,
+        Kind::Page,
+        Kind::Screen,
+        Kind::Group,
+        Kind::Identify,
+        Kind::Alias,
+        Kind::Pixel,
+    ] {
+        let n = counts[kind as usize];
+        if n > 0 {
+            ::metrics::counter!(metrics::EVENTS_TOTAL, "type" => kind.as_str(), "outcome" => outcome).increment(n);
+        }
+    }
+    if !rejected.is_empty() {
+        ::metrics::counter!(metrics::EVENTS_TOTAL, "type" => endpoint.as_str(), "outcome" => "rejected")
+            .increment(rejected.len() as u64);
+    }
+    if let Err(err) = sent {
+        ::metrics::counter!(metrics::KAFKA_ERRORS_TOTAL, "reason" => err.reason()).increment(1);
+        return Err(IngestError::Unavailable(
+            err.to_string(),
+            app.config.retry_after_secs(),
+        ));
+    }
+    Ok((accepted, rejected))
+}
+
+/// Which key the request is made with. A key in the headers wins; a different `writeKey` in
+/// the body must be of the same workspace, so a body cannot redirect data into another
+/// workspace than the one its request authenticated for.
+async fn authorize<S: Sink, K: KeyStore>(
+    app: &App<S, K>,
+    header_principal: Option<Principal>,
+    header_key: Option<&str>,
+    body_key: Option<&str>,
+) -> Result<Principal, IngestError> {
+    match (header_principal, body_key) {
+        (Some(p), None) => Ok(p),
+        (Some(p), Some(body)) if Some(body) == header_key => Ok(p),
+        (Some(p), Some(body)) => match app.auth.authenticate(body).await {
+            Ok(other) if other.workspace_id == p.workspace_id && other.tenant_id == p.tenant_id => {
+                Ok(p)
+            }
+            Ok(_)
+            | Err(
+                IngestError::UnknownKey
+                | IngestError::KeyRevoked
+                | IngestError::KeyExpired
+                | IngestError::KeyScope,
+            ) => Err(IngestError::WorkspaceMismatch),
+            Err(err) => Err(err),
+        },
+        (None, Some(body)) => app.auth.authenticate(body).await,
+        (None, None) => Err(IngestError::MissingKey),
+    }
+}
+
+/// Reads a body up to `max` bytes; one byte more is a 413, without reading the rest.
+async fn read_body(body: Body, max: usize) -> Result<Vec<u8>, IngestError> {
+    let mut out = Vec::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| IngestError::BadRequest(format!("cannot read the body ({e})")))?;
+        if out.len() + chunk.len() > max {
+            return Err(IngestError::TooLarge {
+                what: "request body",
+                limit: max,
+            });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// The tracking pixel's query string as one message. Parameters: `k` write key, `e` event
+/// name, `a` anonymousId, `u` userId, `s` sessionId, `m` messageId, `ts` timestamp (RFC 3339
+/// or epoch ms), `url` page URL, `r` referrer, `t` page title; every other parameter becomes
+/// a string property.
+fn pixel(query: &str, limits: &Limits) -> Result<(Parsed, Option<String>), IngestError> {
+    if query.len() > limits.max_message_bytes {
+        return Err(IngestError::TooLarge {
+            what: "message",
+            limit: limits.max_message_bytes,
+        });
+    }
+    let mut msg = Map::new();
+    let mut page = Map::new();
+    let mut properties = Map::new();
+    let mut key = None;
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        let value = value.into_owned();
+        let field = match name.as_ref() {
+            "k" => {
+                key = Some(value);
+                continue;
+            }
+            "e" => "name",
+            "a" => "anonymousId",
+            "u" => "userId",
+            "s" => "sessionId",
+            "m" => "messageId",
+            "ts" => {
+                let v = value
+                    .parse::<i64>()
+                    .map(Value::from)
+                    .unwrap_or(Value::String(value));
+                msg.insert("timestamp".into(), v);
+                continue;
+            }
+            "url" | "r" | "t" => {
+                let field = match name.as_ref() {
+                    "url" => "url",
+                    "r" => "referrer",
+                    _ => "title",
+                };
+                page.insert(field.into(), Value::String(value));
+                continue;
+            }
+            other => {
+                properties.insert(other.to_owned(), Value::String(value));
+                continue;
+            }
+        };
+        msg.insert(field.into(), Value::String(value));
+    }
+    if !page.is_empty() {
+        msg.insert("context".into(), json!({ "page": page }));
+    }
+    msg.insert("properties".into(), Value::Object(properties));
+    let mut parsed = Parsed::default();
+    match payload::validate(
+        Value::Object(msg),
+        Some(Kind::Pixel),
+        &Defaults::default(),
+        limits,
+    ) {
+        Ok(m) => parsed.messages.push((0, m)),
+        Err((reason, detail)) => parsed.rejected.push(Rejected {
+            index: 0,
+            message_id: None,
+            reason,
+            detail,
+        }),
+    }
+    Ok((parsed, key))
+}
