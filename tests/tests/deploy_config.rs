@@ -86,12 +86,12 @@ fn listen_port(addr: &str) -> u16 {
         .unwrap_or_else(|| panic!("listen address {addr:?} has no port"))
 }
 
-/// `--help` of a sluice binary (and of a subcommand path), run without any `SLUICE_*`
+/// `--help` of a sluice binary (after `args`: a subcommand path and its flags), run without any `SLUICE_*`
 /// variable of this process so clap prints the names only.
-fn help(binary: &str, subcommands: &[String]) -> String {
+fn help(binary: &str, args: &[String]) -> String {
     let path = bin_path(binary).unwrap_or_else(|err| panic!("{err:#}"));
     let mut cmd = Command::new(&path);
-    cmd.args(subcommands).arg("--help");
+    cmd.args(args).arg("--help");
     for (name, _) in std::env::vars() {
         if name.starts_with("SLUICE_") {
             cmd.env_remove(name);
@@ -105,7 +105,7 @@ fn help(binary: &str, subcommands: &[String]) -> String {
         out.status.success(),
         "`{binary} {} --help` failed ({}): the deploy files run a command the binary does not \
          have.\nstdout: {text}\nstderr: {}",
-        subcommands.join(" "),
+        args.join(" "),
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -118,18 +118,14 @@ fn documents_env(help: &str, name: &str) -> bool {
     help.contains(&format!("[env: {name}]")) || help.contains(&format!("[env: {name}="))
 }
 
-/// The variables among `names` that `command` (binary, then subcommands) does not accept:
-/// neither the binary's top-level help nor the subcommand's help names them.
+/// The variables among `names` that `command` (binary, then its arguments) does not accept:
+/// neither the binary's top-level help nor the help of the full command names them. Asking
+/// for help after the full argument list also makes clap reject an unknown subcommand or flag.
 fn unaccepted(command: &[String], names: &BTreeSet<String>) -> Vec<String> {
-    let (binary, subcommands) = command.split_first().expect("an empty command");
-    let subcommands: Vec<String> = subcommands
-        .iter()
-        .filter(|arg| !arg.starts_with('-'))
-        .cloned()
-        .collect();
+    let (binary, args) = command.split_first().expect("an empty command");
     let mut helps = vec![help(binary, &[])];
-    if !subcommands.is_empty() {
-        helps.push(help(binary, &subcommands));
+    if !args.is_empty() {
+        helps.push(help(binary, args));
     }
     names
         .iter()
@@ -377,9 +373,14 @@ impl Manifests {
     }
 }
 
-/// A workload's pod template: Deployment and Job both keep it at `spec.template.spec`.
+/// A workload's pod spec: Deployments and Jobs keep it at `spec.template.spec`, CronJobs one
+/// level deeper.
 fn pod_spec(workload: &Yaml) -> &Yaml {
-    &workload["spec"]["template"]["spec"]
+    if workload["kind"].as_str() == Some("CronJob") {
+        &workload["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    } else {
+        &workload["spec"]["template"]["spec"]
+    }
 }
 
 fn container_env(m: &Manifests, container: &Yaml) -> BTreeMap<String, Option<String>> {
@@ -616,6 +617,39 @@ fn k8s_ports_probes_selectors_and_grace_periods_fit_together() {
     assert!(
         query.contains("sluice_writer_consumer_lag"),
         "the writer scales on something else than its lag: {query}"
+    );
+
+    // Pruning never drops a month the writer would still fill: the months kept (all but the
+    // current one are whole, of at least 28 days) outlast the writer's retention.
+    let prune = m
+        .of_kind("CronJob")
+        .into_iter()
+        .flat_map(|c| items(&pod_spec(c)["containers"]))
+        .map(|c| {
+            items(&c["command"])
+                .iter()
+                .filter_map(scalar)
+                .collect::<Vec<_>>()
+        })
+        .find(|cmd| cmd.iter().any(|a| a == "prune"))
+        .expect("no CronJob prunes partitions");
+    let keep_months: i64 = prune
+        .iter()
+        .skip_while(|a| *a != "--keep-months")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("prune without --keep-months N");
+    let writer = &items(&pod_spec(deployments["sluice-writer"])["containers"])[0];
+    let retention_days: i64 = container_env(&m, writer)
+        .get("SLUICE_WRITER_RETENTION_DAYS")
+        .cloned()
+        .flatten()
+        .expect("the writer sets no SLUICE_WRITER_RETENTION_DAYS")
+        .parse()
+        .expect("SLUICE_WRITER_RETENTION_DAYS");
+    assert!(
+        (keep_months - 1) * 28 >= retention_days,
+        "prune keeps {keep_months} months, less than the writer's {retention_days} days"
     );
 
     // kustomization.yaml lists every manifest, so `kubectl apply -k` misses none.
