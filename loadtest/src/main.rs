@@ -1,5 +1,219 @@
-//! `sluice-loadtest`.
+//! `sluice-loadtest`: flags and environment in, [`sluice_loadtest::run`] or
+//! [`sluice_loadtest::verify`] out. Exit status: 0 success, 1 `verify` found loss or
+//! duplicates, 2 the command could not do its work.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sluice_loadtest::generate::{parse_batch_size, GeneratorConfig, Mix};
+use sluice_loadtest::keys::Key;
+use sluice_loadtest::run::{new_run_id, Mode, RunConfig};
+use sluice_loadtest::verify::VerifyConfig;
+use sluice_loadtest::Error;
+use sluice_schema::runtime::{init_tracing, shutdown_signal, LogFormat};
+
+/// Load generator and end-to-end verifier for sluice.
+#[derive(Parser)]
+#[command(name = "sluice-loadtest", version)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drive a collector at a rate (open loop) or flat out (closed loop); record every ack.
+    Run(RunArgs),
+    /// Check an ack file against PostgreSQL: nothing lost, nothing twice, how long it took.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Collector base URL.
+    #[arg(
+        long,
+        env = "SLUICE_LOADTEST_COLLECTOR_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    collector_url: String,
+    /// Write key to send with (repeatable; traffic is spread over them zipf-wise, first most).
+    #[arg(long = "key", env = "SLUICE_LOADTEST_KEYS", value_delimiter = ',')]
+    keys: Vec<String>,
+    /// Open loop: requests per second, sent on schedule whatever the answers do.
+    #[arg(
+        long,
+        env = "SLUICE_LOADTEST_RATE",
+        default_value_t = 100.0,
+        conflicts_with = "connections"
+    )]
+    rate: f64,
+    /// Closed loop instead: this many connections, each sending as soon as answered.
+    #[arg(long, env = "SLUICE_LOADTEST_CONNECTIONS")]
+    connections: Option<usize>,
+    /// Open loop: requests in flight at most (waits past it are charged to latency).
+    #[arg(long, env = "SLUICE_LOADTEST_MAX_IN_FLIGHT", default_value_t = 4096)]
+    max_in_flight: usize,
+    /// How long to send, seconds.
+    #[arg(long, env = "SLUICE_LOADTEST_DURATION_S", default_value_t = 10.0)]
+    duration_s: f64,
+    /// Stop after this many requests, if sooner.
+    #[arg(long, env = "SLUICE_LOADTEST_REQUESTS")]
+    requests: Option<u64>,
+    /// Per-request timeout, milliseconds.
+    #[arg(long, env = "SLUICE_LOADTEST_TIMEOUT_MS", default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Seed of the generator: the same seed and settings send the same requests.
+    #[arg(long, env = "SLUICE_LOADTEST_SEED", default_value_t = 1)]
+    seed: u64,
+    /// Messages per request: `20`, or a range `10-30`; `1` sends single calls, not batches.
+    #[arg(long, env = "SLUICE_LOADTEST_BATCH_SIZE", default_value = "20", value_parser = |s: &str| parse_batch_size(s).map_err(|e| e.to_string()))]
+    batch_size: std::ops::RangeInclusive<usize>,
+    /// Weights of the calls.
+    #[arg(long, env = "SLUICE_LOADTEST_MIX", default_value = "page=50,track=35,identify=5,pixel=10", value_parser = |s: &str| s.parse::<Mix>().map_err(|e| e.to_string()))]
+    mix: Mix,
+    /// Zipf exponent of the tenants' traffic shares (0 = even).
+    #[arg(long, env = "SLUICE_LOADTEST_ZIPF", default_value_t = 1.1)]
+    zipf: f64,
+    /// Visitors active at once per tenant.
+    #[arg(long, env = "SLUICE_LOADTEST_VISITORS", default_value_t = 1000)]
+    visitors_per_tenant: usize,
+    /// Prefix of every message id (default: random, so runs never collide).
+    #[arg(long, env = "SLUICE_LOADTEST_RUN_ID")]
+    run_id: Option<String>,
+    /// Where to record acknowledged events for `verify`.
+    #[arg(
+        long,
+        env = "SLUICE_LOADTEST_ACK_FILE",
+        default_value = "sluice-loadtest-acks.txt"
+    )]
+    ack_file: PathBuf,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The ack file `run` wrote.
+    #[arg(
+        long,
+        env = "SLUICE_LOADTEST_ACK_FILE",
+        default_value = "sluice-loadtest-acks.txt"
+    )]
+    ack_file: PathBuf,
+    /// PostgreSQL the writer writes to.
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
+    )]
+    database_url: String,
+    /// Follow the ack file while `run` is still writing it (for true ack -> visible latency).
+    #[arg(long)]
+    follow: bool,
+    /// Pause between visibility polls, milliseconds: the latency measurement's resolution.
+    #[arg(long, env = "SLUICE_LOADTEST_POLL_INTERVAL_MS", default_value_t = 100)]
+    poll_interval_ms: u64,
+    /// How long to wait for missing rows after the last ack, seconds.
+    #[arg(long, env = "SLUICE_LOADTEST_VERIFY_TIMEOUT_S", default_value_t = 60)]
+    timeout_s: u64,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Verify(args) => verify(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let keys = args
+        .keys
+        .iter()
+        .map(|k| Key::given(k))
+        .collect::<Result<Vec<_>, Error>>()?;
+    if !(args.duration_s.is_finite() && args.duration_s > 0.0) {
+        anyhow::bail!("--duration-s must be a positive number of seconds");
+    }
+    let mode = match args.connections {
+        Some(connections) => Mode::Closed {
+            connections: connections.max(1),
+        },
+        None => Mode::Open {
+            rate_rps: args.rate,
+            max_in_flight: args.max_in_flight,
+        },
+    };
+    let config = RunConfig {
+        collector_url: args.collector_url,
+        mode,
+        duration: Duration::from_secs_f64(args.duration_s),
+        max_requests: args.requests,
+        timeout: Duration::from_millis(args.timeout_ms),
+        generator: GeneratorConfig {
+            seed: args.seed,
+            keys: keys.len(),
+            zipf_exponent: args.zipf,
+            visitors_per_tenant: args.visitors_per_tenant,
+            batch_size: args.batch_size,
+            mix: args.mix,
+        },
+        run_id: args.run_id.unwrap_or_else(new_run_id),
+        ack_file: Some(args.ack_file),
+        progress: !args.quiet,
+    };
+    let report = sluice_loadtest::run::run(config, keys, shutdown_signal()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let config = VerifyConfig {
+        ack_file: args.ack_file,
+        database_url: args.database_url,
+        follow: args.follow,
+        poll_interval: Duration::from_millis(args.poll_interval_ms.max(1)),
+        timeout: Duration::from_secs(args.timeout_s),
+        progress: !args.quiet,
+    };
+    let report = sluice_loadtest::verify::verify(&config).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -1,0 +1,413 @@
+//! The `verify` command: compare what the collector acknowledged (the ack file) with what
+//! PostgreSQL holds, and measure how long each acknowledged event took to become a row.
+//!
+//! Two phases:
+//! 1. **Visibility** (while the run goes on, with `--follow`, or after it): every
+//!    `poll_interval` the acknowledged events not yet seen are looked up by primary key in
+//!    `event_dedup`, which the writer fills in the same transaction as `event` (so a row there
+//!    means the event row is committed and visible). An event's end-to-end latency is the end
+//!    of the first query that saw it minus its ack time: an upper bound, at most one poll
+//!    interval plus one poll's queries above the truth. Both clocks are this machine's (run `run` and
+//!    `verify` on one host, or on hosts with synchronised clocks).
+//! 2. **Audit** (once every ack is seen, or `timeout` after the last ack was read): the run's
+//!    rows are read from `event` itself, per tenant over the run's time range, found by their
+//!    message-id prefix, and counted per `event_id`: an acknowledged event with no row is
+//!    lost, an `event_id` with two rows is a duplicate. Rows of the run that were never
+//!    acknowledged (a request that timed out on the client but reached Kafka) are reported,
+//!    and are not a failure: at-least-once delivery of an unacknowledged request is allowed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Utc};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use sluice_schema::messages::event_id;
+use uuid::Uuid;
+
+use crate::acks::AckReader;
+use crate::keys;
+use crate::report::{new_histogram, record_us, Latency};
+use crate::Error;
+
+/// Settings of `verify`.
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    /// The ack file `run` wrote.
+    pub ack_file: PathBuf,
+    /// PostgreSQL the writer writes to.
+    pub database_url: String,
+    /// Keep reading the ack file until `run` marks it finished.
+    pub follow: bool,
+    /// Pause between visibility polls.
+    pub poll_interval: Duration,
+    /// How long to wait for missing rows after the last ack was read.
+    pub timeout: Duration,
+    /// Print a line per second while waiting.
+    pub progress: bool,
+}
+
+/// Events looked up per query (bounded statement size).
+const LOOKUP_CHUNK: usize = 5000;
+/// How far before the first and after the last ack an event's `occurred_at` may lie. The
+/// generator stamps events with their send time and the collector corrects for clock skew,
+/// so rows land within seconds of their ack; the margin only bounds the audit's range scan.
+const AUDIT_MARGIN: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// Counts of one tenant.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TenantCounts {
+    /// Tenant id.
+    pub tenant_id: i64,
+    /// Events acknowledged.
+    pub acked: u64,
+    /// Rows of the run found in `event` (duplicates counted each).
+    pub rows: u64,
+    /// Acknowledged events without a row.
+    pub missing: u64,
+    /// Rows beyond the first per `event_id`.
+    pub duplicates: u64,
+    /// Distinct events of the run stored but never acknowledged.
+    pub unacknowledged: u64,
+}
+
+/// The outcome of `verify`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// The run checked.
+    pub run_id: String,
+    /// Events acknowledged.
+    pub acked: u64,
+    /// Rows of the run found in `event`.
+    pub rows: u64,
+    /// Acknowledged events with no row: loss.
+    pub missing: u64,
+    /// Extra rows of an `event_id`: duplicates.
+    pub duplicates: u64,
+    /// Stored events never acknowledged (allowed).
+    pub unacknowledged: u64,
+    /// Per tenant.
+    pub tenants: Vec<TenantCounts>,
+    /// Ack -> visible row, over the events the polls saw (upper bounds, see the module docs).
+    pub end_to_end: Latency,
+    /// The measurement's resolution: the poll interval, milliseconds.
+    pub resolution_ms: f64,
+    /// Events that became visible only after the polls stopped (no latency for them).
+    pub seen_only_in_audit: u64,
+    /// Some missing message ids, for a look in the logs.
+    pub missing_examples: Vec<String>,
+    /// True when nothing acknowledged is lost or duplicated (and something was acknowledged).
+    pub passed: bool,
+}
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "verify run {}: {}",
+            self.run_id,
+            if self.passed { "PASSED" } else { "FAILED" }
+        )?;
+        writeln!(
+            f,
+            "  acknowledged {}  rows {}  missing {}  duplicates {}  stored but unacknowledged {}",
+            self.acked, self.rows, self.missing, self.duplicates, self.unacknowledged
+        )?;
+        writeln!(f, "  ack -> visible  {}", self.end_to_end)?;
+        writeln!(
+            f,
+            "                  (upper bounds: resolution {:.0} ms poll interval plus one query; {} events seen only by the final audit)",
+            self.resolution_ms, self.seen_only_in_audit
+        )?;
+        writeln!(
+            f,
+            "  tenant          acked       rows    missing duplicates  unacked"
+        )?;
+        for t in &self.tenants {
+            writeln!(
+                f,
+                "  {:<10} {:>10} {:>10} {:>10} {:>10} {:>8}",
+                t.tenant_id, t.acked, t.rows, t.missing, t.duplicates, t.unacknowledged
+            )?;
+        }
+        if self.acked == 0 {
+            writeln!(
+                f,
+                "  the ack file holds no acknowledged events: did the run reach the collector?"
+            )?;
+        }
+        if !self.missing_examples.is_empty() {
+            writeln!(f, "  missing, e.g.: {}", self.missing_examples.join(" "))?;
+        }
+        Ok(())
+    }
+}
+
+/// One acknowledged event under watch.
+struct Watched {
+    tenant_id: i64,
+    message_id: String,
+    ack_unix_us: i64,
+    /// Set once a poll saw it.
+    seen: bool,
+}
+
+/// Runs `verify`.
+pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
+    let client = keys::connect(&config.database_url).await?;
+    let mut reader = AckReader::open(&config.ack_file)?;
+    let mut tenant_of_key: HashMap<usize, i64> = HashMap::new();
+    let mut watched: HashMap<Uuid, Watched> = HashMap::new();
+    // Not yet seen, per tenant.
+    let mut pending: BTreeMap<i64, Vec<Uuid>> = BTreeMap::new();
+    let mut latency = new_histogram();
+    let mut last_ack_read = std::time::Instant::now();
+    let mut use_dedup = true;
+    let mut last_progress = std::time::Instant::now();
+
+    loop {
+        let chunk = reader.read_available()?;
+        let unknown: Vec<_> = chunk
+            .keys
+            .iter()
+            .filter(|k| k.tenant_id.is_none())
+            .map(|k| k.prefix.clone())
+            .collect();
+        let resolved = if unknown.is_empty() {
+            HashMap::new()
+        } else {
+            keys::tenants_of(&client, &unknown).await?
+        };
+        for k in &chunk.keys {
+            let tenant = k
+                .tenant_id
+                .or_else(|| resolved.get(&k.prefix).copied())
+                .ok_or_else(|| Error::UnknownKey {
+                    prefix: k.prefix.clone(),
+                })?;
+            tenant_of_key.insert(k.index, tenant);
+        }
+        if !chunk.acks.is_empty() {
+            last_ack_read = std::time::Instant::now();
+        }
+        for ack in chunk.acks {
+            let tenant_id = *tenant_of_key
+                .get(&ack.key_index)
+                .ok_or_else(|| Error::AckFormat {
+                    path: config.ack_file.clone(),
+                    line: 0,
+                    reason: format!(
+                        "an ack names key {} that no #key line declares",
+                        ack.key_index
+                    ),
+                })?;
+            let id = event_id(tenant_id, &ack.message_id);
+            pending.entry(tenant_id).or_default().push(id);
+            watched.insert(
+                id,
+                Watched {
+                    tenant_id,
+                    message_id: ack.message_id,
+                    ack_unix_us: ack.ack_unix_us,
+                    seen: false,
+                },
+            );
+        }
+
+        for (tenant_id, ids) in pending.iter_mut() {
+            let mut visible = Vec::new();
+            for part in ids.chunks(LOOKUP_CHUNK) {
+                let found = if use_dedup {
+                    match lookup_dedup(&client, *tenant_id, part).await {
+                        Ok(found) => found,
+                        Err(err) if is_undefined_table(&err) => {
+                            tracing::warn!("no event_dedup table: polling event by time range instead (slower)");
+                            use_dedup = false;
+                            lookup_event(&client, *tenant_id, part, &watched).await?
+                        }
+                        Err(err) => return Err(Error::db("polling event_dedup")(err)),
+                    }
+                } else {
+                    lookup_event(&client, *tenant_id, part, &watched).await?
+                };
+                // The query's snapshot was taken before it returned: what it saw was visible
+                // by now, so `now - ack` bounds the latency from above.
+                let answered = unix_us();
+                visible.extend(found.into_iter().map(|id| (id, answered)));
+            }
+            for (id, answered) in &visible {
+                if let Some(w) = watched.get_mut(id) {
+                    if !w.seen {
+                        w.seen = true;
+                        record_us(
+                            &mut latency,
+                            u64::try_from(answered - w.ack_unix_us).unwrap_or(0),
+                        );
+                    }
+                }
+            }
+            ids.retain(|id| watched.get(id).is_some_and(|w| !w.seen));
+        }
+        pending.retain(|_, ids| !ids.is_empty());
+
+        let acks_complete = reader.ended() || !config.follow;
+        if acks_complete && pending.is_empty() {
+            break;
+        }
+        if acks_complete && last_ack_read.elapsed() >= config.timeout {
+            break;
+        }
+        if config.follow
+            && !reader.ended()
+            && last_ack_read.elapsed() >= config.timeout.max(Duration::from_secs(600))
+        {
+            tracing::warn!(
+                "the ack file has not grown for 10 minutes and has no #end: auditing what it holds"
+            );
+            break;
+        }
+        if config.progress && last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = std::time::Instant::now();
+            let waiting: usize = pending.values().map(Vec::len).sum();
+            eprintln!(
+                "[verify] acknowledged {}  visible {}  waiting {}  p99 so far {:.1} ms",
+                watched.len(),
+                watched.len() - waiting,
+                waiting,
+                Latency::of(&latency).p99_ms
+            );
+        }
+        tokio::time::sleep(config.poll_interval).await;
+    }
+
+    let run_id = reader.run_id().unwrap_or_default().to_owned();
+    audit(&client, &run_id, &watched, latency, config.poll_interval).await
+}
+
+/// Phase 2: counts the run's rows in `event` per `event_id`.
+async fn audit(
+    client: &tokio_postgres::Client,
+    run_id: &str,
+    watched: &HashMap<Uuid, Watched>,
+    latency: Histogram<u64>,
+    poll_interval: Duration,
+) -> Result<VerifyReport, Error> {
+    let mut tenants: BTreeMap<i64, TenantCounts> = BTreeMap::new();
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    for w in watched.values() {
+        let t = tenants.entry(w.tenant_id).or_insert_with(|| TenantCounts {
+            tenant_id: w.tenant_id,
+            ..TenantCounts::default()
+        });
+        t.acked += 1;
+        lo = lo.min(w.ack_unix_us);
+        hi = hi.max(w.ack_unix_us);
+    }
+    let from = DateTime::<Utc>::from_timestamp_micros(lo).unwrap_or_default() - AUDIT_MARGIN;
+    let to = DateTime::<Utc>::from_timestamp_micros(hi).unwrap_or_default() + AUDIT_MARGIN;
+    let prefix = format!("{run_id}-");
+    let mut found: HashMap<Uuid, i64> = HashMap::new();
+    for (tenant_id, counts) in tenants.iter_mut() {
+        let rows = client
+            .query(
+                "SELECT event_id, count(*) FROM event \
+                 WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3 \
+                   AND left(message_id, $4) = $5 \
+                 GROUP BY event_id",
+                &[tenant_id, &from, &to, &(prefix.len() as i32), &prefix],
+            )
+            .await
+            .map_err(Error::db("reading the run's rows from event"))?;
+        for row in rows {
+            let (id, n): (Uuid, i64) = (row.get(0), row.get(1));
+            counts.rows += n as u64;
+            counts.duplicates += (n - 1) as u64;
+            if !watched.contains_key(&id) {
+                counts.unacknowledged += 1;
+            }
+            found.insert(id, n);
+        }
+    }
+    let mut missing_examples = Vec::new();
+    let mut seen_only_in_audit = 0;
+    for (id, w) in watched {
+        if !found.contains_key(id) {
+            if let Some(t) = tenants.get_mut(&w.tenant_id) {
+                t.missing += 1;
+            }
+            if missing_examples.len() < 10 {
+                missing_examples.push(w.message_id.clone());
+            }
+        } else if !w.seen {
+            seen_only_in_audit += 1;
+        }
+    }
+    missing_examples.sort();
+    let tenants: Vec<TenantCounts> = tenants.into_values().collect();
+    let sum = |f: fn(&TenantCounts) -> u64| tenants.iter().map(f).sum::<u64>();
+    let (acked, missing, duplicates) =
+        (sum(|t| t.acked), sum(|t| t.missing), sum(|t| t.duplicates));
+    Ok(VerifyReport {
+        run_id: run_id.to_owned(),
+        acked,
+        rows: sum(|t| t.rows),
+        missing,
+        duplicates,
+        unacknowledged: sum(|t| t.unacknowledged),
+        end_to_end: Latency::of(&latency),
+        resolution_ms: poll_interval.as_secs_f64() * 1000.0,
+        seen_only_in_audit,
+        missing_examples,
+        passed: acked > 0 && missing == 0 && duplicates == 0,
+        tenants,
+    })
+}
+
+async fn lookup_dedup(
+    client: &tokio_postgres::Client,
+    tenant_id: i64,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT event_id FROM event_dedup WHERE tenant_id = $1 AND event_id = ANY($2)",
+            &[&tenant_id, &ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Fallback without `event_dedup`: the same look-up on `event`, bounded by the acks' times.
+async fn lookup_event(
+    client: &tokio_postgres::Client,
+    tenant_id: i64,
+    ids: &[Uuid],
+    watched: &HashMap<Uuid, Watched>,
+) -> Result<Vec<Uuid>, Error> {
+    let times = ids
+        .iter()
+        .filter_map(|id| watched.get(id))
+        .map(|w| w.ack_unix_us);
+    let (lo, hi) = times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
+    let from = DateTime::<Utc>::from_timestamp_micros(lo).unwrap_or_default() - AUDIT_MARGIN;
+    let to = DateTime::<Utc>::from_timestamp_micros(hi).unwrap_or_default() + AUDIT_MARGIN;
+    let rows = client
+        .query(
+            "SELECT DISTINCT event_id FROM event WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3 AND event_id = ANY($4)",
+            &[&tenant_id, &from, &to, &ids],
+        )
+        .await
+        .map_err(Error::db("polling event"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+fn is_undefined_table(err: &tokio_postgres::Error) -> bool {
+    err.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+}
+
+fn unix_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
