@@ -26,6 +26,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio_postgres::NoTls;
 
 pub mod private;
+pub mod writer;
 
 /// Where the shared broker and database of this test run are.
 #[derive(Debug, Clone)]

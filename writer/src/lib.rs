@@ -1,1 +1,307 @@
-//! sluice writer.
+//! sluice's writer: Kafka -> PostgreSQL, with binary COPY, an exactly-once effect, month
+//! partitions on demand and a dead-letter queue (DESIGN §5).
+//!
+//! The only entry is [`run`]: it consumes the four data topics in one consumer group and
+//! stores each batch, together with the Kafka offsets it covers, in one PostgreSQL
+//! transaction, until its shutdown future resolves.
+//!
+//! # Layout
+//! - [`config`]: settings (flags and `SLUICE_*` variables).
+//! - `consume`: the Kafka consumer thread; rebalances positioned from `writer_offset`; pause
+//!   and resume.
+//! - `batch`: the store pipeline: batching, the transaction, retries, splitting bad batches.
+//! - `decode`: Kafka values -> typed, validated messages.
+//! - `copy`: binary COPY encoding; event rows and their dedup claims.
+//! - `merge`: visitor and session upserts from a staged COPY.
+//! - `identity`: identify/alias -> lead (PII sealed) and identity_link.
+//! - `offsets`: `writer_offset` reads and conditional moves; owned partitions.
+//! - `partitions`: month partitions ahead, on a timer and on demand.
+//! - `dlq`: the dead-letter producer.
+//! - [`metrics`]: metric names.
+//! - `health`: `/metrics`, `/healthz`, `/readyz`.
+//! - [`error`]: the error type, [`WriterError`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+use sluice_schema::partitions::PartitionConfig;
+use sluice_schema::pii::PiiKeys;
+use sluice_schema::topics::Topics;
+use tokio::sync::mpsc;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+mod batch;
+pub mod config;
+mod consume;
+mod copy;
+mod decode;
+mod dlq;
+pub mod error;
+mod health;
+mod identity;
+mod merge;
+pub mod metrics;
+mod offsets;
+mod partitions;
+
+pub use config::Config;
+pub use error::WriterError;
+
+/// Runs a writer until `shutdown` resolves: finishes (or, when PostgreSQL is failing,
+/// abandons) the open batch, leaves the consumer group and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), WriterError> {
+    check(&config)?;
+    let topics = Topics::with_prefix(&config.topic_prefix);
+    let keys = match config.pii_keys.trim() {
+        "" => None,
+        keys => Some(
+            PiiKeys::from_env_strings(keys, &config.pii_active_key).map_err(|e| {
+                WriterError::Config(format!("SLUICE_PII_KEYS / SLUICE_PII_ACTIVE_KEY: {e}"))
+            })?,
+        ),
+    };
+    let pool = pool(&config.database_url)?;
+
+    // Start-up checks: the database is reachable and migrated, months exist ahead.
+    let months = Arc::new(partitions::Months::new(PartitionConfig {
+        hash_modulus: config.partition_hash_modulus,
+        months_ahead: config.partition_months_ahead,
+    }));
+    {
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| WriterError::Pool(e.to_string()))?;
+        client
+            .simple_query("SELECT 1 FROM writer_offset LIMIT 0")
+            .await
+            .map_err(WriterError::pg("checking that migrations are applied"))?;
+        months
+            .ensure_ahead(&client, chrono::Utc::now())
+            .await
+            .map_err(WriterError::schema("creating month partitions ahead"))?;
+    }
+    create_topics(&config, &topics).await?;
+
+    let stop = CancellationToken::new();
+    let consumer_stop = CancellationToken::new();
+    let dlq = dlq::Dlq::new(&config.kafka_brokers, topics.dlq.clone())?;
+    health::serve(
+        config.metrics_listen,
+        pool.clone(),
+        dlq.producer(),
+        topics.dlq.clone(),
+        consumer_stop.clone(),
+    )
+    .await?;
+
+    let assignments = Arc::new(offsets::Assignments::default());
+    let topic_map = consume::TopicMap::new(&topics);
+    let consumer = consume::create(
+        &config.kafka_brokers,
+        &config.group,
+        &topic_map,
+        assignments.clone(),
+        pool.clone(),
+        consumer_stop.clone(),
+    )?;
+    // The channel is the writer's main memory bound besides the batch itself.
+    let (tx, rx) = mpsc::channel(config.batch_max_rows.max(1000));
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
+    let thread_stop = consumer_stop.clone();
+    let consumer_thread = std::thread::Builder::new()
+        .name("sluice-consumer".into())
+        .spawn(move || consume::poll_loop(consumer, topic_map, tx, cmd_rx, thread_stop))
+        .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
+
+    tokio::spawn(maintenance(
+        pool.clone(),
+        months.clone(),
+        config.dedup_window_days,
+        consumer_stop.clone(),
+    ));
+
+    let store = batch::Store {
+        pool,
+        group: config.group.clone(),
+        dlq,
+        months,
+        keys,
+        assignments,
+        commands: cmd_tx,
+        limits: batch::BatchLimits {
+            max_rows: config.batch_max_rows,
+            max_bytes: config.batch_max_bytes,
+            flush_interval: Duration::from_millis(config.flush_interval_ms),
+            retry_max: Duration::from_millis(config.retry_max_ms),
+            retention_days: config.retention_days,
+            months_ahead: config.partition_months_ahead,
+        },
+    };
+    tracing::info!(group = %config.group, prefix = %config.topic_prefix, "writer started");
+    let pipeline = batch::run(store, rx, stop.clone());
+    tokio::pin!(pipeline);
+    tokio::pin!(shutdown);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            () = &mut pipeline => break,
+            () = &mut shutdown, if !shutting_down => {
+                tracing::info!("shutdown requested: storing the open batch, then leaving the group");
+                shutting_down = true;
+                stop.cancel();
+            }
+        }
+    }
+    // Only now may the consumer leave: its revocation would make the last batch's partitions
+    // unowned and that batch unstorable.
+    consumer_stop.cancel();
+    let joined = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
+    if !shutting_down {
+        return Err(WriterError::ConsumerThread(
+            "its channel closed without a shutdown; see the log above".into(),
+        ));
+    }
+    match joined {
+        Ok(Ok(())) => {
+            tracing::info!("writer stopped");
+            Ok(())
+        }
+        _ => Err(WriterError::ConsumerThread(
+            "it panicked while leaving the group".into(),
+        )),
+    }
+}
+
+fn check(config: &Config) -> Result<(), WriterError> {
+    let bad = |what: &str| Err(WriterError::Config(what.to_owned()));
+    if config.batch_max_rows == 0 {
+        return bad("batch_max_rows must be at least 1 (SLUICE_WRITER_BATCH_MAX_ROWS)");
+    }
+    if config.flush_interval_ms == 0 {
+        return bad("flush_interval_ms must be at least 1 (SLUICE_WRITER_FLUSH_INTERVAL_MS)");
+    }
+    if config.partition_hash_modulus == 0 || config.partition_hash_modulus > 1024 {
+        return bad(
+            "partition hash modulus must be between 1 and 1024 (SLUICE_PARTITION_HASH_MODULUS)",
+        );
+    }
+    if config.topic_partitions < 1 || config.topic_replication < 1 {
+        return bad("topic partitions and replication must be at least 1");
+    }
+    Ok(())
+}
+
+/// A small pool: one connection for batches, the rest for rebalances, DDL and health.
+fn pool(url: &str) -> Result<Pool, WriterError> {
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
+        WriterError::Config(format!(
+            "SLUICE_DATABASE_URL {url:?} is not a PostgreSQL URL: {e}"
+        ))
+    })?;
+    pg.connect_timeout(Duration::from_secs(5));
+    pg.application_name("sluice-writer");
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(4)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|e| WriterError::Pool(e.to_string()))
+}
+
+/// Creates the topics when missing (DESIGN §3); existing ones are left as they are.
+async fn create_topics(config: &Config, topics: &Topics) -> Result<(), WriterError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .create()
+        .map_err(WriterError::kafka("creating the admin client"))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .all()
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.topic_partitions,
+                TopicReplication::Fixed(config.topic_replication),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(WriterError::kafka("creating topics"))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(WriterError::Config(format!(
+                    "cannot create topic {topic}: {code}; create it by hand or fix SLUICE_TOPIC_PARTITIONS/REPLICATION"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Off the hot path: months ahead every hour, expired dedup claims every ten minutes.
+async fn maintenance(
+    pool: Pool,
+    months: Arc<partitions::Months>,
+    dedup_days: u32,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    tick.tick().await;
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        ticks += 1;
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
+        if ticks % 6 == 0 {
+            if let Err(err) = months.ensure_ahead(&client, chrono::Utc::now()).await {
+                tracing::warn!(cause = %err, "cannot create month partitions ahead; retrying later");
+            }
+        }
+        // Small deletes: each is a short transaction that never holds many row locks.
+        let days = i32::try_from(dedup_days).unwrap_or(i32::MAX);
+        loop {
+            let deleted = client
+                .execute(
+                    "DELETE FROM event_dedup WHERE ctid = ANY (ARRAY(SELECT ctid FROM event_dedup \
+                     WHERE received_at < now() - make_interval(days => $1) LIMIT 10000))",
+                    &[&days],
+                )
+                .await;
+            match deleted {
+                Ok(n) if n >= 10_000 => continue,
+                Ok(_) => break,
+                Err(err) => {
+                    tracing::warn!(cause = %crate::error::render_pg(&err), "cannot prune event_dedup; retrying later");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Harness of the writer's tests: a migrated database and topics of the test's own, message
+//! builders, a producer, and waiting for rows.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_schema::messages::{
+    self, EventMessage, EventType, JsonObject, SessionMessage, Touch, VisitorMessage,
+};
+use sluice_schema::topics::{message_key, Topics};
+
+use crate::{create_topics, kafka_config, unique_name, TestDb};
+
+/// A database and topics for one writer test.
+pub struct WriterEnv {
+    /// Migrated database.
+    pub db: TestDb,
+    /// Topic prefix (unique).
+    pub prefix: String,
+    /// Topic names behind the prefix.
+    pub topics: Topics,
+    /// Consumer group (unique).
+    pub group: String,
+    /// Producer for the data topics.
+    pub producer: FutureProducer,
+}
+
+impl WriterEnv {
+    /// Creates the database and the five topics with `partitions` partitions each.
+    pub async fn new(partitions: i32) -> Result<WriterEnv> {
+        let db = TestDb::migrated().await?;
+        let prefix = format!("{}.", unique_name("w"));
+        let topics = Topics::with_prefix(&prefix);
+        create_topics(&topics.all(), partitions).await?;
+        let producer: FutureProducer = kafka_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .context("creating producer")?;
+        Ok(WriterEnv {
+            db,
+            group: unique_name("g"),
+            prefix,
+            topics,
+            producer,
+        })
+    }
+
+    /// Produces one raw value to `topic` under `key` and waits for the acknowledgement.
+    pub async fn produce_raw(&self, topic: &str, key: &str, payload: &[u8]) -> Result<()> {
+        self.producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(err, _)| anyhow::anyhow!("producing to {topic}: {err}"))?;
+        Ok(())
+    }
+
+    /// Produces events concurrently (bounded by librdkafka's queue) and waits for every ack.
+    pub async fn produce_events(&self, events: &[EventMessage]) -> Result<()> {
+        let topic = &self.topics.event;
+        for chunk in events.chunks(2000) {
+            let mut sends = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let key = message_key(e.tenant_id, e.anonymous_id.as_deref(), e.user_id.as_deref());
+                let payload = serde_json::to_vec(e)?;
+                let producer = self.producer.clone();
+                let topic = topic.clone();
+                sends.push(async move {
+                    producer
+                        .send(
+                            FutureRecord::to(&topic).key(&key).payload(&payload),
+                            Duration::from_secs(60),
+                        )
+                        .await
+                        .map_err(|(err, _)| anyhow::anyhow!("producing: {err}"))
+                });
+            }
+            for r in futures::future::join_all(sends).await {
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Produces one message as JSON to `topic`.
+    pub async fn produce_json<T: serde::Serialize>(
+        &self,
+        topic: &str,
+        key: &str,
+        msg: &T,
+    ) -> Result<()> {
+        self.produce_raw(topic, key, &serde_json::to_vec(msg)?)
+            .await
+    }
+}
+
+/// An event of `tenant` by `anonymous_id` with `message_id`, at `occurred_at`.
+pub fn event(
+    tenant: i64,
+    anonymous_id: &str,
+    message_id: &str,
+    occurred_at: DateTime<Utc>,
+) -> EventMessage {
+    let mut properties = JsonObject::new();
+    properties.insert("plan".into(), "pro".into());
+    properties.insert("n".into(), 42.into());
+    EventMessage {
+        v: messages::VERSION,
+        tenant_id: tenant,
+        workspace_id: tenant * 10,
+        event_id: messages::event_id(tenant, message_id),
+        message_id: message_id.to_owned(),
+        kind: EventType::Track,
+        name: Some("Signed Up".into()),
+        anonymous_id: Some(anonymous_id.to_owned()),
+        user_id: None,
+        session_id: Some(format!("s-{anonymous_id}")),
+        occurred_at,
+        timestamp: Some(occurred_at),
+        sent_at: Some(occurred_at),
+        received_at: Utc::now(),
+        properties,
+        context: JsonObject::new(),
+        ip: Some("203.0.113.7".into()),
+        user_agent: Some("Mozilla/5.0 (test)".into()),
+        bot: false,
+    }
+}
+
+/// A visitor message.
+pub fn visitor(
+    tenant: i64,
+    anonymous_id: &str,
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    count: i64,
+    source: &str,
+) -> VisitorMessage {
+    let mut utm = JsonObject::new();
+    utm.insert("source".into(), source.into());
+    VisitorMessage {
+        v: messages::VERSION,
+        tenant_id: tenant,
+        workspace_id: tenant * 10,
+        anonymous_id: anonymous_id.to_owned(),
+        user_id: None,
+        first_seen_at: first,
+        last_seen_at: last,
+        event_count: count,
+        first_touch: Touch {
+            utm,
+            referrer: Some(format!("https://{source}.example/")),
+            landing_page: Some("https://shop.example/".into()),
+        },
+        user_agent: Some("Mozilla/5.0 (test)".into()),
+        bot: false,
+    }
+}
+
+/// A session message.
+pub fn session(
+    tenant: i64,
+    session_id: &str,
+    started: DateTime<Utc>,
+    last: DateTime<Utc>,
+    events: i64,
+    pages: i64,
+    source: &str,
+) -> SessionMessage {
+    let mut utm = JsonObject::new();
+    utm.insert("source".into(), source.into());
+    SessionMessage {
+        v: messages::VERSION,
+        tenant_id: tenant,
+        workspace_id: tenant * 10,
+        session_id: session_id.to_owned(),
+        anonymous_id: Some("a-1".into()),
+        user_id: None,
+        started_at: started,
+        last_seen_at: last,
+        event_count: events,
+        page_count: pages,
+        first_touch: Touch {
+            utm,
+            referrer: None,
+            landing_page: Some(format!("https://{source}.example/")),
+        },
+        device: JsonObject::new(),
+        geo: JsonObject::new(),
+    }
+}
+
+/// Polls `sql` (one bigint column, one row) until it returns `want`; fails after `timeout`
+/// with the last value seen.
+pub async fn wait_for_count(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    want: i64,
+    timeout: Duration,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut last: Option<i64> = None;
+    while started.elapsed() < timeout {
+        if let Ok(row) = client.query_one(sql, &[]).await {
+            let n: i64 = row.get(0);
+            if n == want {
+                return Ok(());
+            }
+            last = Some(n);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("`{sql}` was {last:?} after {timeout:?}, expected {want}")
+}
+
+/// A writer running in this process, stopped by [`RunningWriter::stop`].
+pub struct RunningWriter {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), sluice_writer::WriterError>>,
+}
+
+impl RunningWriter {
+    /// Starts `sluice_writer::run` with `config` on the current runtime.
+    pub fn start(config: sluice_writer::Config) -> RunningWriter {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(sluice_writer::run(config, async move {
+            let _ = rx.await;
+        }));
+        RunningWriter {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Asks it to drain and waits for it; fails if it failed.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match tokio::time::timeout(Duration::from_secs(60), &mut self.task).await {
+            Ok(joined) => joined
+                .context("writer task panicked")?
+                .context("writer failed"),
+            Err(_) => bail!("writer did not stop within 60 s"),
+        }
+    }
+
+    /// True when the writer returned (by itself: an error).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl WriterEnv {
+    /// A writer configuration for this environment (metrics on a free port).
+    pub fn config(&self) -> sluice_writer::Config {
+        sluice_writer::Config::for_tests(
+            &crate::Stack::get().kafka_brokers,
+            &self.db.url,
+            &self.prefix,
+            &self.group,
+        )
+    }
+}

@@ -1,0 +1,449 @@
+//! The Kafka side: one consumer on a thread of its own, feeding the store pipeline through a
+//! bounded channel.
+//!
+//! - Rebalances are handled here, not by librdkafka's default: on assignment, each partition's
+//!   start is read from `writer_offset` and handed to `incremental_assign` (cooperative-sticky),
+//!   so a partition is positioned once, from the database, before any fetch. On revocation it
+//!   is forgotten; records of it still in flight are dropped by the pipeline.
+//! - When the channel is full (the store is slower than Kafka, or PostgreSQL is down), the
+//!   consumer pauses its partitions but keeps polling, so it stays in the group; it resumes
+//!   when the pipeline catches up.
+//! - The pipeline asks it, through a command channel, to commit offsets to Kafka (after the
+//!   database commit, for lag tools) and to reposition a partition whose stored offset moved.
+
+use std::collections::VecDeque;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::decode::TopicKind;
+use crate::error::WriterError;
+use crate::offsets::{self, Assignments, PartState, Tp};
+
+/// One message as received, owned, stamped with its partition's epoch at receipt.
+#[derive(Debug)]
+pub(crate) struct Record {
+    /// Source topic name.
+    pub topic: Arc<str>,
+    /// Which data topic.
+    pub kind: TopicKind,
+    /// Source partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+    /// The partition's epoch when the record was polled (see [`PartState::epoch`]).
+    pub epoch: u64,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Message value.
+    pub payload: Option<Vec<u8>>,
+}
+
+impl Record {
+    /// Bytes this record holds, for the batch's memory bound.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + 64
+    }
+}
+
+/// Requests from the pipeline to the consumer thread.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Commit these next offsets to Kafka (asynchronously; the database has them already).
+    Commit(Vec<(Tp, i64)>),
+    /// Re-read this partition's stored offset, seek there and give it a fresh epoch.
+    Reposition(Tp),
+}
+
+/// Names of the data topics and their kinds.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicMap {
+    entries: Vec<(Arc<str>, TopicKind)>,
+}
+
+impl TopicMap {
+    pub fn new(topics: &sluice_schema::topics::Topics) -> TopicMap {
+        TopicMap {
+            entries: vec![
+                (Arc::from(topics.visitor.as_str()), TopicKind::Visitor),
+                (Arc::from(topics.session.as_str()), TopicKind::Session),
+                (Arc::from(topics.event.as_str()), TopicKind::Event),
+                (Arc::from(topics.identity.as_str()), TopicKind::Identity),
+            ],
+        }
+    }
+
+    fn lookup(&self, topic: &str) -> Option<(Arc<str>, TopicKind)> {
+        self.entries
+            .iter()
+            .find(|(name, _)| &**name == topic)
+            .map(|(n, k)| (n.clone(), *k))
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.entries.iter().map(|(n, _)| &**n).collect()
+    }
+}
+
+/// The consumer's context: where rebalances are decided.
+pub(crate) struct WriterContext {
+    /// Partitions owned and their positions, shared with the pipeline.
+    assignments: Arc<Assignments>,
+    /// Connections for reading `writer_offset` on assignment.
+    pool: Pool,
+    /// The runtime the pool's connections run on; this thread blocks on it.
+    rt: Handle,
+    /// Consumer group (the `writer_offset.consumer_group` value).
+    group: String,
+    /// Set on shutdown: stop retrying the offset read.
+    stop: CancellationToken,
+}
+
+impl ClientContext for WriterContext {}
+
+impl ConsumerContext for WriterContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                metrics::counter!(crate::metrics::REBALANCES_TOTAL, "kind" => "assign")
+                    .increment(1);
+                let parts: Vec<Tp> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                let stored = self.load_offsets(&parts);
+                for tp in &parts {
+                    let next = stored.get(tp).copied();
+                    let offset = next.map_or(Offset::Beginning, Offset::Offset);
+                    if let Err(err) = tpl.set_partition_offset(&tp.0, tp.1, offset) {
+                        tracing::error!(topic = %tp.0, partition = tp.1, cause = %err, "cannot set start offset");
+                    }
+                    self.assignments.set(
+                        tp.clone(),
+                        PartState {
+                            epoch: self.assignments.next_epoch(),
+                            stored_next: next,
+                        },
+                    );
+                }
+                tracing::info!(
+                    partitions = parts.len(),
+                    "partitions assigned, positioned from writer_offset"
+                );
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(err) = result {
+                    tracing::error!(cause = %err, "assigning partitions failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                metrics::counter!(crate::metrics::REBALANCES_TOTAL, "kind" => "revoke")
+                    .increment(1);
+                for e in tpl.elements() {
+                    self.assignments
+                        .remove(&(e.topic().to_owned(), e.partition()));
+                }
+                tracing::info!(
+                    partitions = tpl.count(),
+                    lost = consumer.assignment_lost(),
+                    "partitions revoked"
+                );
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(err) = result {
+                    tracing::error!(cause = %err, "unassigning partitions failed");
+                }
+            }
+            other => {
+                tracing::error!(code = ?other, "rebalance error: dropping every partition");
+                self.assignments.clear();
+                if let Err(err) = consumer.unassign() {
+                    tracing::error!(cause = %err, "unassigning after a rebalance error failed");
+                }
+            }
+        }
+    }
+}
+
+impl WriterContext {
+    /// Reads stored offsets, retrying with backoff while PostgreSQL is unreachable: a partition
+    /// must not start anywhere but where the table says.
+    fn load_offsets(&self, parts: &[Tp]) -> std::collections::HashMap<Tp, i64> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let attempt = self.rt.block_on(async {
+                let client = self.pool.get().await.map_err(|e| e.to_string())?;
+                offsets::load(&**client, &self.group, parts)
+                    .await
+                    .map_err(|e| crate::error::render_pg(&e))
+            });
+            match attempt {
+                Ok(map) => return map,
+                Err(err) if self.stop.is_cancelled() => {
+                    // Shutting down: the partitions are assigned at the beginning but nothing
+                    // will be stored from them; the conditional update refuses stale work.
+                    tracing::warn!(cause = %err, "shutdown while reading offsets");
+                    return Default::default();
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, "cannot read writer_offset; retrying");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Creates the consumer and subscribes it to the data topics.
+pub(crate) fn create(
+    brokers: &str,
+    group: &str,
+    topics: &TopicMap,
+    assignments: Arc<Assignments>,
+    pool: Pool,
+    stop: CancellationToken,
+) -> Result<BaseConsumer<WriterContext>, WriterError> {
+    let context = WriterContext {
+        assignments,
+        pool,
+        rt: Handle::current(),
+        group: group.to_owned(),
+        stop,
+    };
+    let consumer: BaseConsumer<WriterContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // Positions live in PostgreSQL; Kafka commits are explicit, after each DB commit.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A partition with no stored offset starts at its beginning: nothing is skipped.
+        .set("auto.offset.reset", "earliest")
+        // Bounds librdkafka's prefetch per partition (the default is 64 MB).
+        .set("queued.max.messages.kbytes", "16384")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        .create_with_context(context)
+        .map_err(WriterError::kafka("creating the consumer"))?;
+    consumer
+        .subscribe(&topics.names())
+        .map_err(WriterError::kafka("subscribing to the data topics"))?;
+    Ok(consumer)
+}
+
+/// The consumer thread's loop: poll, stamp, forward; pause while the pipeline is full; run the
+/// pipeline's commands. Returns on `stop` after leaving the group.
+pub(crate) fn poll_loop(
+    consumer: BaseConsumer<WriterContext>,
+    topics: TopicMap,
+    tx: mpsc::Sender<Record>,
+    commands: std_mpsc::Receiver<Command>,
+    stop: CancellationToken,
+) {
+    let assignments = consumer.context().assignments.clone();
+    // Records polled but not yet accepted by the channel; bounded by librdkafka's prefetch,
+    // because partitions are paused as soon as it is non-empty.
+    let mut pending: VecDeque<Record> = VecDeque::new();
+    let mut paused = false;
+    let mut last_lag = Instant::now();
+    let mut last_pause = Instant::now();
+    // Repositions whose seek failed (a partition not fetching yet refuses seeks): retried.
+    let mut retry: Vec<Tp> = Vec::new();
+    let mut last_retry = Instant::now();
+    while !stop.is_cancelled() {
+        while let Ok(cmd) = commands.try_recv() {
+            retry.extend(run_command(&consumer, &assignments, cmd));
+        }
+        if !retry.is_empty() && last_retry.elapsed() >= Duration::from_millis(200) {
+            last_retry = Instant::now();
+            for tp in std::mem::take(&mut retry) {
+                retry.extend(run_command(
+                    &consumer,
+                    &assignments,
+                    Command::Reposition(tp),
+                ));
+            }
+        }
+        while let Some(rec) = pending.pop_front() {
+            match tx.try_send(rec) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(rec)) => {
+                    pending.push_front(rec);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return leave(consumer),
+            }
+        }
+        if pending.is_empty() && paused {
+            set_paused(&consumer, false);
+            paused = false;
+        } else if !pending.is_empty() && !paused {
+            set_paused(&consumer, true);
+            paused = true;
+        }
+        let timeout = if pending.is_empty() { 100 } else { 20 };
+        match consumer.poll(Duration::from_millis(timeout)) {
+            None => {}
+            Some(Ok(msg)) => {
+                // A partition assigned while paused is not paused yet: pause it too.
+                if paused && last_pause.elapsed() >= Duration::from_secs(1) {
+                    set_paused(&consumer, true);
+                    last_pause = Instant::now();
+                }
+                let Some((topic, kind)) = topics.lookup(msg.topic()) else {
+                    continue;
+                };
+                // Unowned partition (revoked between fetch and poll): drop.
+                let Some(epoch) = assignments.epoch_of(msg.topic(), msg.partition()) else {
+                    continue;
+                };
+                pending.push_back(Record {
+                    topic,
+                    kind,
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    epoch,
+                    key: msg.key().map(<[u8]>::to_vec),
+                    payload: msg.payload().map(<[u8]>::to_vec),
+                });
+            }
+            Some(Err(err)) => {
+                // Broker down, partition EOF and the like: librdkafka reconnects by itself.
+                tracing::warn!(cause = %err, "Kafka consumer error");
+            }
+        }
+        metrics::gauge!(crate::metrics::PAUSED).set(if paused { 1.0 } else { 0.0 });
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            export_lag(&consumer, &assignments);
+            last_lag = Instant::now();
+        }
+    }
+    leave(consumer);
+}
+
+fn set_paused(consumer: &BaseConsumer<WriterContext>, pause: bool) {
+    let result: KafkaResult<()> = consumer.assignment().and_then(|tpl| {
+        if pause {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        }
+    });
+    match result {
+        Ok(()) => tracing::debug!(pause, "consumption paused/resumed"),
+        Err(err) => tracing::warn!(pause, cause = %err, "cannot pause/resume partitions"),
+    }
+}
+
+/// Runs one command; returns the partition to retry when a seek failed.
+fn run_command(
+    consumer: &BaseConsumer<WriterContext>,
+    assignments: &Assignments,
+    cmd: Command,
+) -> Option<Tp> {
+    match cmd {
+        Command::Commit(positions) => {
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, partition), next) in positions {
+                // Only partitions still owned: a commit for another's partition would be noise.
+                if assignments.get(&topic, partition).is_some() {
+                    if let Err(err) =
+                        tpl.add_partition_offset(&topic, partition, Offset::Offset(next))
+                    {
+                        tracing::warn!(cause = %err, "cannot build Kafka commit");
+                    }
+                }
+            }
+            if tpl.count() > 0 {
+                if let Err(err) = consumer.commit(&tpl, CommitMode::Async) {
+                    // Kafka's copy is for lag tools only; the database holds the truth.
+                    tracing::warn!(cause = %err, "Kafka offset commit failed");
+                }
+            }
+            None
+        }
+        Command::Reposition(tp) => {
+            assignments.get(&tp.0, tp.1)?;
+            let ctx = consumer.context();
+            let stored = ctx.load_offsets(std::slice::from_ref(&tp));
+            let next = stored.get(&tp).copied();
+            let offset = next.map_or(Offset::Beginning, Offset::Offset);
+            match consumer.seek(&tp.0, tp.1, offset, Duration::from_secs(10)) {
+                Ok(()) => {
+                    assignments.set(
+                        tp.clone(),
+                        PartState {
+                            epoch: assignments.next_epoch(),
+                            stored_next: next,
+                        },
+                    );
+                    tracing::info!(topic = %tp.0, partition = tp.1, next_offset = ?next, "partition repositioned from writer_offset");
+                    None
+                }
+                Err(err) => {
+                    // Still invalidated: its records keep being dropped until a seek works.
+                    tracing::debug!(topic = %tp.0, partition = tp.1, cause = %err, "seek failed; retrying");
+                    Some(tp)
+                }
+            }
+        }
+    }
+}
+
+fn export_lag(consumer: &BaseConsumer<WriterContext>, assignments: &Assignments) {
+    for ((topic, partition), state) in assignments.snapshot() {
+        let Ok((_, high)) =
+            consumer.fetch_watermarks(&topic, partition, Duration::from_millis(500))
+        else {
+            continue;
+        };
+        let next = state.stored_next.unwrap_or(0);
+        metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string())
+            .set((high - next).max(0) as f64);
+    }
+}
+
+/// Leaves the group cleanly: unsubscribing triggers the final revocation here, so the other
+/// instances get the partitions at once instead of after the session timeout.
+fn leave(consumer: BaseConsumer<WriterContext>) {
+    consumer.unsubscribe();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    {
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
+    drop(consumer);
+    tracing::info!("left the consumer group");
+}

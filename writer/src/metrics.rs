@@ -1,0 +1,57 @@
+//! Every metric the writer exports (DESIGN §7), named in one place. Emitted once per batch or
+//! per partition, never per message, with bounded label values.
+
+use std::time::Duration;
+
+/// Counter, rows stored per table. Labels: `table` (event, visitor, session, lead,
+/// identity_link).
+pub const ROWS_TOTAL: &str = "sluice_writer_rows_total";
+/// Histogram, messages per stored batch. No labels.
+pub const BATCH_ROWS: &str = "sluice_writer_batch_rows";
+/// Histogram, seconds spent in the event COPY of a batch. No labels.
+pub const COPY_DURATION: &str = "sluice_writer_copy_duration_seconds";
+/// Histogram, seconds from the start of a batch's transaction to its commit. No labels.
+pub const COMMIT_DURATION: &str = "sluice_writer_batch_duration_seconds";
+/// Gauge, messages between a partition's high watermark and the writer's position. Labels:
+/// `topic`, `partition`.
+pub const CONSUMER_LAG: &str = "sluice_writer_consumer_lag";
+/// Counter, messages dead-lettered. Labels: `reason` (a fixed snake_case set).
+pub const DLQ_TOTAL: &str = "sluice_writer_dlq_total";
+/// Counter, batch attempts that failed and were retried. Labels: `cause` (transient,
+/// offset_conflict, dlq).
+pub const RETRIES_TOTAL: &str = "sluice_writer_retries_total";
+/// Counter, events dropped because their event id was already claimed (client retries,
+/// redelivery). No labels.
+pub const DUPLICATES_TOTAL: &str = "sluice_writer_duplicate_events_total";
+/// Counter, month partitions created by the writer. No labels.
+pub const PARTITIONS_CREATED: &str = "sluice_writer_partitions_created_total";
+/// Gauge, messages received from Kafka and not yet stored (channel plus open batch). No labels.
+pub const BUFFERED: &str = "sluice_writer_buffered_messages";
+/// Gauge, 1 while consumption is paused because the store is behind or PostgreSQL is down.
+pub const PAUSED: &str = "sluice_writer_paused";
+/// Counter, rebalance events. Labels: `kind` (assign, revoke).
+pub const REBALANCES_TOTAL: &str = "sluice_writer_rebalances_total";
+
+/// Records rows stored in `table`.
+pub(crate) fn rows(table: &'static str, n: u64) {
+    if n > 0 {
+        metrics::counter!(ROWS_TOTAL, "table" => table).increment(n);
+    }
+}
+
+/// Records a dead-lettered message.
+pub(crate) fn dlq(reason: &'static str) {
+    metrics::counter!(DLQ_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Records one retried batch attempt.
+pub(crate) fn retry(cause: &'static str) {
+    metrics::counter!(RETRIES_TOTAL, "cause" => cause).increment(1);
+}
+
+/// Records a stored batch's size and durations.
+pub(crate) fn batch(messages: usize, copy: Duration, total: Duration) {
+    metrics::histogram!(BATCH_ROWS).record(messages as f64);
+    metrics::histogram!(COPY_DURATION).record(copy.as_secs_f64());
+    metrics::histogram!(COMMIT_DURATION).record(total.as_secs_f64());
+}
