@@ -5,13 +5,14 @@
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
     /// A database call failed; `context` says which.
-    #[error("{context}: {}", db_message(.source))]
+    // The server's message is in the text already, so the driver error is kept as a field
+    // rather than a `source` (which would print it twice in a `{:#}` chain).
+    #[error("{context}: {}", db_message(.cause))]
     Db {
         /// What was being done.
         context: String,
-        /// The driver's error.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The driver's error; see [`SchemaError::db_error`].
+        cause: tokio_postgres::Error,
     },
     /// An applied migration's SQL differs from the file this binary carries.
     #[error(
@@ -66,15 +67,20 @@ impl SchemaError {
     /// Wraps a driver error with what was being done.
     pub(crate) fn db(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
         let context = context.into();
-        move |source| SchemaError::Db { context, source }
+        move |cause| SchemaError::Db { context, cause }
+    }
+
+    /// The driver error behind a database failure.
+    pub fn db_error(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            SchemaError::Db { cause, .. } => Some(cause),
+            _ => None,
+        }
     }
 
     /// The PostgreSQL SQLSTATE code of a database error, when the server sent one.
     pub fn sql_state(&self) -> Option<&str> {
-        match self {
-            SchemaError::Db { source, .. } => source.code().map(|c| c.code()),
-            _ => None,
-        }
+        self.db_error().and_then(|e| e.code()).map(|c| c.code())
     }
 }
 

@@ -7,15 +7,21 @@
 //! - [`runtime`]: what every sluice binary does at start-up (logs, metrics recorder, signals).
 //! - [`migrate`]: the numbered SQL migrations of `schema/migrations/` and their runner.
 //! - [`partitions`]: month and tenant-hash partitions of `event`: create ahead, list, prune.
+//! - [`ids`]: BIGINT keys as checked, prefixed external ids (`tnt_`, `ws_`, `key_`, ...).
+//! - [`pii`]: AES-256-GCM sealing and HMAC fingerprints of email and phone; key rotation.
+//! - [`control`]: tenants, workspaces, write keys (create, revoke).
 //! - [`error`]: [`SchemaError`], the library's one error type.
 
 #![warn(missing_docs)]
 
 pub mod apikey;
+pub mod control;
 pub mod error;
+pub mod ids;
 pub mod messages;
 pub mod migrate;
 pub mod partitions;
+pub mod pii;
 pub mod runtime;
 pub mod topics;
 

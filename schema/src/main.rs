@@ -3,11 +3,14 @@
 //! Every command that makes something prints its id (or key) alone on the last line of
 //! stdout, so scripts can take it with `| tail -n1`; logs go to stderr.
 
+use std::process::ExitCode;
+
 use anyhow::{Context, Result};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
+use sluice_schema::ids::{self, Kind};
 use sluice_schema::partitions::{self, PartitionConfig};
-use sluice_schema::{migrate, runtime};
+use sluice_schema::{control, migrate, runtime};
 use tokio_postgres::{Client, NoTls};
 
 #[derive(Parser, Debug)]
@@ -50,6 +53,61 @@ enum Command {
         #[command(subcommand)]
         action: PartitionAction,
     },
+    /// Tenants.
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
+    },
+    /// Workspaces of a tenant.
+    Workspace {
+        #[command(subcommand)]
+        action: WorkspaceAction,
+    },
+    /// Write keys of a workspace.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantAction {
+    /// Create a tenant; prints its id (tnt_...).
+    Create {
+        /// Display name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkspaceAction {
+    /// Create a workspace; prints its id (ws_...).
+    Create {
+        /// Owning tenant (tnt_...).
+        #[arg(long)]
+        tenant: String,
+        /// Name, unique within the tenant.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyAction {
+    /// Create a write key; prints its id, then the plaintext key (shown once, only its hash
+    /// is stored) alone on the last line.
+    Create {
+        /// Workspace the key writes to (ws_...).
+        #[arg(long)]
+        workspace: String,
+        /// Optional label, e.g. where the key is used.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke a key (collectors refuse it once their key cache expires); prints its id.
+    Revoke {
+        /// The key's id (key_...).
+        key_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,13 +146,60 @@ enum PartitionAction {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     runtime::init_tracing(cli.log_format);
+    // The error chain on one line, without a backtrace: these are operator-facing messages
+    // that already say what to do.
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
     let mut client = connect(&cli.database_url).await?;
     match cli.command {
         Command::Migrate { action } => run_migrate(&mut client, action).await,
         Command::Partitions { action } => run_partitions(&mut client, action).await,
+        Command::Tenant {
+            action: TenantAction::Create { name },
+        } => {
+            let id = control::create_tenant(&client, &name).await?;
+            println!("{}", ids::encode(Kind::Tenant, id));
+            Ok(())
+        }
+        Command::Workspace {
+            action: WorkspaceAction::Create { tenant, name },
+        } => {
+            let tenant_id = ids::decode(Kind::Tenant, &tenant)?;
+            let id = control::create_workspace(&client, tenant_id, &name).await?;
+            println!("{}", ids::encode(Kind::Workspace, id));
+            Ok(())
+        }
+        Command::Key {
+            action: KeyAction::Create { workspace, name },
+        } => {
+            let workspace_id = ids::decode(Kind::Workspace, &workspace)?;
+            let key = control::create_key(&client, workspace_id, name.as_deref()).await?;
+            eprintln!("the key is shown once below; only its hash is stored");
+            println!("{}", ids::encode(Kind::Key, key.id));
+            println!("{}", key.plaintext);
+            Ok(())
+        }
+        Command::Key {
+            action: KeyAction::Revoke { key_id },
+        } => {
+            let id = ids::decode(Kind::Key, &key_id)?;
+            if !control::revoke_key(&client, id).await? {
+                eprintln!("{key_id} was revoked already");
+            }
+            println!("{key_id}");
+            Ok(())
+        }
     }
 }
 
