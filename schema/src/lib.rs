@@ -10,6 +10,7 @@
 //! - [`ids`]: BIGINT keys as checked, prefixed external ids (`tnt_`, `ws_`, `key_`, ...).
 //! - [`pii`]: AES-256-GCM sealing and HMAC fingerprints of email and phone; key rotation.
 //! - [`control`]: tenants, workspaces, write keys (create, revoke).
+//! - [`seed`]: development data: two tenants, two months of events, a funnel.
 //! - [`error`]: [`SchemaError`], the library's one error type.
 
 #![warn(missing_docs)]
@@ -23,6 +24,7 @@ pub mod migrate;
 pub mod partitions;
 pub mod pii;
 pub mod runtime;
+pub mod seed;
 pub mod topics;
 
 pub use error::SchemaError;

@@ -10,6 +10,8 @@ use chrono::Utc;
 use clap::{Parser, Subcommand};
 use sluice_schema::ids::{self, Kind};
 use sluice_schema::partitions::{self, PartitionConfig};
+use sluice_schema::pii::PiiKeys;
+use sluice_schema::seed::{self, SeedConfig};
 use sluice_schema::{control, migrate, runtime};
 use tokio_postgres::{Client, NoTls};
 
@@ -67,6 +69,19 @@ enum Command {
     Key {
         #[command(subcommand)]
         action: KeyAction,
+    },
+    /// Fill a migrated database with development data (two tenants, two months of events,
+    /// a funnel); prints the demo write key alone on the last line.
+    Seed {
+        /// PII keys, `id=base64,...` (32 bytes each), to seal the seeded emails and phones.
+        #[arg(long, env = "SLUICE_PII_KEYS", hide_env_values = true)]
+        pii_keys: String,
+        /// Id of the key new PII is sealed with.
+        #[arg(long, env = "SLUICE_PII_ACTIVE_KEY")]
+        pii_active_key: String,
+        /// Visitors of the demo tenant (the other tenant gets about a third).
+        #[arg(long, default_value_t = 150)]
+        visitors: u32,
     },
 }
 
@@ -165,6 +180,39 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Migrate { action } => run_migrate(&mut client, action).await,
         Command::Partitions { action } => run_partitions(&mut client, action).await,
+        Command::Seed {
+            pii_keys,
+            pii_active_key,
+            visitors,
+        } => {
+            let keys = PiiKeys::from_env_strings(&pii_keys, &pii_active_key)?;
+            let cfg = SeedConfig {
+                visitors,
+                ..SeedConfig::default()
+            };
+            let report = seed::run(&mut client, &keys, Utc::now(), &cfg).await?;
+            for id in &report.tenants {
+                println!("tenant    {}", ids::encode(Kind::Tenant, *id));
+            }
+            for key in &report.keys {
+                println!(
+                    "workspace {} key {}",
+                    ids::encode(Kind::Workspace, key.workspace_id),
+                    ids::encode(Kind::Key, key.id)
+                );
+            }
+            println!(
+                "visitors {} leads {} sessions {} events {} funnel {}",
+                report.visitors,
+                report.leads,
+                report.sessions,
+                report.events,
+                ids::encode(Kind::Funnel, report.funnel_id)
+            );
+            let demo = report.keys.first().context("the seed made no key")?;
+            println!("{}", demo.plaintext);
+            Ok(())
+        }
         Command::Tenant {
             action: TenantAction::Create { name },
         } => {
