@@ -1,0 +1,213 @@
+//! Harness of the collector's tests: a tenant, workspace and key in a migrated database of
+//! the test's own, a collector served in-process on `127.0.0.1:0` with a topic prefix of its
+//! own, and a consumer that reads back what the collector produced.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message;
+use sluice_ingest::{Config, IngestError};
+use sluice_schema::control::{self, CreatedKey};
+use sluice_schema::topics::Topics;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::{unique_name, Stack, TestDb};
+
+/// A tenant with a workspace and a write key.
+pub struct Account {
+    /// Tenant id.
+    pub tenant_id: i64,
+    /// Workspace id.
+    pub workspace_id: i64,
+    /// The key (plaintext in `key.plaintext`).
+    pub key: CreatedKey,
+}
+
+/// Creates a tenant, a workspace and a write key in `db`.
+pub async fn account(db: &TestDb, name: &str) -> Result<Account> {
+    let client = db.client().await?;
+    let tenant_id = control::create_tenant(&client, name).await?;
+    let workspace_id = control::create_workspace(&client, tenant_id, "main").await?;
+    let key = control::create_key(&client, workspace_id, Some("test")).await?;
+    Ok(Account {
+        tenant_id,
+        workspace_id,
+        key,
+    })
+}
+
+/// A collector running in the test's process.
+pub struct Collector {
+    /// API address.
+    pub addr: SocketAddr,
+    /// Metrics/health address.
+    pub metrics_addr: SocketAddr,
+    /// The topics it produces to.
+    pub topics: Topics,
+    /// The configuration it runs with.
+    pub config: Config,
+    /// Sends the shutdown signal.
+    stop: Option<oneshot::Sender<()>>,
+    /// The serving task.
+    task: Option<JoinHandle<Result<(), IngestError>>>,
+}
+
+impl Collector {
+    /// A test configuration: the shared broker and `db`, a unique topic prefix, fast probes.
+    pub fn config(db: &TestDb) -> Config {
+        let mut config = Config::local();
+        config.kafka_brokers = Stack::get().kafka_brokers.clone();
+        config.database_url = db.url.clone();
+        config.topic_prefix = format!("{}.", unique_name("i"));
+        config.topic_partitions = 3;
+        config.readiness_interval_ms = 200;
+        config.key_last_used_flush_ms = 200;
+        config
+    }
+
+    /// Starts a collector with `config` and waits until `/readyz` says ready (topics made).
+    pub async fn start(config: Config) -> Result<Collector> {
+        let collector = Collector::start_unready(config).await?;
+        collector.wait_ready(Duration::from_secs(60)).await?;
+        Ok(collector)
+    }
+
+    /// Starts a collector without waiting for readiness.
+    pub async fn start_unready(config: Config) -> Result<Collector> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let metrics = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let metrics_addr = metrics.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(sluice_ingest::serve_on(
+            config.clone(),
+            listener,
+            metrics,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Collector {
+            addr,
+            metrics_addr,
+            topics: config.topics(),
+            config,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        let http = reqwest::Client::new();
+        loop {
+            let resp = http
+                .get(format!("http://{}/readyz", self.metrics_addr))
+                .send()
+                .await;
+            if let Ok(resp) = resp {
+                if resp.status() == 200 {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("collector not ready within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The Prometheus text of the metrics port.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(
+            reqwest::get(format!("http://{}/metrics", self.metrics_addr))
+                .await?
+                .text()
+                .await?,
+        )
+    }
+
+    /// Sends the shutdown signal and waits for the drain to finish.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.context("collector task")??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    /// Partition it was on.
+    pub partition: i32,
+    /// Its key.
+    pub key: String,
+    /// Its value as JSON.
+    pub value: serde_json::Value,
+}
+
+/// Reads `topic` from the start on `brokers` until `count` records arrived or `within`
+/// passed; returns what arrived, in partition order per partition. Reads on for `linger`
+/// after `count` so extra records (duplicates) would be seen too.
+pub async fn consume(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    within: Duration,
+    linger: Duration,
+) -> Result<Vec<Consumed>> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique_name("ic"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .context("creating consumer")?;
+    consumer.subscribe(&[topic])?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut until = deadline;
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout_at(until, consumer.recv()).await {
+            Err(_) => break,
+            Ok(Err(err)) => bail!("consuming {topic}: {err}"),
+            Ok(Ok(msg)) => {
+                let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+                let value = serde_json::from_slice(msg.payload().unwrap_or_default())
+                    .with_context(|| format!("record on {topic} is not JSON"))?;
+                out.push(Consumed {
+                    partition: msg.partition(),
+                    key,
+                    value,
+                });
+                if out.len() == count {
+                    until = tokio::time::Instant::now() + linger;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
