@@ -542,7 +542,9 @@ impl Generator {
         debug_assert!(result.is_ok());
     }
 
-    /// A pixel hit: one page view or email open as a query string.
+    /// A pixel hit (an email open or an ad impression) as the query string the collector's
+    /// `GET /v1/p.gif` reads: `m` messageId, `a` anonymousId, `s` sessionId, `e` event name,
+    /// `url`, `t` title, `r` referrer; other parameters become properties.
     fn pixel(&mut self, key_index: usize) -> Request {
         let slot = self.visitor_slot(key_index);
         let seq = self.next_seq;
@@ -564,13 +566,17 @@ impl Generator {
         append_pair(&mut query, "a", &visitor.anonymous_id);
         append_pair(&mut query, "s", &visitor.session_id);
         if open_email {
-            append_pair(&mut query, "t", "track");
             append_pair(&mut query, "e", "Email Opened");
-            append_pair(&mut query, "c", CAMPAIGNS[visitor.campaign].name);
+            append_pair(&mut query, "campaign", CAMPAIGNS[visitor.campaign].name);
         } else {
-            let (path, _) = PAGES[page];
-            append_pair(&mut query, "t", "page");
-            append_pair(&mut query, "u", &format!("https://shop.example.com{path}"));
+            let (path, title) = PAGES[page];
+            append_pair(&mut query, "e", "Ad Impression");
+            append_pair(
+                &mut query,
+                "url",
+                &format!("https://shop.example.com{path}"),
+            );
+            append_pair(&mut query, "t", title);
             append_pair(&mut query, "r", CAMPAIGNS[visitor.campaign].referrer);
         }
         Request {

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use sluice_schema::apikey;
+use sluice_schema::{apikey, control};
 use tokio_postgres::NoTls;
 
 use crate::acks::KeyRecord;
@@ -48,6 +48,33 @@ impl Key {
             tenant_id: self.tenant_id,
         }
     }
+}
+
+/// Makes `n` tenants, each with one workspace and one write key, named
+/// `{name_prefix}-{i}`; returns their keys with tenants known.
+pub async fn create_tenants(
+    client: &tokio_postgres::Client,
+    n: usize,
+    name_prefix: &str,
+) -> Result<Vec<Key>, Error> {
+    let mut keys = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("{name_prefix}-{i}");
+        let control = |err: sluice_schema::SchemaError| Error::Control(err.to_string());
+        let tenant = control::create_tenant(client, &name)
+            .await
+            .map_err(control)?;
+        let workspace = control::create_workspace(client, tenant, "loadtest")
+            .await
+            .map_err(control)?;
+        let created = control::create_key(client, workspace, Some("sluice-loadtest"))
+            .await
+            .map_err(control)?;
+        let mut key = Key::given(&created.plaintext)?;
+        key.tenant_id = Some(created.tenant_id);
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 /// Connects to PostgreSQL, driving the connection on a background task.

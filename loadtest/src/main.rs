@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Drive a collector at a rate (open loop) or flat out (closed loop); record every ack.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check an ack file against PostgreSQL: nothing lost, nothing twice, how long it took.
     Verify(VerifyArgs),
 }
@@ -45,6 +45,17 @@ struct RunArgs {
     /// Write key to send with (repeatable; traffic is spread over them zipf-wise, first most).
     #[arg(long = "key", env = "SLUICE_LOADTEST_KEYS", value_delimiter = ',')]
     keys: Vec<String>,
+    /// Make N tenants (one workspace and key each) through the schema crate and send with
+    /// their keys, in addition to any --key.
+    #[arg(long, env = "SLUICE_LOADTEST_CREATE_TENANTS", default_value_t = 0)]
+    create_tenants: usize,
+    /// PostgreSQL to make tenants in (--create-tenants).
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
+    )]
+    database_url: String,
     /// Open loop: requests per second, sent on schedule whatever the answers do.
     #[arg(
         long,
@@ -139,7 +150,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Verify(args) => verify(args).await,
     };
     match result {
@@ -152,11 +163,24 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let keys = args
+    let mut keys = args
         .keys
         .iter()
         .map(|k| Key::given(k))
         .collect::<Result<Vec<_>, Error>>()?;
+    let run_id = args.run_id.unwrap_or_else(new_run_id);
+    if args.create_tenants > 0 {
+        let client = sluice_loadtest::keys::connect(&args.database_url).await?;
+        let name_prefix = format!("loadtest-{run_id}");
+        let made =
+            sluice_loadtest::keys::create_tenants(&client, args.create_tenants, &name_prefix)
+                .await?;
+        tracing::info!(
+            tenants = made.len(),
+            "created load-test tenants, workspaces and keys"
+        );
+        keys.extend(made);
+    }
     if !(args.duration_s.is_finite() && args.duration_s > 0.0) {
         anyhow::bail!("--duration-s must be a positive number of seconds");
     }
@@ -183,7 +207,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             batch_size: args.batch_size,
             mix: args.mix,
         },
-        run_id: args.run_id.unwrap_or_else(new_run_id),
+        run_id,
         ack_file: Some(args.ack_file),
         progress: !args.quiet,
     };
