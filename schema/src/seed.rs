@@ -179,7 +179,7 @@ async fn seed_visitor(
     now: DateTime<Utc>,
     report: &mut SeedReport,
 ) -> Result<(), SchemaError> {
-    let span = (now - since).num_seconds().max(3600);
+    let span = (now - since).num_seconds().max(7200);
     let anonymous_id = Uuid::from_u128(rng.random()).to_string();
     let (device_type, os, user_agent) = DEVICES[if ws.mobile {
         2 + rng.random_range(0..2)
