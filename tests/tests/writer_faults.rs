@@ -1,0 +1,113 @@
+//! Faults: the writer process killed with SIGKILL mid-stream, and PostgreSQL stopped for 20 s
+//! mid-stream. Afterwards every message is stored exactly once. The PostgreSQL test runs a
+//! private cluster (the shared one must never stop); the kill test runs the real binary
+//! (`cargo build -p sluice-writer --bins` first; deploy/local/test does).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sluice_tests::private::PrivatePostgres;
+use sluice_tests::writer::{assert_stored_exactly_once, RunningWriter, WriterEnv};
+use sluice_tests::{bin_path, Stack};
+use tokio::process::{Child, Command};
+
+/// Events streamed through the kill test.
+const KILL_TEST_EVENTS: usize = 50_000;
+
+fn spawn_writer(env: &WriterEnv, log: &std::path::Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(bin_path("sluice-writer")?)
+        .env("SLUICE_DATABASE_URL", &env.db.url)
+        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
+        .env("SLUICE_WRITER_GROUP", &env.group)
+        .env("SLUICE_TOPIC_PREFIX", &env.prefix)
+        .env("SLUICE_METRICS_LISTEN", "127.0.0.1:0")
+        .env("SLUICE_WRITER_BATCH_MAX_ROWS", "2000")
+        .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "100")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting sluice-writer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_the_stream_loses_and_duplicates_nothing() -> Result<()> {
+    let env = WriterEnv::new(4).await?;
+    let db = env.db.client().await?;
+    let log = std::env::temp_dir().join(format!("{}.log", env.group));
+    let mut writer = spawn_writer(&env, &log)?;
+    let stream = env.stream(KILL_TEST_EVENTS, 5_000);
+    let mut kills = Vec::new();
+    let mut last = 0_i64;
+    for _ in 0..4 {
+        // Kill only once the new process is storing (past the rebalance), so each kill lands
+        // mid-stream, with batches in flight.
+        let started = std::time::Instant::now();
+        loop {
+            let stored: i64 = db
+                .query_one("SELECT count(*) FROM event", &[])
+                .await?
+                .get(0);
+            if stored >= last + 3_000 || started.elapsed() > Duration::from_secs(60) {
+                last = stored;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        writer.start_kill()?; // SIGKILL: no drain, mid-batch
+        writer.wait().await?;
+        kills.push(last);
+        writer = spawn_writer(&env, &log)?;
+    }
+    eprintln!("killed with {kills:?} events stored");
+    assert!(
+        kills.windows(2).all(|w| w[0] < w[1])
+            && *kills.last().unwrap_or(&0) < KILL_TEST_EVENTS as i64,
+        "every kill landed mid-stream: {kills:?}"
+    );
+    stream.await??;
+    let outcome =
+        assert_stored_exactly_once(&db, KILL_TEST_EVENTS as i64, Duration::from_secs(240)).await;
+    writer.start_kill()?;
+    if outcome.is_err() {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        eprintln!(
+            "writer log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_for_20_s_pauses_the_writer_which_then_catches_up() -> Result<()> {
+    let pg = PrivatePostgres::start().await?;
+    let env = WriterEnv::new(2).await?;
+    {
+        let mut client = sluice_tests::connect(&pg.url()).await?;
+        sluice_schema::migrate::up(&mut client).await?;
+    }
+    let mut config = env.config();
+    config.database_url = pg.url();
+    config.retry_max_ms = 1_000;
+    let writer = RunningWriter::start(config);
+    let stream = env.stream(10_000, 1_000);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.stop().await?;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        !writer.is_finished(),
+        "the writer waits for PostgreSQL instead of failing"
+    );
+    pg.start_again().await?;
+    stream.await??;
+    let db = sluice_tests::connect(&pg.url()).await?;
+    assert_stored_exactly_once(&db, 10_000, Duration::from_secs(120)).await?;
+    writer.stop().await
+}
