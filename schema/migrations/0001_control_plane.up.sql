@@ -32,8 +32,8 @@ CREATE TABLE api_key (
                   CHECK (cardinality(scopes) >= 1 AND scopes <@ ARRAY['write', 'read', 'admin']),
     created_at    timestamptz NOT NULL DEFAULT now(),
     last_used_at  timestamptz,
-    expires_at    timestamptz CHECK (expires_at > created_at),
-    revoked_at    timestamptz CHECK (revoked_at >= created_at),
+    expires_at    timestamptz CONSTRAINT api_key_expires_after_creation CHECK (expires_at > created_at),
+    revoked_at    timestamptz CONSTRAINT api_key_revoked_after_creation CHECK (revoked_at >= created_at),
     FOREIGN KEY (tenant_id, workspace_id) REFERENCES workspace (tenant_id, id) ON DELETE CASCADE
 );
 

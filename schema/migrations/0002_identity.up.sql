@@ -18,7 +18,7 @@ CREATE TABLE visitor (
     bot                 boolean     NOT NULL DEFAULT false,
     lead_id             bigint,
     PRIMARY KEY (tenant_id, anonymous_id),
-    CHECK (last_seen_at >= first_seen_at)
+    CONSTRAINT visitor_seen_in_order CHECK (last_seen_at >= first_seen_at)
 );
 
 -- "Visitors of this lead": only identified visitors are indexed, so the index stays small.
@@ -59,7 +59,7 @@ CREATE TABLE identity_link (
     last_seen_at   timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, anonymous_id, lead_id),
     FOREIGN KEY (tenant_id, lead_id) REFERENCES lead (tenant_id, id) ON DELETE CASCADE,
-    CHECK (last_seen_at >= first_seen_at)
+    CONSTRAINT identity_link_seen_in_order CHECK (last_seen_at >= first_seen_at)
 );
 
 -- "Anonymous ids of this lead", and the index behind the cascading foreign key.

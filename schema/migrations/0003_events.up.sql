@@ -18,7 +18,7 @@ CREATE TABLE session (
     device        jsonb       NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(device) = 'object'),
     geo           jsonb       NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(geo) = 'object'),
     PRIMARY KEY (tenant_id, session_id),
-    CHECK (last_seen_at >= started_at)
+    CONSTRAINT session_seen_in_order CHECK (last_seen_at >= started_at)
 );
 
 -- "Sessions of this tenant in a time range" (dashboards) and "sessions of this visitor".
