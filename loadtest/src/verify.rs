@@ -156,7 +156,7 @@ struct Watched {
 /// Runs `verify`.
 pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
     let client = keys::connect(&config.database_url).await?;
-    let mut reader = AckReader::open(&config.ack_file)?;
+    let mut reader = open_ack_file(config).await?;
     let mut tenant_of_key: HashMap<usize, i64> = HashMap::new();
     let mut watched: HashMap<Uuid, Watched> = HashMap::new();
     // Not yet seen, per tenant.
@@ -283,6 +283,23 @@ pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
 
     let run_id = reader.run_id().unwrap_or_default().to_owned();
     audit(&client, &run_id, &watched, latency, config.poll_interval).await
+}
+
+/// Opens the ack file; when following, waits (up to `timeout`) for `run` to create it.
+async fn open_ack_file(config: &VerifyConfig) -> Result<AckReader, Error> {
+    let deadline = std::time::Instant::now() + config.timeout;
+    loop {
+        match AckReader::open(&config.ack_file) {
+            Err(Error::AckFile { source, .. })
+                if config.follow
+                    && source.kind() == std::io::ErrorKind::NotFound
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(config.poll_interval).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Phase 2: counts the run's rows in `event` per `event_id`.
