@@ -195,8 +195,8 @@ async fn read_all(topic: &str, expected: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+        .expect("creating a consumer");
+    consumer.subscribe(&[topic]).expect("subscribing");
     let mut stream = consumer.stream();
     let mut got = Vec::new();
     loop {
