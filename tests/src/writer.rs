@@ -358,3 +358,60 @@ pub async fn assert_stored_exactly_once(
     }
     Ok(())
 }
+
+/// One dead letter as read back from the DLQ topic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeadLetter {
+    /// `sluice.reason` header.
+    pub reason: String,
+    /// `sluice.source.topic` header.
+    pub topic: String,
+    /// `sluice.source.partition` header.
+    pub partition: i32,
+    /// `sluice.source.offset` header.
+    pub offset: i64,
+    /// `sluice.detail` header.
+    pub detail: String,
+}
+
+impl WriterEnv {
+    /// Reads `n` dead letters from the DLQ topic (sorted), failing after `timeout`.
+    pub async fn read_dlq(&self, n: usize, timeout: Duration) -> Result<Vec<DeadLetter>> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        use sluice_schema::topics::dlq_headers;
+        let consumer: BaseConsumer = kafka_config()
+            .set("group.id", unique_name("dlq"))
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        consumer.subscribe(&[&self.topics.dlq])?;
+        let mut out = Vec::new();
+        let started = Instant::now();
+        while out.len() < n && started.elapsed() < timeout {
+            let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)));
+            let Some(msg) = polled else { continue };
+            let msg = msg?;
+            let get = |name: &str| {
+                msg.headers()
+                    .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            out.push(DeadLetter {
+                reason: get(dlq_headers::REASON),
+                topic: get(dlq_headers::SOURCE_TOPIC),
+                partition: get(dlq_headers::SOURCE_PARTITION).parse().unwrap_or(-1),
+                offset: get(dlq_headers::SOURCE_OFFSET).parse().unwrap_or(-1),
+                detail: get(dlq_headers::DETAIL),
+            });
+        }
+        if out.len() < n {
+            bail!(
+                "{} dead letters after {timeout:?}, expected {n}: {out:?}",
+                out.len()
+            );
+        }
+        out.sort();
+        Ok(out)
+    }
+}

@@ -1,0 +1,147 @@
+//! Identify and alias calls become leads with sealed PII, matched by fingerprint, and links
+//! from anonymous ids to them. Real Kafka, real PostgreSQL.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use chrono::Utc;
+use serde_json::json;
+use sluice_schema::messages::{IdentityKind, IdentityMessage, JsonObject, VERSION};
+use sluice_schema::pii::PiiKeys;
+use sluice_tests::writer::{wait_for_count, RunningWriter, WriterEnv};
+
+const KEYS: &str = "k1=BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn identify(anon: &str, user: Option<&str>, traits: serde_json::Value) -> IdentityMessage {
+    let now = Utc::now();
+    IdentityMessage {
+        v: VERSION,
+        tenant_id: 4,
+        workspace_id: 40,
+        kind: IdentityKind::Identify,
+        message_id: format!("id-{anon}"),
+        anonymous_id: Some(anon.into()),
+        user_id: user.map(str::to_owned),
+        previous_id: None,
+        traits: traits.as_object().cloned().unwrap_or_default(),
+        context: JsonObject::new(),
+        occurred_at: now,
+        received_at: now,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_creates_an_encrypted_lead_and_links_matched_by_fingerprint() -> Result<()> {
+    let env = WriterEnv::new(1).await?;
+    let mut config = env.config();
+    config.pii_keys = KEYS.into();
+    config.pii_active_key = "k1".into();
+    let writer = RunningWriter::start(config);
+    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
+    let db = env.db.client().await?;
+    let topic = env.topics.identity.clone();
+
+    let first = identify(
+        "a1",
+        Some("u1"),
+        json!({"email": "Ada@Example.com", "phone": "+44 20 7946 0000", "name": "Ada"}),
+    );
+    env.produce_json(&topic, "4/a1", &first).await?;
+    wait_for_count(&db, "SELECT count(*) FROM identity_link", 1, WAIT).await?;
+    let row = db
+        .query_one(
+            "SELECT id, user_id, email_ciphertext, pii_key_id, email_fingerprint, traits FROM lead WHERE tenant_id = 4",
+            &[],
+        )
+        .await?;
+    let lead: i64 = row.get(0);
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("u1"));
+    let sealed: Vec<u8> = row.get(2);
+    let key_id: String = row.get(3);
+    assert_eq!(key_id, "k1");
+    assert!(
+        !sealed.windows(3).any(|w| w == b"Ada"),
+        "email is not stored in clear"
+    );
+    assert_eq!(keys.decrypt(&key_id, &sealed)?, b"Ada@Example.com");
+    let fp: Vec<u8> = row.get(4);
+    assert_eq!(
+        Some(fp.as_slice()),
+        keys.fingerprint_email("ada@example.com")
+            .as_ref()
+            .map(|f| &f[..])
+    );
+    let traits: serde_json::Value = row.get(5);
+    assert_eq!(
+        traits,
+        json!({"name": "Ada"}),
+        "email and phone leave the traits"
+    );
+
+    // Another device, no user id, same email: the same lead, a second link.
+    env.produce_json(
+        &topic,
+        "4/a2",
+        &identify("a2", None, json!({"email": "ada@example.com"})),
+    )
+    .await?;
+    // An alias of an old id to the user.
+    let mut alias = identify("x", Some("u1"), json!({}));
+    alias.kind = IdentityKind::Alias;
+    alias.anonymous_id = None;
+    alias.previous_id = Some("old-device".into());
+    env.produce_json(&topic, "4/u1", &alias).await?;
+    wait_for_count(&db, "SELECT count(*) FROM identity_link", 3, WAIT).await?;
+    let leads: i64 = db.query_one("SELECT count(*) FROM lead", &[]).await?.get(0);
+    assert_eq!(leads, 1);
+    let links: Vec<(String, i64, String)> = db
+        .query(
+            "SELECT anonymous_id, lead_id, kind FROM identity_link ORDER BY anonymous_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        links,
+        [
+            ("a1".to_owned(), lead, "identify".to_owned()),
+            ("a2".to_owned(), lead, "identify".to_owned()),
+            ("old-device".to_owned(), lead, "alias".to_owned()),
+        ]
+    );
+    writer.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_with_pii_but_no_keys_is_dead_lettered_not_stored_in_clear() -> Result<()> {
+    let env = WriterEnv::new(1).await?;
+    let writer = RunningWriter::start(env.config());
+    let db = env.db.client().await?;
+    let topic = env.topics.identity.clone();
+    env.produce_json(
+        &topic,
+        "4/a9",
+        &identify("a9", Some("u9"), json!({"email": "x@example.com"})),
+    )
+    .await?;
+    env.produce_json(
+        &topic,
+        "4/a8",
+        &identify("a8", Some("u8"), json!({"plan": "pro"})),
+    )
+    .await?;
+    wait_for_count(&db, "SELECT count(*) FROM lead", 1, WAIT).await?;
+    let user: Option<String> = db.query_one("SELECT user_id FROM lead", &[]).await?.get(0);
+    assert_eq!(user.as_deref(), Some("u8"));
+    let dead = env.read_dlq(1, WAIT).await?;
+    assert_eq!(dead[0].reason, "pii_key_missing");
+    assert_eq!(
+        (dead[0].topic.as_str(), dead[0].offset),
+        (topic.as_str(), 0)
+    );
+    assert!(dead[0].detail.contains("SLUICE_PII_KEYS"));
+    writer.stop().await
+}
