@@ -1,0 +1,309 @@
+//! Funnels in the database: match rules are shape-checked, publishing snapshots a draft,
+//! and a publication (with the steps it froze) cannot be changed or deleted, except by
+//! deleting the funnel that owns it.
+
+use serde_json::{json, Value};
+use sluice_schema::control;
+use sluice_tests::TestDb;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+
+struct Funnel {
+    tenant: i64,
+    id: i64,
+}
+
+async fn funnel_with_draft(c: &Client) -> Funnel {
+    let tenant = control::create_tenant(c, "acme").await.unwrap();
+    let ws = control::create_workspace(c, tenant, "web").await.unwrap();
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO funnel (tenant_id, workspace_id, name) VALUES ($1, $2, 'signup') RETURNING id",
+            &[&tenant, &ws],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.execute(
+        "INSERT INTO funnel_version (tenant_id, funnel_id, version) VALUES ($1, $2, 1)",
+        &[&tenant, &id],
+    )
+    .await
+    .unwrap();
+    for (pos, name, rule) in [
+        (
+            1,
+            "Pricing",
+            json!({"event_type": "page", "where": [{"field": "properties.path", "op": "starts_with", "value": "/pricing"}]}),
+        ),
+        (
+            2,
+            "Signed up",
+            json!({"event_type": "track", "name": "Signed Up"}),
+        ),
+    ] {
+        add_step(c, &Funnel { tenant, id }, 1, pos, name, &rule)
+            .await
+            .unwrap();
+    }
+    Funnel { tenant, id }
+}
+
+async fn add_step(
+    c: &Client,
+    f: &Funnel,
+    version: i32,
+    pos: i32,
+    name: &str,
+    rule: &Value,
+) -> Result<(), tokio_postgres::Error> {
+    c.execute(
+        "INSERT INTO funnel_step (tenant_id, funnel_id, version, position, name) VALUES ($1, $2, $3, $4, $5)",
+        &[&f.tenant, &f.id, &version, &pos, &name],
+    )
+    .await?;
+    c.execute(
+        "INSERT INTO funnel_step_match (tenant_id, funnel_id, version, position, ordinal, rule) VALUES ($1, $2, $3, $4, 1, $5)",
+        &[&f.tenant, &f.id, &version, &pos, rule],
+    )
+    .await?;
+    Ok(())
+}
+
+fn code(err: &tokio_postgres::Error) -> SqlState {
+    err.code().cloned().unwrap_or(SqlState::INTERNAL_ERROR)
+}
+
+#[tokio::test]
+async fn a_publication_is_immutable() {
+    let db = TestDb::migrated().await.unwrap();
+    let c = db.client().await.unwrap();
+    let f = funnel_with_draft(&c).await;
+    let def: Value = c
+        .query_one(
+            "SELECT funnel_publish($1, $2, 1, 'test')",
+            &[&f.tenant, &f.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(def["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(def["steps"][1]["match"][0]["name"], "Signed Up");
+
+    for sql in [
+        "UPDATE funnel_publication SET published_by = 'mallory'",
+        "UPDATE funnel_publication SET definition = '{\"steps\": []}'",
+        "DELETE FROM funnel_publication",
+        "TRUNCATE funnel_publication",
+    ] {
+        let err = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(
+            code(&err),
+            SqlState::INTEGRITY_CONSTRAINT_VIOLATION,
+            "{sql}"
+        );
+        assert!(
+            err.as_db_error().unwrap().message().contains("immutable"),
+            "{sql}: {err:?}"
+        );
+    }
+    // The published version and its steps are frozen too.
+    for sql in [
+        "UPDATE funnel_step SET name = 'renamed'",
+        "DELETE FROM funnel_step_match",
+        "UPDATE funnel_version SET conversion_window_seconds = 60",
+        "DELETE FROM funnel_version",
+    ] {
+        let err = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(
+            code(&err),
+            SqlState::INTEGRITY_CONSTRAINT_VIOLATION,
+            "{sql}: {err:?}"
+        );
+    }
+    let err = add_step(
+        &c,
+        &f,
+        1,
+        3,
+        "Paid",
+        &json!({"event_type": "track", "name": "Paid"}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code(&err), SqlState::INTEGRITY_CONSTRAINT_VIOLATION);
+    let err = c
+        .execute(
+            "SELECT funnel_publish($1, $2, 1, 'again')",
+            &[&f.tenant, &f.id],
+        )
+        .await
+        .unwrap_err();
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("already published"));
+    let unchanged: Value = c
+        .query_one("SELECT definition FROM funnel_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unchanged, def);
+
+    // A new draft is the way to change it; publishing it archives version 1.
+    c.execute(
+        "INSERT INTO funnel_version (tenant_id, funnel_id, version) VALUES ($1, $2, 2)",
+        &[&f.tenant, &f.id],
+    )
+    .await
+    .unwrap();
+    let err = c
+        .execute(
+            "INSERT INTO funnel_version (tenant_id, funnel_id, version) VALUES ($1, $2, 3)",
+            &[&f.tenant, &f.id],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code(&err),
+        SqlState::UNIQUE_VIOLATION,
+        "one draft at a time"
+    );
+    let err = c
+        .execute(
+            "SELECT funnel_publish($1, $2, 2, 'test')",
+            &[&f.tenant, &f.id],
+        )
+        .await
+        .unwrap_err();
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("has no steps"));
+    add_step(&c, &f, 2, 1, "Anything", &json!({"event_type": "page"}))
+        .await
+        .unwrap();
+    c.execute(
+        "SELECT funnel_publish($1, $2, 2, 'test')",
+        &[&f.tenant, &f.id],
+    )
+    .await
+    .unwrap();
+    let statuses: Vec<(i32, String)> = c
+        .query(
+            "SELECT version, status FROM funnel_version ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        statuses,
+        [(1, "archived".to_owned()), (2, "published".to_owned())]
+    );
+    let publications: i64 = c
+        .query_one("SELECT count(*) FROM funnel_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publications, 2);
+
+    // Deleting the funnel (or its tenant) takes everything with it.
+    c.execute(
+        "DELETE FROM funnel WHERE tenant_id = $1 AND id = $2",
+        &[&f.tenant, &f.id],
+    )
+    .await
+    .unwrap();
+    for table in [
+        "funnel_publication",
+        "funnel_version",
+        "funnel_step",
+        "funnel_step_match",
+    ] {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{table}");
+    }
+}
+
+#[tokio::test]
+async fn match_rules_of_a_bad_shape_are_refused() {
+    let db = TestDb::migrated().await.unwrap();
+    let c = db.client().await.unwrap();
+    let f = funnel_with_draft(&c).await;
+    let good = [
+        json!({"event_type": "screen"}),
+        json!({"event_type": "track", "name": "Paid", "where": []}),
+        json!({"event_type": "page", "where": [{"field": "context.page.path", "op": "exists"}]}),
+        json!({"event_type": "track", "where": [{"field": "properties.plan", "op": "in", "value": ["pro", "team"]}]}),
+        json!({"event_type": "track", "where": [{"field": "properties.revenue", "op": "gte", "value": 10}]}),
+    ];
+    let bad = [
+        json!([]),
+        json!("page"),
+        json!({}),
+        json!({"event_type": "click"}),
+        json!({"event_type": 1}),
+        json!({"event_type": "track", "name": 5}),
+        json!({"event_type": "track", "extra": true}),
+        json!({"event_type": "track", "where": {}}),
+        json!({"event_type": "track", "where": ["x"]}),
+        json!({"event_type": "track", "where": [{"field": "plan", "op": "eq", "value": 1}]}),
+        json!({"event_type": "track", "where": [{"field": "properties.plan", "op": "like", "value": 1}]}),
+        json!({"event_type": "track", "where": [{"field": "properties.plan", "op": "eq"}]}),
+        json!({"event_type": "track", "where": [{"field": "properties.plan", "op": "exists", "value": 1}]}),
+        json!({"event_type": "track", "where": [{"field": "properties.plan", "op": "in", "value": "pro"}]}),
+        json!({"event_type": "track", "where": [{"field": "properties.plan", "op": "eq", "value": 1, "x": 2}]}),
+    ];
+    for (i, rule) in good.iter().enumerate() {
+        c.execute(
+            "INSERT INTO funnel_step_match (tenant_id, funnel_id, version, position, ordinal, rule) VALUES ($1, $2, 1, 1, $3, $4)",
+            &[&f.tenant, &f.id, &(i as i32 + 2), rule],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{rule} refused: {e:?}"));
+    }
+    for rule in bad {
+        let err = c
+            .execute(
+                "INSERT INTO funnel_step_match (tenant_id, funnel_id, version, position, ordinal, rule) VALUES ($1, $2, 1, 2, 9, $3)",
+                &[&f.tenant, &f.id, &rule],
+            )
+            .await
+            .expect_err(&format!("{rule} accepted"));
+        assert_eq!(code(&err), SqlState::CHECK_VIOLATION, "{rule}");
+        assert_eq!(
+            err.as_db_error().unwrap().constraint(),
+            Some("funnel_step_match_rule_shape")
+        );
+    }
+    // Steps: unique positions, and a rule must belong to an existing step.
+    let err = add_step(&c, &f, 1, 1, "Again", &json!({"event_type": "page"}))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), SqlState::UNIQUE_VIOLATION);
+    let err = c
+        .execute(
+            "INSERT INTO funnel_step_match (tenant_id, funnel_id, version, position, ordinal, rule) VALUES ($1, $2, 1, 7, 1, '{\"event_type\": \"page\"}')",
+            &[&f.tenant, &f.id],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), SqlState::FOREIGN_KEY_VIOLATION);
+    let err = c
+        .execute("INSERT INTO funnel_version (tenant_id, funnel_id, version, status) VALUES ($1, $2, 5, 'published')", &[&f.tenant, &f.id])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().unwrap().constraint(),
+        Some("funnel_version_published_at_iff_not_draft")
+    );
+}
