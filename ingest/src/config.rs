@@ -162,6 +162,23 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_REQUESTS", default_value_t = 1_024)]
     pub max_concurrent_requests: usize,
 
+    /// Most open client connections; further ones wait in the listen backlog.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// How long a client may take to send a request's headers, in milliseconds; slower
+    /// connections (slow-loris) are closed.
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// How long a client may take to send a request's body, in milliseconds (408 after).
+    #[arg(long, env = "SLUICE_BODY_READ_TIMEOUT_MS", default_value_t = 15_000)]
+    pub body_read_timeout_ms: u64,
+
+    /// Largest request head (request line and headers), in bytes; 431 over it.
+    #[arg(long, env = "SLUICE_MAX_HEADER_BYTES", default_value_t = 65_536)]
+    pub max_header_bytes: usize,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -22,6 +22,9 @@ pub enum IngestError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The client sent its body too slowly.
+    #[error("the request body did not arrive within {0} ms; send it at once")]
+    BodyTimeout(u64),
     /// No write key in the request.
     #[error("no write key: send it as the HTTP Basic user name, as a Bearer token, or as writeKey in the body")]
     MissingKey,
@@ -77,6 +80,7 @@ impl IngestError {
         match self {
             IngestError::BadRequest(_) | IngestError::AllRejected(_) => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::MissingKey | IngestError::UnknownKey => StatusCode::UNAUTHORIZED,
             IngestError::KeyRevoked
             | IngestError::KeyExpired

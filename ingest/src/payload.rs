@@ -295,20 +295,48 @@ pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
 
 /// Rejects JSON nested deeper than `max` before it reaches a parser: deserialising into a
 /// tree recurses once per level, so a 500 KB body of `[[[[...` would otherwise exhaust the
-/// stack. One pass over the bytes, strings skipped.
+/// stack. Also rejects `\u` escapes of lone UTF-16 surrogates, which are not text (a
+/// lenient parser would turn them into replacement characters, silently changing the data).
+/// One pass over the bytes.
 fn check_depth(json: &[u8], max: usize) -> Result<(), IngestError> {
+    let lone = || IngestError::BadRequest("a string holds a lone UTF-16 surrogate escape".into());
     let mut depth = 0usize;
     let mut in_string = false;
-    let mut escaped = false;
-    for &b in json {
+    // The previous string token was a high-surrogate escape: a low one must follow.
+    let mut want_low = false;
+    let mut i = 0;
+    while i < json.len() {
+        let b = json[i];
         if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
+            if b == b'\\' {
+                if json.get(i + 1) == Some(&b'u') {
+                    let unit = json
+                        .get(i + 2..i + 6)
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u16::from_str_radix(h, 16).ok());
+                    match unit {
+                        Some(0xD800..=0xDBFF) if !want_low => want_low = true,
+                        Some(0xDC00..=0xDFFF) if want_low => want_low = false,
+                        Some(0xD800..=0xDFFF) => return Err(lone()),
+                        _ if want_low => return Err(lone()),
+                        _ => {}
+                    }
+                    i += 6;
+                } else {
+                    if want_low {
+                        return Err(lone());
+                    }
+                    i += 2;
+                }
+                continue;
+            }
+            if want_low {
+                return Err(lone());
+            }
+            if b == b'"' {
                 in_string = false;
             }
+            i += 1;
             continue;
         }
         match b {
@@ -324,6 +352,7 @@ fn check_depth(json: &[u8], max: usize) -> Result<(), IngestError> {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     Ok(())
 }
@@ -472,10 +501,14 @@ pub fn validate(
     let group_id = id(&mut m, "groupId")?;
     let previous_id = id(&mut m, "previousId")?;
     let mut session_id = id(&mut m, "sessionId")?;
-    let name = match kind {
-        Kind::Track => take_string(&mut m, "event", limits.max_name_bytes)?,
-        _ => take_string(&mut m, "name", limits.max_name_bytes)?,
-    };
+    let name_field = if kind == Kind::Track { "event" } else { "name" };
+    if m.get(name_field).is_some_and(Value::is_number) {
+        return Err((
+            Reason::InvalidField,
+            format!("{name_field} must be a string"),
+        ));
+    }
+    let name = take_string(&mut m, name_field, limits.max_name_bytes)?;
     let timestamp = match m.remove("timestamp") {
         Some(v) => parse_time(&v).map_err(|()| {
             (
@@ -774,6 +807,33 @@ mod tests {
             b"{\"a\":1}"
         );
         assert!(decode_body(b"x", Some("br"), None, &limits).is_err());
+    }
+
+    #[test]
+    fn lone_surrogates_and_numeric_names_are_refused() {
+        for body in [
+            r#"{"event":"\ud800","userId":"u"}"#,
+            r#"{"event":"\udc00x","userId":"u"}"#,
+            r#"{"event":"\ud800\u0041","userId":"u"}"#,
+        ] {
+            let mut b = body.as_bytes().to_vec();
+            assert!(
+                matches!(
+                    parse(&mut b, Endpoint::Single(Kind::Track), &Limits::default()),
+                    Err(IngestError::BadRequest(_))
+                ),
+                "{body}"
+            );
+        }
+        let mut pair = br#"{"event":"\ud83d\ude00","userId":"u"}"#.to_vec();
+        let p = parse(&mut pair, Endpoint::Single(Kind::Track), &Limits::default()).unwrap();
+        assert_eq!(p.messages[0].1.name.as_deref(), Some("\u{1F600}"));
+        let p = parse_value(
+            json!({"event": 5, "userId": 7}),
+            Endpoint::Single(Kind::Track),
+        )
+        .unwrap();
+        assert_eq!(p.rejected[0].reason, Reason::InvalidField);
     }
 
     #[test]

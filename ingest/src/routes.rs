@@ -191,6 +191,18 @@ async fn handle<S: Sink, K: KeyStore>(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
 
+    // A body announced over the limit is refused before a byte of it is read.
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > app.limits.max_request_bytes as u64) {
+        return Err(IngestError::TooLarge {
+            what: "request body",
+            limit: app.limits.max_request_bytes,
+        });
+    }
+
     // A key in the headers is checked before the body is even read, so unauthenticated
     // floods cost no parsing.
     let header_key = key_from_headers(headers);
@@ -202,7 +214,13 @@ async fn handle<S: Sink, K: KeyStore>(
     let (parsed, body_key) = if endpoint == Endpoint::Single(Kind::Pixel) {
         pixel(parts.uri.query().unwrap_or_default(), &app.limits)?
     } else {
-        let raw = read_body(body, app.limits.max_request_bytes).await?;
+        let read_timeout = app.config.body_read_timeout_ms;
+        let raw = tokio::time::timeout(
+            Duration::from_millis(read_timeout),
+            read_body(body, app.limits.max_request_bytes),
+        )
+        .await
+        .map_err(|_| IngestError::BodyTimeout(read_timeout))??;
         let mut json = payload::decode_body(
             &raw,
             headers
