@@ -15,8 +15,10 @@
 //! - [`report`]: HDR latency summaries, the progress line, the final reports.
 //! - [`run`]: the `run` command.
 //! - [`verify`]: the `verify` command.
+//! - [`bare`]: a do-nothing HTTP server of the collector's framework, the benchmarks' ceiling.
 
 pub mod acks;
+pub mod bare;
 pub mod generate;
 pub mod keys;
 pub mod report;

@@ -31,6 +31,19 @@ enum Command {
     Run(Box<RunArgs>),
     /// Check an ack file against PostgreSQL: nothing lost, nothing twice, how long it took.
     Verify(VerifyArgs),
+    /// Serve a bare HTTP server (axum, answers 200, no work): the benchmarks' ceiling.
+    BareServer(BareArgs),
+}
+
+#[derive(Args)]
+struct BareArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "SLUICE_LOADTEST_BARE_LISTEN",
+        default_value = "127.0.0.1:8090"
+    )]
+    listen: std::net::SocketAddr,
 }
 
 #[derive(Args)]
@@ -152,6 +165,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args).await,
         Command::Verify(args) => verify(args).await,
+        Command::BareServer(args) => bare_server(args).await,
     };
     match result {
         Ok(code) => code,
@@ -240,4 +254,18 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn bare_server(args: BareArgs) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {err}; pick a free --listen address",
+                args.listen
+            )
+        })?;
+    tracing::info!(listen = %args.listen, "bare server answering 200");
+    sluice_loadtest::bare::serve(listener, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
 }
