@@ -44,8 +44,12 @@ async fn assert_unique(client: &Client, sql: &str, constraint: &str) {
 async fn two_tenants(client: &Client) -> [(i64, i64); 2] {
     let mut out = [(0, 0); 2];
     for (i, name) in ["alpha", "beta"].into_iter().enumerate() {
-        let t = control::create_tenant(client, name).await.unwrap();
-        let w = control::create_workspace(client, t, "web").await.unwrap();
+        let t = control::create_tenant(client, name)
+            .await
+            .expect("two_tenants");
+        let w = control::create_workspace(client, t, "web")
+            .await
+            .expect("two_tenants");
         out[i] = (t, w);
     }
     out

@@ -14,22 +14,26 @@ struct Funnel {
 }
 
 async fn funnel_with_draft(c: &Client) -> Funnel {
-    let tenant = control::create_tenant(c, "acme").await.unwrap();
-    let ws = control::create_workspace(c, tenant, "web").await.unwrap();
+    let tenant = control::create_tenant(c, "acme")
+        .await
+        .expect("funnel_with_draft");
+    let ws = control::create_workspace(c, tenant, "web")
+        .await
+        .expect("funnel_with_draft");
     let id: i64 = c
         .query_one(
             "INSERT INTO funnel (tenant_id, workspace_id, name) VALUES ($1, $2, 'signup') RETURNING id",
             &[&tenant, &ws],
         )
         .await
-        .unwrap()
+        .expect("funnel_with_draft")
         .get(0);
     c.execute(
         "INSERT INTO funnel_version (tenant_id, funnel_id, version) VALUES ($1, $2, 1)",
         &[&tenant, &id],
     )
     .await
-    .unwrap();
+    .expect("funnel_with_draft");
     for (pos, name, rule) in [
         (
             1,
@@ -44,7 +48,7 @@ async fn funnel_with_draft(c: &Client) -> Funnel {
     ] {
         add_step(c, &Funnel { tenant, id }, 1, pos, name, &rule)
             .await
-            .unwrap();
+            .expect("funnel_with_draft");
     }
     Funnel { tenant, id }
 }

@@ -27,7 +27,7 @@ fn schema_dump(db: &TestDb) -> String {
     );
     // pg_dump (15.14+) brackets its output with a random `\restrict` token: not schema.
     String::from_utf8(out.stdout)
-        .unwrap()
+        .expect("schema_dump")
         .lines()
         .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
         .collect::<Vec<_>>()

@@ -12,7 +12,7 @@ use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 fn day(y: i32, m: u32, d: u32) -> NaiveDate {
-    NaiveDate::from_ymd_opt(y, m, d).unwrap()
+    NaiveDate::from_ymd_opt(y, m, d).expect("day")
 }
 
 async fn insert_event(

@@ -22,7 +22,7 @@ fn keys(list: &[(&str, u8)], active: &str) -> PiiKeys {
             )
         })
         .collect();
-    PiiKeys::from_env_strings(&spec.join(","), active).unwrap()
+    PiiKeys::from_env_strings(&spec.join(","), active).expect("keys")
 }
 
 #[tokio::test]
