@@ -75,10 +75,10 @@ enum Command {
     Seed {
         /// PII keys, `id=base64,...` (32 bytes each), to seal the seeded emails and phones.
         #[arg(long, env = "SLUICE_PII_KEYS", hide_env_values = true)]
-        pii_keys: String,
+        pii_keys: Option<String>,
         /// Id of the key new PII is sealed with.
         #[arg(long, env = "SLUICE_PII_ACTIVE_KEY")]
-        pii_active_key: String,
+        pii_active_key: Option<String>,
         /// Visitors of the demo tenant (the other tenant gets about a third).
         #[arg(long, default_value_t = 150)]
         visitors: u32,
@@ -185,7 +185,12 @@ async fn run(cli: Cli) -> Result<()> {
             pii_active_key,
             visitors,
         } => {
-            let keys = PiiKeys::from_env_strings(&pii_keys, &pii_active_key)?;
+            // Missing settings go through the same check as malformed ones, whose message
+            // says how to make keys.
+            let keys = PiiKeys::from_env_strings(
+                pii_keys.as_deref().unwrap_or_default(),
+                pii_active_key.as_deref().unwrap_or_default(),
+            )?;
             let cfg = SeedConfig {
                 visitors,
                 ..SeedConfig::default()
