@@ -84,6 +84,8 @@ struct Completion {
 /// Capacity of the completion channel: answers wait here for the recorder. Full, it slows the
 /// request tasks' exit (not the dispatcher), so it bounds memory without skewing latency.
 const COMPLETION_QUEUE: usize = 8192;
+/// Upper bound of `--max-in-flight`.
+const MAX_IN_FLIGHT_LIMIT: usize = 1_000_000;
 /// How often the ack file is flushed, so a following `verify` sees acks promptly.
 const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -143,7 +145,8 @@ pub async fn run(
             max_in_flight,
         } => {
             let schedule = RateSchedule::new(start, rate_rps)?;
-            let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+            // At most a million: more sockets than that would exhaust the machine first.
+            let max_in_flight = max_in_flight.clamp(1, MAX_IN_FLIGHT_LIMIT);
             let permits = Arc::new(Semaphore::new(max_in_flight));
             let mut generator = generator;
             for i in 0..max_requests {
@@ -180,7 +183,9 @@ pub async fn run(
                 });
             }
             // Wait for every request in flight (each ends within the request timeout).
-            let _all = permits.acquire_many(max_in_flight as u32).await;
+            let _all = permits
+                .acquire_many(u32::try_from(max_in_flight).unwrap_or(u32::MAX))
+                .await;
         }
         Mode::Closed { connections } => {
             let generator = Arc::new(Mutex::new(generator));
