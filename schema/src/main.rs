@@ -79,8 +79,9 @@ enum Command {
         /// Id of the key new PII is sealed with.
         #[arg(long, env = "SLUICE_PII_ACTIVE_KEY")]
         pii_active_key: Option<String>,
-        /// Visitors of the demo tenant (the other tenant gets about a third).
-        #[arg(long, default_value_t = 150)]
+        /// Visitors of the demo tenant (the other tenant gets about a third). Bounded because
+        /// the seed is one transaction.
+        #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         visitors: u32,
     },
 }

@@ -195,8 +195,9 @@ pub async fn down(client: &mut Client, steps: usize) -> Result<Vec<Applied>, Sch
     Ok(done)
 }
 
-/// Every known and every applied migration, in version order, with its state. Read-only:
-/// it reports edited files (`modified`) rather than failing on them.
+/// Every known and every applied migration, in version order, with its state. It reports
+/// edited files (`modified`) rather than failing on them, and changes nothing except creating
+/// the empty `schema_migration` table in a database that never had one.
 pub async fn status(client: &mut Client) -> Result<Vec<MigrationStatus>, SchemaError> {
     let tx = locked(client).await?;
     let applied = rows(&tx).await?;

@@ -311,3 +311,62 @@ async fn match_rules_of_a_bad_shape_are_refused() {
         Some("funnel_version_published_at_iff_not_draft")
     );
 }
+
+#[tokio::test]
+async fn funnel_foreign_keys_refuse_orphans_and_other_tenants() {
+    let db = TestDb::migrated().await.unwrap();
+    let c = db.client().await.unwrap();
+    let f = funnel_with_draft(&c).await;
+    let other = control::create_tenant(&c, "other").await.unwrap();
+    let other_ws = control::create_workspace(&c, other, "web").await.unwrap();
+    let t = f.tenant;
+    let cases = [
+        // A funnel cannot sit in another tenant's workspace.
+        (
+            format!("INSERT INTO funnel (tenant_id, workspace_id, name) VALUES ({t}, {other_ws}, 'x')"),
+            "funnel_tenant_id_workspace_id_fkey",
+        ),
+        (
+            format!("INSERT INTO funnel_version (tenant_id, funnel_id, version) VALUES ({other}, {}, 9)", f.id),
+            "funnel_version_tenant_id_funnel_id_fkey",
+        ),
+        (
+            format!("INSERT INTO funnel_step (tenant_id, funnel_id, version, position, name) VALUES ({t}, {}, 9, 1, 'x')", f.id),
+            "funnel_step_tenant_id_funnel_id_version_fkey",
+        ),
+        (
+            format!("INSERT INTO funnel_publication (tenant_id, funnel_id, version, definition) VALUES ({t}, {}, 9, '{{\"steps\": []}}')", f.id),
+            "funnel_publication_tenant_id_funnel_id_version_fkey",
+        ),
+    ];
+    for (sql, constraint) in cases {
+        let err = c.batch_execute(&sql).await.expect_err(&sql);
+        assert_eq!(
+            code(&err),
+            SqlState::FOREIGN_KEY_VIOLATION,
+            "{sql}: {err:?}"
+        );
+        assert_eq!(
+            err.as_db_error().unwrap().constraint(),
+            Some(constraint),
+            "{sql}"
+        );
+    }
+    // Deleting the tenant cascades through a published funnel: erasure is not blocked by
+    // the immutability guard.
+    c.execute(
+        "SELECT funnel_publish($1, $2, 1, 'test')",
+        &[&f.tenant, &f.id],
+    )
+    .await
+    .unwrap();
+    c.execute("DELETE FROM tenant WHERE id = $1", &[&f.tenant])
+        .await
+        .unwrap();
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM funnel_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
