@@ -121,9 +121,7 @@ pub async fn create_key<C: GenericClient + Sync>(
             Err(err) => return Err(SchemaError::db("creating the key")(err)),
         }
     }
-    Err(SchemaError::NotFound(
-        "a free key prefix after several attempts (the random source may be broken)".into(),
-    ))
+    Err(SchemaError::KeyPrefixExhausted(KEY_ATTEMPTS))
 }
 
 /// Revokes a key: the collector refuses it (403) once its key cache expires. Returns false

@@ -55,6 +55,11 @@ pub enum SchemaError {
     /// A row named by the caller does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// Every attempt to make a key hit a prefix in use: the random source is broken.
+    #[error(
+        "no free key prefix after {0} attempts: the system's random number source looks broken"
+    )]
+    KeyPrefixExhausted(usize),
     /// PII keys are missing or malformed.
     #[error("PII key configuration: {0}")]
     PiiConfig(String),
