@@ -309,6 +309,63 @@ fn compose_ports_and_scrape_targets_match_the_services() {
     }
 }
 
+/// Runs the Go checker in `dir` (`go run . ARG` there) and returns its stdout; without Go it
+/// says so loudly and returns None. The first run fetches the checker's modules through the
+/// Go module proxy and builds it (about a minute); later runs take a fraction of a second.
+fn go_run(dir: &str, arg: &str) -> Option<String> {
+    let out = match Command::new("go")
+        .args(["run", ".", arg])
+        .current_dir(repo_root().join(dir))
+        .output()
+    {
+        Ok(out) => out,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "\n!!! SKIPPED: Go is not installed, {dir} did not run. Install Go (golang) to \
+                 check the deploy files against the official schemas. !!!\n"
+            );
+            return None;
+        }
+        Err(err) => panic!("running go in {dir}: {err}"),
+    };
+    assert!(
+        out.status.success(),
+        "{dir} rejected the deploy files:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn compose_file_passes_the_compose_loader_and_reads_the_same_here() {
+    // compose-go validates against the Compose specification and applies anchors and merge
+    // keys as `docker compose` does; what it resolves must be what the tests above checked.
+    let Some(resolved) = go_run("deploy/compose/schemacheck", "../docker-compose.yml") else {
+        return;
+    };
+    let resolved: serde_json::Value =
+        serde_json::from_str(&resolved).expect("schemacheck printed no JSON");
+    let file = compose();
+    for (name, svc) in compose_sluice_services(&file) {
+        let official = &resolved[name.as_str()];
+        let command: Vec<String> = official["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(command, compose_command(svc), "compose {name}: command");
+        let env: BTreeMap<String, String> = official["environment"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect();
+        assert_eq!(env, compose_env(svc), "compose {name}: environment");
+    }
+}
+
 // ---- kubernetes --------------------------------------------------------------------------
 
 struct Manifests {
@@ -672,6 +729,12 @@ fn k8s_ports_probes_selectors_and_grace_periods_fit_together() {
         listed, present,
         "kustomization.yaml resources differ from the manifests in deploy/k8s"
     );
+}
+
+#[test]
+fn k8s_manifests_decode_strictly_into_the_api_types() {
+    // The Kubernetes API's own Go types, strict: unknown fields and wrong types are errors.
+    go_run("deploy/k8s/schemacheck", "..");
 }
 
 /// The numeric user the Dockerfile's runtime stage runs as.
