@@ -774,6 +774,83 @@ fn dockerfile_builds_every_binary_of_the_workspace() {
     assert!(dockerfile_uid() != 0, "the runtime image runs as root");
 }
 
+/// Debian packages of the runtime stage: its `apt-get install` list, plus libc6 and libgcc-s1,
+/// which every Debian image has.
+fn runtime_packages() -> BTreeSet<String> {
+    let dockerfile = read("Dockerfile");
+    let runtime = dockerfile
+        .split_once("AS runtime")
+        .expect("the Dockerfile has no `AS runtime` stage")
+        .1;
+    let mut packages: BTreeSet<String> = ["libc6", "libgcc-s1"].map(str::to_owned).into();
+    if let Some((_, rest)) = runtime.split_once("--no-install-recommends") {
+        packages.extend(
+            rest.split_whitespace()
+                .take_while(|w| *w != "\\" && *w != "&&")
+                .map(str::to_owned),
+        );
+    }
+    packages
+}
+
+#[test]
+fn runtime_image_has_every_shared_library_the_binaries_link() {
+    let packages = runtime_packages();
+    let mut missing = Vec::new();
+    for binary in [
+        "sluice-ingest",
+        "sluice-writer",
+        "sluice-schema",
+        "sluice-loadtest",
+    ] {
+        let path = bin_path(binary).unwrap_or_else(|err| panic!("{err:#}"));
+        let out = match Command::new("ldd").arg(&path).output() {
+            Ok(out) => out,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("\n!!! SKIPPED: no `ldd` here; the runtime image's libraries are unchecked. !!!\n");
+                return;
+            }
+            Err(err) => panic!("running ldd: {err}"),
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)", or the loader alone.
+            let Some(file) = line
+                .split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            let owner = Command::new("dpkg")
+                .args(["-S", &file])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let Some(owner) = owner else {
+                missing.push(format!("{binary}: {file} (no Debian package owns it)"));
+                continue;
+            };
+            // "zlib1g:amd64: /lib/x86_64-linux-gnu/libz.so.1"
+            let package = owner
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            if !packages.contains(&package) {
+                missing.push(format!("{binary}: {file} from package {package}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the runtime image lacks libraries the binaries link; add the packages to the \
+         Dockerfile's runtime `apt-get install`:\n{}",
+        missing.join("\n")
+    );
+}
+
 // ---- prometheus and grafana --------------------------------------------------------------
 
 /// Runs promtool, or says loudly that it is missing and returns false.
