@@ -2,9 +2,11 @@
 # One image for the four sluice binaries (sluice-ingest, sluice-writer, sluice-schema,
 # sluice-loadtest); each container picks its binary with its command. Build from the repo root:
 #   docker build -t sluice:dev .
-# No container engine runs on the machine this was written on: the file is kept correct by
-# review and by tests/tests/deploy_config.rs (which checks what the deploy files ask of it),
-# not by a build. See docs/operations.md.
+# No container engine runs on the machine this was written on, so no build checks it; instead
+# tests/tests/deploy_config.rs parses and lints it with BuildKit's own Dockerfile frontend
+# (deploy/compose/schemacheck), runs `ldd` on the binaries against the runtime stage's
+# packages, and checks that it ships every binary and runs as the manifests' user.
+# See docs/operations.md.
 
 # ---- build -------------------------------------------------------------------------------
 # The workspace's rust-version is 1.85; a newer stable compiler builds it too.
