@@ -900,6 +900,24 @@ fn prometheus_configs_and_rules_pass_promtool() {
     ]);
 }
 
+#[test]
+fn k8s_prometheus_rule_is_the_rules_file() {
+    let m = Manifests::load();
+    let rule = m
+        .named("PrometheusRule", "sluice")
+        .expect("deploy/k8s has no PrometheusRule sluice");
+    let rules = yaml_docs("deploy/prometheus/rules/sluice.rules.yml").remove(0);
+    assert!(
+        !items(&rules["groups"]).is_empty(),
+        "the rules file has no groups"
+    );
+    assert!(
+        rule["spec"]["groups"] == rules["groups"],
+        "deploy/k8s/prometheusrule.yaml differs from deploy/prometheus/rules/sluice.rules.yml: \
+         copy the rules file's groups into it"
+    );
+}
+
 /// The `sluice_*` metric names a PromQL expression uses, without histogram suffixes.
 fn metrics_in(expr: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();

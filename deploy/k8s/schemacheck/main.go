@@ -1,11 +1,11 @@
 // Command schemacheck decodes every manifest in deploy/k8s strictly into the Kubernetes API's
-// own Go types (and the Prometheus Operator's for the PodMonitor): a misspelt field, a field
-// at the wrong level or a value of the wrong type is an error, as the API server would reject
-// it. No cluster runs where sluice is built, so this stands in for `kubectl apply
+// own Go types (and the Prometheus Operator's for the PodMonitor and PrometheusRule): a
+// misspelt field, a field at the wrong level or a value of the wrong type is an error, as the
+// API server would reject it. No cluster runs where sluice is built, so this stands in for `kubectl apply
 // --dry-run=server`. Kinds without vendored types (KEDA's ScaledObject) are named as
 // unchecked; tests/tests/deploy_config.rs checks their fields that matter.
 //
-// Usage: go run ./deploy/k8s/schemacheck deploy/k8s   (tests/tests/deploy_config.rs does)
+// Usage (from this folder): go run . ..   (tests/tests/deploy_config.rs does)
 package main
 
 import (
@@ -27,16 +27,17 @@ import (
 
 // types maps "apiVersion kind" to a constructor of the typed object it must decode into.
 var types = map[string]func() any{
-	"v1 Namespace":                           func() any { return &corev1.Namespace{} },
-	"v1 ConfigMap":                           func() any { return &corev1.ConfigMap{} },
-	"v1 Secret":                              func() any { return &corev1.Secret{} },
-	"v1 Service":                             func() any { return &corev1.Service{} },
-	"apps/v1 Deployment":                     func() any { return &appsv1.Deployment{} },
-	"batch/v1 Job":                           func() any { return &batchv1.Job{} },
-	"batch/v1 CronJob":                       func() any { return &batchv1.CronJob{} },
-	"autoscaling/v2 HorizontalPodAutoscaler": func() any { return &autoscalingv2.HorizontalPodAutoscaler{} },
-	"policy/v1 PodDisruptionBudget":          func() any { return &policyv1.PodDisruptionBudget{} },
-	"monitoring.coreos.com/v1 PodMonitor":    func() any { return &monitoringv1.PodMonitor{} },
+	"v1 Namespace":                            func() any { return &corev1.Namespace{} },
+	"v1 ConfigMap":                            func() any { return &corev1.ConfigMap{} },
+	"v1 Secret":                               func() any { return &corev1.Secret{} },
+	"v1 Service":                              func() any { return &corev1.Service{} },
+	"apps/v1 Deployment":                      func() any { return &appsv1.Deployment{} },
+	"batch/v1 Job":                            func() any { return &batchv1.Job{} },
+	"batch/v1 CronJob":                        func() any { return &batchv1.CronJob{} },
+	"autoscaling/v2 HorizontalPodAutoscaler":  func() any { return &autoscalingv2.HorizontalPodAutoscaler{} },
+	"policy/v1 PodDisruptionBudget":           func() any { return &policyv1.PodDisruptionBudget{} },
+	"monitoring.coreos.com/v1 PodMonitor":     func() any { return &monitoringv1.PodMonitor{} },
+	"monitoring.coreos.com/v1 PrometheusRule": func() any { return &monitoringv1.PrometheusRule{} },
 }
 
 // unchecked are kinds we know and deliberately do not decode (their Go types would pull in a
