@@ -676,6 +676,52 @@ fn k8s_ports_probes_selectors_and_grace_periods_fit_together() {
         "the writer scales on something else than its lag: {query}"
     );
 
+    // NetworkPolicies open ports the pods have, and let the Prometheus that the writer's
+    // autoscaler queries reach the metrics ports.
+    let server = scalar(&items(&scaled["spec"]["triggers"])[0]["metadata"]["serverAddress"])
+        .unwrap_or_default();
+    let monitoring_ns = server
+        .split('.')
+        .nth(1)
+        .expect("the autoscaler's Prometheus address has no namespace")
+        .to_owned();
+    for name in ["sluice-ingest", "sluice-writer"] {
+        let d = deployments[name];
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        let ports = container_ports(&items(&pod_spec(d)["containers"])[0]);
+        let policies: Vec<&Yaml> = m
+            .of_kind("NetworkPolicy")
+            .into_iter()
+            .filter(|p| selects(&p["spec"]["podSelector"]["matchLabels"], labels))
+            .collect();
+        assert!(!policies.is_empty(), "no NetworkPolicy selects {name}");
+        let mut metrics_from = BTreeSet::new();
+        for rule in policies.iter().flat_map(|p| items(&p["spec"]["ingress"])) {
+            for port in items(&rule["ports"]) {
+                let number = resolve_port(&port["port"], &ports).unwrap_or_else(|| {
+                    panic!(
+                        "NetworkPolicy of {name} opens {:?}, no port of its pods",
+                        port["port"]
+                    )
+                });
+                if Some(&number) == ports.get("metrics") {
+                    for from in items(&rule["from"]) {
+                        if let Some(ns) = scalar(
+                            &from["namespaceSelector"]["matchLabels"]
+                                ["kubernetes.io/metadata.name"],
+                        ) {
+                            metrics_from.insert(ns);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            metrics_from.contains(&monitoring_ns),
+            "{name}: metrics open to {metrics_from:?}, not to {monitoring_ns} where Prometheus runs"
+        );
+    }
+
     // Pruning never drops a month the writer would still fill: the months kept (all but the
     // current one are whole, of at least 28 days) outlast the writer's retention.
     let prune = m
