@@ -1,8 +1,9 @@
 //! Local observability works end to end: the real `sluice-ingest` and `sluice-writer` binaries
 //! run as processes, `deploy/local/prometheus start` runs Debian's Prometheus against their
 //! metrics ports with sluice's rules, and its HTTP API shows `sluice_writer_rows_total` rising
-//! exactly with a short load sent through the collector, the rules loaded and quiet, and every
-//! histogram the dashboard draws exported with buckets.
+//! exactly with a short load sent through the collector, the rules loaded and quiet, the
+//! dashboard's queries valid and its traffic panels showing the load, and every histogram the
+//! dashboard draws exported with buckets.
 //!
 //! Needs the binaries built (`cargo build --bins`) and `prometheus` installed (Debian's
 //! package); without the latter the test says so loudly and skips.
@@ -317,6 +318,53 @@ async fn local_prometheus_sees_rows_rising_with_the_load() {
         firing.is_empty(),
         "alerts fire on a healthy pipeline: {firing:?}"
     );
+
+    // Every query of the dashboard is valid PromQL for this Prometheus, and the panels of the
+    // traffic just sent show it.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("deploy/grafana/dashboards/sluice.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    // rate() needs two scrapes of a series inside its window, so a panel may take one scrape
+    // interval (5 s) after the load to show it: poll.
+    let must_show = [
+        "Requests/s by endpoint and status",
+        "Events/s by type and outcome",
+        "Rows/s by table",
+        "Consumer lag per partition",
+        "Accepted events/s",
+        "Rows stored/s",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut empty = Vec::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "1m");
+                // query() fails the test on a query Prometheus refuses (invalid PromQL).
+                if prom.query(&expr).await.is_empty() {
+                    empty.push(panel["title"].as_str().unwrap_or("?").to_owned());
+                }
+            }
+        }
+        let blank: Vec<&str> = must_show
+            .iter()
+            .copied()
+            .filter(|shown| empty.iter().any(|title| title == shown))
+            .collect();
+        if blank.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dashboard panels {blank:?} show no data 60 s after the load (all empty: {empty:?})"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 
     // Every histogram the dashboard and rules draw quantiles from is exported with buckets
     // (a summary would have no `_bucket` series, and its quantiles cannot be aggregated).
