@@ -434,3 +434,138 @@ fn pixel(query: &str, limits: &Limits) -> Result<(Parsed, Option<String>), Inges
     }
     Ok((parsed, key))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Handler tests without a broker or a database: the sink and the key store are in
+    //! memory, so failure modes the real ones cannot be made to show on demand (a full
+    //! producer queue, a key store that is down) are driven directly.
+
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use axum::body::to_bytes;
+    use clap::Parser;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::auth::{KeyRow, StoreError};
+    use crate::produce::{ProduceError, Record, Topic};
+
+    /// Records what it is sent, or fails as told.
+    #[derive(Default)]
+    struct MemSink {
+        sent: Mutex<Vec<Record>>,
+        fail: Option<fn() -> ProduceError>,
+    }
+
+    impl Sink for MemSink {
+        async fn send(&self, records: Vec<Record>) -> Result<(), ProduceError> {
+            if let Some(fail) = self.fail {
+                return Err(fail());
+            }
+            self.sent.lock().unwrap().extend(records);
+            Ok(())
+        }
+        fn queue_depth(&self) -> usize {
+            0
+        }
+        async fn probe(&self, _: Duration) -> Result<(), String> {
+            Ok(())
+        }
+        async fn flush(&self, _: Duration) {}
+    }
+
+    /// Keys by prefix, or down.
+    struct MemStore {
+        rows: HashMap<String, KeyRow>,
+        down: bool,
+    }
+
+    impl KeyStore for MemStore {
+        async fn fetch(&self, prefix: &str) -> Result<Option<KeyRow>, StoreError> {
+            if self.down {
+                return Err(StoreError("connection refused".into()));
+            }
+            Ok(self.rows.get(prefix).cloned())
+        }
+        async fn touch(&self, _: &[i64]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn ping(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn app(
+        fail: Option<fn() -> ProduceError>,
+        down: bool,
+    ) -> (Arc<App<MemSink, MemStore>>, String) {
+        let key = sluice_schema::apikey::generate();
+        let row = KeyRow {
+            id: 1,
+            tenant_id: 10,
+            workspace_id: 20,
+            hash: key.hash.to_vec(),
+            scopes: vec!["write".into()],
+            expires_at: None,
+            revoked_at: None,
+        };
+        let store = MemStore {
+            rows: HashMap::from([(key.prefix.clone(), row)]),
+            down,
+        };
+        let sink = MemSink {
+            fail,
+            ..MemSink::default()
+        };
+        let config = Config::try_parse_from(["x"]).unwrap();
+        (Arc::new(App::new(config, sink, store)), key.plaintext)
+    }
+
+    async fn post(
+        app: &Arc<App<MemSink, MemStore>>,
+        key: &str,
+        body: serde_json::Value,
+    ) -> Response {
+        let req = Request::post("/v1/track")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        router(app.clone()).oneshot(req).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn accepted_track_yields_event_and_visitor_records_keyed_by_visitor() {
+        let (app, key) = app(None, false);
+        let resp = post(&app, &key, json!({"event": "E", "anonymousId": "a1"})).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let sent = app.sink.sent.lock().unwrap().clone();
+        let topics: Vec<Topic> = sent.iter().map(|r| r.topic).collect();
+        assert_eq!(topics, [Topic::Event, Topic::Visitor]);
+        assert!(sent.iter().all(|r| r.key == "10/a1"));
+    }
+
+    #[tokio::test]
+    async fn full_queue_and_kafka_timeout_are_503_with_retry_after() {
+        for fail in [(|| ProduceError::QueueFull) as fn() -> ProduceError, || {
+            ProduceError::Timeout
+        }] {
+            let (app, key) = app(Some(fail), false);
+            let resp = post(&app, &key, json!({"event": "E", "userId": "u"})).await;
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(resp.headers()[header::RETRY_AFTER], "5");
+            let body = to_bytes(resp.into_body(), 10_000).await.unwrap();
+            assert!(String::from_utf8_lossy(&body).contains("retry"));
+        }
+    }
+
+    #[tokio::test]
+    async fn key_store_down_is_503_not_401() {
+        let (app, key) = app(None, true);
+        let resp = post(&app, &key, json!({"event": "E", "userId": "u"})).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key(header::RETRY_AFTER));
+        assert!(app.sink.sent.lock().unwrap().is_empty());
+    }
+}
