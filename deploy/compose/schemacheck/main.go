@@ -34,6 +34,8 @@ func main() {
 	opts, err := cli.NewProjectOptions(
 		[]string{os.Args[1]},
 		cli.WithName("sluice"),
+		// Services behind a profile (the seed tool) are checked too.
+		cli.WithProfiles([]string{"*"}),
 		// Interpolation must not depend on the caller's environment.
 		cli.WithEnv([]string{}),
 	)
