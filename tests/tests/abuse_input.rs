@@ -1,0 +1,578 @@
+//! Bad input against a collector served in this process: every malformed, oversized or
+//! hostile body gets a 4xx with a reason the client can act on, the collector stays healthy
+//! (a valid request right after is accepted), and nothing of the bad requests reaches Kafka
+//! (every topic of the collector is read back and must hold only the valid probe messages).
+//!
+//! Transport abuse (lying `Content-Length`, slow-loris, header floods, thousands of idle
+//! connections) is driven over raw TCP, since an HTTP client library refuses to misbehave.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sluice_tests::ingest::{account, consume, Collector};
+use sluice_tests::{Stack, TestDb};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One hostile request: what it is, where it goes, its body and content encoding.
+struct Case {
+    name: &'static str,
+    path: &'static str,
+    body: Vec<u8>,
+    encoding: Option<&'static str>,
+    /// The 4xx it must get.
+    expect: StatusCode,
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(data).expect("test setup");
+    enc.finish().expect("test setup")
+}
+
+fn nested(depth: usize) -> Vec<u8> {
+    let mut s = String::from(r#"{"event":"e","anonymousId":"a","properties":{"x":"#);
+    s.push_str(&"[".repeat(depth));
+    s.push_str(&"]".repeat(depth));
+    s.push_str("}}");
+    s.into_bytes()
+}
+
+fn cases() -> Vec<Case> {
+    use StatusCode as S;
+    let case = |name, path, body: &[u8], expect| Case {
+        name,
+        path,
+        body: body.to_vec(),
+        encoding: None,
+        expect,
+    };
+    let big_string = "x".repeat(40_000);
+    let huge_body = format!(
+        r#"{{"event":"e","anonymousId":"a","properties":{{"s":"{}"}}}}"#,
+        "y".repeat(600_000)
+    );
+    // 20 MB of one byte compresses to about 20 KB: under the wire limit, far over the
+    // decompressed one.
+    let bomb = gzip(&vec![b' '; 20 * 1024 * 1024]);
+    let valid = br#"{"event":"e","anonymousId":"a","messageId":"gz"}"#;
+    let good_gzip = gzip(valid);
+    let truncated = good_gzip[..good_gzip.len() / 2].to_vec();
+    let many = json!({"batch": (0..3000).map(|i| json!({"type":"track","event":"e","anonymousId":"a","messageId":format!("b{i}")})).collect::<Vec<_>>()});
+    vec![
+        case(
+            "invalid JSON",
+            "/v1/track",
+            br#"{"event": "e", "anonymousId": "#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "not JSON at all",
+            "/v1/track",
+            b"hello world",
+            S::BAD_REQUEST,
+        ),
+        case("empty body", "/v1/track", b"", S::BAD_REQUEST),
+        case("JSON array body", "/v1/track", b"[1,2,3]", S::BAD_REQUEST),
+        case("JSON null body", "/v1/track", b"null", S::BAD_REQUEST),
+        case(
+            "event name a number",
+            "/v1/track",
+            br#"{"event":5,"anonymousId":"a"}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "anonymousId an array",
+            "/v1/track",
+            br#"{"event":"e","anonymousId":["a"]}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "properties a string",
+            "/v1/track",
+            br#"{"event":"e","anonymousId":"a","properties":"p"}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "timestamp not a time",
+            "/v1/track",
+            br#"{"event":"e","anonymousId":"a","timestamp":"yesterday"}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "track without event",
+            "/v1/track",
+            br#"{"anonymousId":"a"}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "no identity",
+            "/v1/track",
+            br#"{"event":"e"}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "alias without previousId",
+            "/v1/alias",
+            br#"{"userId":"u"}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "group without groupId",
+            "/v1/group",
+            br#"{"anonymousId":"a"}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "batch not an array",
+            "/v1/batch",
+            br#"{"batch":{"type":"track"}}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "batch of garbage items",
+            "/v1/batch",
+            br#"{"batch":[1,"x",null,{"type":"nope","anonymousId":"a"}]}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "empty batch",
+            "/v1/batch",
+            br#"{"batch":[]}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "invalid UTF-8 in a string",
+            "/v1/track",
+            b"{\"event\":\"\xff\xfe\",\"anonymousId\":\"a\"}",
+            S::BAD_REQUEST,
+        ),
+        case(
+            "invalid UTF-8 outside strings",
+            "/v1/track",
+            b"\xc3\x28{\"event\":\"e\",\"anonymousId\":\"a\"}",
+            S::BAD_REQUEST,
+        ),
+        case(
+            "lone surrogate escape",
+            "/v1/track",
+            br#"{"event":"\ud800","anonymousId":"a"}"#,
+            S::BAD_REQUEST,
+        ),
+        case("nested 33 deep", "/v1/track", &nested(33), S::BAD_REQUEST),
+        case(
+            "nested 100000 deep",
+            "/v1/track",
+            &nested(100_000),
+            S::BAD_REQUEST,
+        ),
+        case(
+            "number out of f64 range",
+            "/v1/track",
+            br#"{"event":"e","anonymousId":"a","properties":{"n":1e999999}}"#,
+            S::BAD_REQUEST,
+        ),
+        case(
+            "id over 256 bytes",
+            "/v1/track",
+            format!(r#"{{"event":"e","anonymousId":"{}"}}"#, "a".repeat(300)).as_bytes(),
+            S::BAD_REQUEST,
+        ),
+        case(
+            "event name over 512 bytes",
+            "/v1/track",
+            format!(r#"{{"event":"{}","anonymousId":"a"}}"#, "e".repeat(600)).as_bytes(),
+            S::BAD_REQUEST,
+        ),
+        case(
+            "message over 32 KB",
+            "/v1/track",
+            format!(r#"{{"event":"e","anonymousId":"a","properties":{{"s":"{big_string}"}}}}"#)
+                .as_bytes(),
+            S::PAYLOAD_TOO_LARGE,
+        ),
+        case(
+            "body over 500 KB",
+            "/v1/track",
+            huge_body.as_bytes(),
+            S::PAYLOAD_TOO_LARGE,
+        ),
+        case(
+            "batch over 2500 messages",
+            "/v1/batch",
+            &serde_json::to_vec(&many).expect("test setup"),
+            S::PAYLOAD_TOO_LARGE,
+        ),
+        case(
+            "form body without data",
+            "/v1/track",
+            b"data2=abc",
+            S::BAD_REQUEST,
+        ),
+        case(
+            "form body with bad base64",
+            "/v1/track",
+            b"data=%%%***",
+            S::BAD_REQUEST,
+        ),
+        Case {
+            name: "gzip bomb (20 MB of spaces)",
+            path: "/v1/batch",
+            body: bomb,
+            encoding: Some("gzip"),
+            expect: S::PAYLOAD_TOO_LARGE,
+        },
+        Case {
+            name: "truncated gzip",
+            path: "/v1/track",
+            body: truncated,
+            encoding: Some("gzip"),
+            expect: S::BAD_REQUEST,
+        },
+        Case {
+            name: "plain JSON labelled gzip",
+            path: "/v1/track",
+            body: valid.to_vec(),
+            encoding: Some("gzip"),
+            expect: S::BAD_REQUEST,
+        },
+        Case {
+            name: "unsupported encoding br",
+            path: "/v1/track",
+            body: valid.to_vec(),
+            encoding: Some("br"),
+            expect: S::BAD_REQUEST,
+        },
+    ]
+}
+
+/// Sends one valid track and asserts it is accepted: the collector is still healthy.
+async fn probe(collector: &Collector, key: &str, id: &str) {
+    let r = reqwest::Client::new()
+        .post(collector.url("/v1/track"))
+        .bearer_auth(key)
+        .json(&json!({"event": "probe", "anonymousId": "probe", "messageId": id}))
+        .send()
+        .await
+        .expect("test setup");
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "probe {id}: {}",
+        r.text().await.expect("test setup")
+    );
+}
+
+/// Reads every topic of the collector and returns the messageIds found on the event topic,
+/// asserting the identity topic is empty (no bad identify/alias got through).
+async fn produced_message_ids(collector: &Collector, expect: usize) -> Vec<String> {
+    let brokers = &Stack::get().kafka_brokers;
+    let linger = Duration::from_secs(1);
+    let events = consume(
+        brokers,
+        &collector.topics.event,
+        expect,
+        Duration::from_secs(20),
+        linger,
+    )
+    .await
+    .expect("test setup");
+    let identities = consume(
+        brokers,
+        &collector.topics.identity,
+        1,
+        Duration::from_secs(3),
+        linger,
+    )
+    .await
+    .expect("test setup");
+    assert!(
+        identities.is_empty(),
+        "bad identify/alias reached Kafka: {identities:?}"
+    );
+    events
+        .iter()
+        .map(|c| {
+            c.value["message_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_body_gets_a_4xx_with_a_reason_and_nothing_reaches_kafka() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "abuse").await.unwrap();
+    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let key = acct.key.plaintext.clone();
+    let http = reqwest::Client::new();
+    let cases = cases();
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let mut req = http
+            .post(collector.url(case.path))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(case.body.clone());
+        if let Some(enc) = case.encoding {
+            req = req.header("content-encoding", enc);
+        }
+        let started = Instant::now();
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let reason = body["error"].as_str().unwrap_or_default().to_owned();
+        if status != case.expect || reason.len() < 10 {
+            failures.push(format!("{}: {status} {body}", case.name));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{} took {:?}",
+            case.name,
+            started.elapsed()
+        );
+        // Still healthy after every case.
+        probe(&collector, &key, &format!("probe-{i}")).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "wrong answers:\n{}",
+        failures.join("\n")
+    );
+    eprintln!("{} bad bodies refused", cases.len());
+
+    let ids = produced_message_ids(&collector, cases.len()).await;
+    assert_eq!(
+        ids.len(),
+        cases.len(),
+        "only the probes reached Kafka: {ids:?}"
+    );
+    assert!(ids.iter().all(|id| id.starts_with("probe-")), "{ids:?}");
+    collector.stop().await.unwrap();
+}
+
+/// A huge integer is valid JSON: it is either refused with a 4xx or stored as a number, never
+/// a 5xx or a crash.
+#[tokio::test]
+async fn a_400_digit_integer_is_refused_or_kept_never_a_crash() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "bignum").await.unwrap();
+    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let body = format!(
+        r#"{{"event":"e","anonymousId":"a","messageId":"big","properties":{{"n":{}}}}}"#,
+        "9".repeat(400)
+    );
+    let r = reqwest::Client::new()
+        .post(collector.url("/v1/track"))
+        .bearer_auth(&acct.key.plaintext)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert!(
+        status == StatusCode::OK || status.is_client_error(),
+        "{status}"
+    );
+    probe(&collector, &acct.key.plaintext, "after-big").await;
+}
+
+/// Writes `head` on a fresh connection and returns what the server answered before closing
+/// (or within `wait`).
+async fn raw_exchange(collector: &Collector, head: &[u8], wait: Duration) -> String {
+    let mut sock = TcpStream::connect(collector.addr)
+        .await
+        .expect("test setup");
+    // The server may close before it read everything (a refused header flood): ignore.
+    let _ = sock.write_all(head).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, sock.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(answer: &str) -> Option<u16> {
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_content_length_and_header_floods_are_refused() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "transport").await.unwrap();
+    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let key = acct.key.plaintext.clone();
+    let body = r#"{"event":"e","anonymousId":"a","messageId":"lie"}"#;
+
+    // Content-Length says more than is sent, then the client stops sending: no 200, ever.
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len() + 100
+    );
+    let mut sock = TcpStream::connect(collector.addr).await.unwrap();
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.shutdown().await.unwrap(); // half-close: the promised bytes never come
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out)).await;
+    let answer = String::from_utf8_lossy(&out);
+    assert!(
+        status_of(&answer).is_none_or(|s| (400..500).contains(&s)),
+        "short body: {answer}"
+    );
+
+    // Content-Length says less than is sent: the rest is a second, malformed request.
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{body}"
+    );
+    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(
+        status_of(&answer),
+        Some(400),
+        "truncated by Content-Length: {answer}"
+    );
+
+    // Content-Length far over the limit: 413 before the body is read.
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 10000000000\r\nConnection: close\r\n\r\n{{"
+    );
+    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(
+        status_of(&answer),
+        Some(413),
+        "huge Content-Length: {answer}"
+    );
+
+    // Two different Content-Lengths (request smuggling shape): refused.
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 5\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(
+        status_of(&answer),
+        Some(400),
+        "double Content-Length: {answer}"
+    );
+
+    // 5,000 headers.
+    let mut head = String::from("POST /v1/track HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..5_000 {
+        head.push_str(&format!("X-Flood-{i}: {}\r\n", "v".repeat(20)));
+    }
+    head.push_str("Content-Length: 2\r\nConnection: close\r\n\r\n{}");
+    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
+    assert!(
+        status_of(&answer).is_none_or(|s| (400..500).contains(&s)),
+        "5000 headers: {answer}"
+    );
+
+    // One header of 1 MB.
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}",
+        "v".repeat(1 << 20)
+    );
+    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
+    assert!(
+        status_of(&answer).is_none_or(|s| (400..500).contains(&s)),
+        "1 MB header: {answer}"
+    );
+
+    probe(&collector, &key, "after-transport").await;
+    let ids = produced_message_ids(&collector, 1).await;
+    assert_eq!(ids, vec!["after-transport".to_owned()]);
+}
+
+/// Slow-loris: connections that dribble their headers must not keep the collector from
+/// serving others, and are closed by the server instead of held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_connections_are_closed_and_do_not_starve_others() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "loris").await.unwrap();
+    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let mut lorises = Vec::new();
+    for _ in 0..300 {
+        let mut sock = TcpStream::connect(collector.addr).await.unwrap();
+        sock.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nX-A: ")
+            .await
+            .unwrap();
+        lorises.push(sock);
+    }
+    // Others are served meanwhile.
+    probe(&collector, &acct.key.plaintext, "beside-lorises").await;
+
+    // One more byte every 2 s, for up to 60 s: the server must hang up on them.
+    let started = Instant::now();
+    let mut open = lorises.len();
+    while open > 0 && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        open = 0;
+        for sock in &mut lorises {
+            if sock.write_all(b"a").await.is_ok() {
+                let mut buf = [0u8; 256];
+                match tokio::time::timeout(Duration::from_millis(1), sock.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {}
+                    _ => open += 1,
+                }
+            }
+        }
+    }
+    assert_eq!(
+        open,
+        0,
+        "{open} of 300 slow-loris connections still open after {:?}: the collector has no header read timeout",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_thousand_idle_connections_and_500_concurrent_requests_are_served() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "crowd").await.unwrap();
+    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..3_000 {
+        idle.push(TcpStream::connect(collector.addr).await.unwrap());
+    }
+    let started = Instant::now();
+    probe(&collector, &acct.key.plaintext, "beside-idle").await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(idle);
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let sends = (0..500).map(|i| {
+        let http = http.clone();
+        let url = collector.url("/v1/track");
+        let key = acct.key.plaintext.clone();
+        async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&json!({"event":"e","anonymousId":format!("c{i}"),"messageId":format!("crowd-{i}")}))
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    });
+    let statuses = futures::future::join_all(sends).await;
+    let ok = statuses
+        .iter()
+        .filter(|s| matches!(s, Ok(s) if *s == StatusCode::OK))
+        .count();
+    assert_eq!(
+        ok,
+        500,
+        "{:?}",
+        statuses
+            .iter()
+            .filter(|s| !matches!(s, Ok(s) if *s == StatusCode::OK))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    let ids = produced_message_ids(&collector, 501).await;
+    assert_eq!(ids.len(), 501, "every acknowledged message once");
+}
