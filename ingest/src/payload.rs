@@ -865,5 +865,98 @@ mod tests {
                 }
             }
         }
+
+        /// Valid JSON of message shape with any value in any field: every message is either
+        /// refused with a reason or goes through enrichment and serialisation.
+        #[test]
+        fn any_message_shape_is_refused_or_enriched_and_serialised(
+            batch in proptest::collection::vec(message_strategy(), 0..8)
+        ) {
+            let mut body = serde_json::to_vec(&json!({ "batch": batch })).unwrap();
+            let limits = Limits::default();
+            let parsed = parse(&mut body, Endpoint::Batch, &limits).unwrap();
+            proptest::prop_assert_eq!(parsed.messages.len() + parsed.rejected.len(), batch.len());
+            let facts = crate::enrich::RequestFacts {
+                principal: crate::auth::Principal { key_id: 1, tenant_id: 1, workspace_id: 1 },
+                received_at: Utc::now(),
+                ip: None,
+                user_agent: None,
+            };
+            let accepted = parsed.messages.len();
+            let out = crate::enrich::enrich(parsed.messages.into_iter().map(|(_, m)| m).collect(), &facts);
+            proptest::prop_assert_eq!(out.events.len() + out.identities.len(), accepted);
+            let records = crate::produce::records(&out).unwrap();
+            proptest::prop_assert!(records.len() >= accepted);
+        }
+    }
+
+    fn value_strategy() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+            Just(Value::from("2024-05-01T10:00:00+02:00")),
+            Just(Value::from(
+                "https://x.example/?utm_source=a&utm_campaign=b"
+            )),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn message_strategy() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let fields = [
+            "type",
+            "event",
+            "name",
+            "messageId",
+            "anonymousId",
+            "userId",
+            "groupId",
+            "previousId",
+            "sessionId",
+            "timestamp",
+            "sentAt",
+            "properties",
+            "traits",
+            "context",
+            "writeKey",
+            "extra",
+        ];
+        let types = prop_oneof![
+            Just(Value::from("track")),
+            Just(Value::from("page")),
+            Just(Value::from("screen")),
+            Just(Value::from("identify")),
+            Just(Value::from("alias")),
+            Just(Value::from("group")),
+        ];
+        (
+            types,
+            proptest::collection::vec(
+                (proptest::sample::select(fields.to_vec()), value_strategy()),
+                0..10,
+            ),
+        )
+            .prop_map(|(t, pairs)| {
+                let mut m = Map::new();
+                m.insert("type".into(), t);
+                m.insert("anonymousId".into(), Value::from("a"));
+                for (k, v) in pairs {
+                    m.insert(k.to_owned(), v);
+                }
+                Value::Object(m)
+            })
     }
 }
