@@ -25,6 +25,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_postgres::NoTls;
 
+pub mod faults;
 pub mod ingest;
 pub mod private;
 pub mod writer;

@@ -1,0 +1,193 @@
+//! End to end under faults: HTTP load into a collector, a writer storing into PostgreSQL, and a
+//! fault in between; at the end every message the collector acknowledged is a row of `event`,
+//! exactly once.
+//!
+//! - the writer's link to PostgreSQL cut for 10 s mid-stream (a TCP proxy of the test's own in
+//!   front of the shared cluster, which is never stopped): open connections die mid-COPY, new
+//!   ones are refused; the writer pauses, retries and catches up;
+//! - two writer processes (`sluice-writer`, the real binary) in one group, one SIGKILLed and
+//!   restarted every few seconds, so kills land during COPY and during rebalances.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sluice_tests::faults::{message_ids_in_table, reconcile, Load, LoadReport, Reconciliation};
+use sluice_tests::ingest::{account, Collector};
+use sluice_tests::private::TcpProxy;
+use sluice_tests::writer::RunningWriter;
+use sluice_tests::{bin_path, unique_name, Stack, TestDb};
+use tokio::process::{Child, Command};
+
+/// Waits until every acknowledged message is a row (or `within` passes), then reconciles.
+async fn settle(
+    client: &tokio_postgres::Client,
+    report: &LoadReport,
+    within: Duration,
+) -> Result<Reconciliation> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let stored = message_ids_in_table(client).await?;
+        let r = reconcile(report, &stored);
+        if r.lost == 0 || tokio::time::Instant::now() > deadline {
+            // A little longer, so late duplicates would show.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return Ok(reconcile(report, &message_ids_in_table(client).await?));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `postgres://user@host:port/db` with host:port replaced by `addr`.
+fn through(url: &str, addr: std::net::SocketAddr) -> Result<String> {
+    let (scheme_user, rest) = url.split_once('@').context("database URL without @")?;
+    let (_, path) = rest.split_once('/').context("database URL without /")?;
+    Ok(format!("{scheme_user}@{addr}/{path}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()> {
+    let db = TestDb::migrated().await?;
+    let acct = account(&db, "pg-cut").await?;
+    let config = Collector::config(&db);
+    let prefix = config.topic_prefix.clone();
+    let collector = Collector::start(config).await?;
+    let pg = Stack::get()
+        .database_url
+        .split_once('@')
+        .and_then(|(_, r)| r.split_once('/'))
+        .map(|(hp, _)| hp.to_owned())
+        .context("host:port of the test database")?;
+    let proxy = TcpProxy::start(&pg).await?;
+    let mut wconfig = sluice_writer::Config::for_tests(
+        &Stack::get().kafka_brokers,
+        &through(&db.url, proxy.addr())?,
+        &prefix,
+        &unique_name("g"),
+    );
+    wconfig.retry_max_ms = 1_000;
+    wconfig.flush_interval_ms = 100;
+    let writer = RunningWriter::start(wconfig);
+
+    let load = Load::start(
+        &collector.url(""),
+        &acct.key.plaintext,
+        "pc",
+        4,
+        25,
+        Duration::from_millis(20),
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        !writer.is_finished(),
+        "the writer waits for PostgreSQL instead of exiting"
+    );
+    proxy.restore();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = load.finish().await;
+    assert_eq!(report.count(200) * 25, report.acked.len());
+    assert!(
+        report.acked.len() > 1_000,
+        "load ran: {:?}",
+        report.statuses
+    );
+
+    let client = db.client().await?;
+    let r = settle(&client, &report, Duration::from_secs(90)).await?;
+    eprintln!(
+        "PostgreSQL link cut 10 s: {r:?}, statuses {:?}",
+        report.statuses
+    );
+    assert_eq!(r.lost, 0, "acknowledged messages not stored");
+    assert_eq!(r.duplicates, 0, "messages stored twice");
+    writer.stop().await?;
+    collector.stop().await?;
+    Ok(())
+}
+
+fn spawn_writer(db: &TestDb, prefix: &str, group: &str, log: &std::path::Path) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(bin_path("sluice-writer")?)
+        .env("SLUICE_DATABASE_URL", &db.url)
+        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
+        .env("SLUICE_WRITER_GROUP", group)
+        .env("SLUICE_TOPIC_PREFIX", prefix)
+        .env("SLUICE_METRICS_LISTEN", "127.0.0.1:0")
+        .env("SLUICE_WRITER_BATCH_MAX_ROWS", "500")
+        .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "100")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting sluice-writer (cargo build -p sluice-writer --bins)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing() -> Result<()> {
+    let db = TestDb::migrated().await?;
+    let acct = account(&db, "kill").await?;
+    let config = Collector::config(&db);
+    let prefix = config.topic_prefix.clone();
+    let collector = Collector::start(config).await?;
+    let group = unique_name("g");
+    let log = std::env::temp_dir().join(format!("{group}.log"));
+    let mut writers = vec![
+        spawn_writer(&db, &prefix, &group, &log)?,
+        spawn_writer(&db, &prefix, &group, &log)?,
+    ];
+    let load = Load::start(
+        &collector.url(""),
+        &acct.key.plaintext,
+        "wk",
+        4,
+        25,
+        Duration::from_millis(20),
+    );
+    let client = db.client().await?;
+    const KILLS: usize = 6;
+    for round in 0..KILLS {
+        // Uneven gaps, so kills land in different phases (COPY, commit, rebalance).
+        tokio::time::sleep(Duration::from_millis(1_500 + 700 * (round as u64 % 3))).await;
+        let stored: i64 = client
+            .query_one("SELECT count(*) FROM event", &[])
+            .await?
+            .get(0);
+        let victim = round % 2;
+        writers[victim].start_kill()?;
+        writers[victim].wait().await?;
+        eprintln!("kill {round}: writer {victim} SIGKILLed with {stored} rows stored");
+        writers[victim] = spawn_writer(&db, &prefix, &group, &log)?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.finish().await;
+    assert!(
+        report.acked.len() > 1_000,
+        "load ran: {:?}",
+        report.statuses
+    );
+    let r = settle(&client, &report, Duration::from_secs(120)).await?;
+    eprintln!(
+        "{KILLS} writer SIGKILLs: {r:?}, statuses {:?}",
+        report.statuses
+    );
+    for w in &mut writers {
+        w.start_kill()?;
+    }
+    if r.lost != 0 || r.duplicates != 0 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        eprintln!(
+            "writer log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    assert_eq!(r.lost, 0, "acknowledged messages not stored");
+    assert_eq!(r.duplicates, 0, "messages stored twice");
+    collector.stop().await?;
+    Ok(())
+}
