@@ -81,6 +81,20 @@ fn bench(c: &mut Criterion) {
     g.bench_function("batch_100_events", |b| {
         b.iter(|| run(black_box(&batch), Endpoint::Batch, &limits, &facts))
     });
+    // The JSON parse alone, simd-json (what the collector uses) beside serde_json.
+    g.bench_function("batch_100_json_value_simd_json", |b| {
+        b.iter(|| {
+            let mut buf = black_box(&batch).to_vec();
+            let v: serde_json::Value = simd_json::serde::from_slice(&mut buf).expect("valid");
+            v.is_object()
+        })
+    });
+    g.bench_function("batch_100_json_value_serde_json", |b| {
+        b.iter(|| {
+            let v: serde_json::Value = serde_json::from_slice(black_box(&batch)).expect("valid");
+            v.is_object()
+        })
+    });
     // The stages apart, to see where the time goes.
     g.bench_function("batch_100_parse_validate", |b| {
         b.iter(|| {
