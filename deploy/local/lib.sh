@@ -87,6 +87,11 @@ install_prereqs() {
   [ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -f /usr/include/curl/curl.h ] || missing+=(libcurl4-openssl-dev)
   [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
   command -v curl >/dev/null || missing+=(curl)
+  # The test suite: promtool checks the Prometheus files, deploy/local/prometheus runs the
+  # server, and the runbook's DLQ replay uses kcat and jq.
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v kcat >/dev/null || missing+=(kcat)
+  command -v jq >/dev/null || missing+=(jq)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} (apt)"
     local sudo=""
