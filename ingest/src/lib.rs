@@ -97,7 +97,9 @@ pub async fn serve_on(
     });
 
     let local = listener.local_addr().ok();
-    tracing::info!(listen = ?local, "collector listening");
+    if let Some(addr) = local {
+        tracing::info!(listen = %addr, "collector listening");
+    }
     // The API stops first; metrics, probes and background duties run on through the drain.
     let api_stop = CancellationToken::new();
     let accept_stop = api_stop.clone();

@@ -259,10 +259,18 @@ pub fn decode_body(
             )))
         }
     };
-    let is_form = content_type.is_some_and(|t| {
-        t.trim_start()
-            .starts_with("application/x-www-form-urlencoded")
-    }) || body.starts_with(b"data=");
+    // A form body is `data=<base64>`. curl and many HTTP libraries label plain JSON as a form
+    // by default, so a body that starts like JSON is read as JSON whatever its label says.
+    let starts_like_json = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{' || *b == b'[');
+    let is_form = !starts_like_json
+        && (body.starts_with(b"data=")
+            || content_type.is_some_and(|t| {
+                t.trim_start()
+                    .starts_with("application/x-www-form-urlencoded")
+            }));
     if is_form {
         return form_data(&body);
     }
@@ -807,6 +815,17 @@ mod tests {
             b"{\"a\":1}"
         );
         assert!(decode_body(b"x", Some("br"), None, &limits).is_err());
+        // curl -d labels JSON as a form: JSON it stays.
+        assert_eq!(
+            decode_body(
+                b" {\"a\":1}",
+                None,
+                Some("application/x-www-form-urlencoded"),
+                &limits
+            )
+            .unwrap(),
+            b" {\"a\":1}"
+        );
     }
 
     #[test]
