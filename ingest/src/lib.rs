@@ -227,14 +227,23 @@ async fn background<S: Sink, K: KeyStore>(app: Arc<App<S, K>>, stop: Cancellatio
         tokio::select! {
             () = stop.cancelled() => return,
             _ = probe.tick() => {
+                let started = Instant::now();
+                // Not ready until the topics exist: a produce to a missing topic would only
+                // time out.
+                let mut topics_error = None;
                 if !topics_ready {
                     match produce::ensure_topics(&app.config).await {
                         Ok(()) => topics_ready = true,
-                        Err(err) => tracing::warn!(cause = %err, "cannot create topics yet; retrying"),
+                        Err(err) => {
+                            tracing::warn!(cause = %err, "cannot create topics yet; retrying");
+                            topics_error = Some(format!("creating topics: {err}"));
+                        }
                     }
                 }
-                let started = Instant::now();
-                let kafka = app.sink.probe(health::PROBE_TIMEOUT).await;
+                let kafka = match topics_error {
+                    Some(err) => Err(err),
+                    None => app.sink.probe(health::PROBE_TIMEOUT).await,
+                };
                 app.health.record("kafka", started, kafka);
                 let started = Instant::now();
                 let pg = tokio::time::timeout(health::PROBE_TIMEOUT, app.auth.store().ping())

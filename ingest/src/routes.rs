@@ -301,7 +301,12 @@ async fn handle<S: Sink, K: KeyStore>(
         }
     }
     if !rejected.is_empty() {
-        ::metrics::counter!(metrics::EVENTS_TOTAL, "type" => endpoint.as_str(), "outcome" => "rejected")
+        // A refused message's type may be the very thing wrong with it.
+        let kind = match endpoint {
+            Endpoint::Single(kind) => kind.as_str(),
+            Endpoint::Batch => "unknown",
+        };
+        ::metrics::counter!(metrics::EVENTS_TOTAL, "type" => kind, "outcome" => "rejected")
             .increment(rejected.len() as u64);
     }
     if let Err(err) = sent {
