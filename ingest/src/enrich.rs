@@ -171,7 +171,11 @@ pub fn occurred_at(
     received_at: DateTime<Utc>,
 ) -> DateTime<Utc> {
     match (timestamp, sent_at) {
-        (Some(ts), Some(sent)) => received_at - (sent - ts),
+        // Checked: client times are anything from year 0 to 9999, and a correction that
+        // leaves chrono's range must not panic; the uncorrected time is then the best guess.
+        (Some(ts), Some(sent)) => received_at
+            .checked_sub_signed(sent.signed_duration_since(ts))
+            .unwrap_or(ts),
         (Some(ts), None) => ts,
         (None, _) => received_at,
     }
@@ -425,6 +429,15 @@ mod tests {
         );
         assert_eq!(occurred_at(Some(ts), None, received), ts);
         assert_eq!(occurred_at(None, Some(sent), received), received);
+        // The extremes of what a client may send do not overflow.
+        let year_0 = DateTime::parse_from_rfc3339("0000-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let year_9999 = DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z")
+            .unwrap()
+            .to_utc();
+        let _ = occurred_at(Some(year_0), Some(year_9999), received);
+        let _ = occurred_at(Some(year_9999), Some(year_0), received);
     }
 
     #[test]

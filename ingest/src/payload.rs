@@ -7,7 +7,7 @@ use std::io::Read;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sluice_schema::messages::JsonObject;
@@ -656,6 +656,8 @@ fn parse_time(v: &Value) -> Result<Option<DateTime<Utc>>, ()> {
         Value::Number(n) => n
             .as_i64()
             .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+            // The same years RFC 3339 can say (0 to 9999), not chrono's ±262,000.
+            .filter(|t| (0..=9999).contains(&t.year()))
             .map(Some)
             .ok_or(()),
         _ => Err(()),
@@ -920,6 +922,11 @@ mod tests {
                 .prop_map(Value::from),
             ".{0,12}".prop_map(Value::from),
             Just(Value::from("2024-05-01T10:00:00+02:00")),
+            Just(Value::from("0000-01-01T00:00:00Z")),
+            Just(Value::from("9999-12-31T23:59:59Z")),
+            // Near the ends of chrono's range, as epoch milliseconds.
+            Just(Value::from(-8_000_000_000_000_000_i64)),
+            Just(Value::from(8_000_000_000_000_000_i64)),
             Just(Value::from(
                 "https://x.example/?utm_source=a&utm_campaign=b"
             )),
