@@ -20,7 +20,6 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use deadpool_postgres::Pool;
 use sluice_schema::messages::{EventMessage, IdentityMessage, SessionMessage, VisitorMessage};
 use sluice_schema::pii::PiiKeys;
@@ -30,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::consume::{Command, Record};
-use crate::decode::{self, Decoded, Rejection, TimeWindow};
+use crate::decode::{Decoded, Rejection};
 use crate::dlq::{DeadLetter, Dlq};
 use crate::error::{is_data_error, render_pg, StoreError};
 use crate::offsets::{self, Assignments, Tp};
@@ -48,10 +47,6 @@ pub(crate) struct BatchLimits {
     pub flush_interval: Duration,
     /// Longest wait between retries.
     pub retry_max: Duration,
-    /// Retention, in days, for the `out_of_retention` check.
-    pub retention_days: u32,
-    /// Months kept ahead, for the `too_far_in_future` check.
-    pub months_ahead: u32,
 }
 
 /// Everything a batch is stored with.
@@ -122,11 +117,11 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Record>, stop: Canc
 
 /// A batch's decoded content, indexes pointing back into the batch's records.
 #[derive(Default)]
-struct Prepared {
-    events: Vec<(usize, Box<EventMessage>)>,
-    visitors: Vec<(usize, Box<VisitorMessage>)>,
-    sessions: Vec<(usize, Box<SessionMessage>)>,
-    identities: Vec<(usize, Box<IdentityMessage>)>,
+struct Prepared<'a> {
+    events: Vec<(usize, &'a EventMessage)>,
+    visitors: Vec<(usize, &'a VisitorMessage)>,
+    sessions: Vec<(usize, &'a SessionMessage)>,
+    identities: Vec<(usize, &'a IdentityMessage)>,
     /// Messages refused before the database saw them.
     rejected: Vec<(usize, Rejection)>,
     /// Events dropped as duplicates of an earlier one in the same batch.
@@ -250,16 +245,12 @@ impl Store {
             .collect()
     }
 
-    fn prepare(&self, batch: &[Record]) -> Prepared {
-        let window = TimeWindow::at(
-            Utc::now(),
-            self.limits.retention_days,
-            self.limits.months_ahead,
-        );
+    /// Sorts the batch's messages (decoded by the consumer thread, off this task) by step.
+    fn prepare<'a>(&self, batch: &'a [Record]) -> Prepared<'a> {
         let mut p = Prepared::default();
         let mut seen: HashSet<(i64, Uuid)> = HashSet::new();
         for (i, r) in batch.iter().enumerate() {
-            match decode::decode(r.kind, r.payload.as_deref(), &window) {
+            match &r.decoded {
                 Ok(Decoded::Event(e)) => {
                     // The same messageId twice in one batch: the first one stands.
                     if seen.insert((e.tenant_id, e.event_id)) {
@@ -270,18 +261,20 @@ impl Store {
                 }
                 Ok(Decoded::Visitor(v)) => p.visitors.push((i, v)),
                 Ok(Decoded::Session(s)) => p.sessions.push((i, s)),
-                Ok(Decoded::Identity(m)) => match identity::precheck(&m, self.keys.as_ref()) {
+                Ok(Decoded::Identity(m)) => match identity::precheck(m, self.keys.as_ref()) {
                     Ok(()) => p.identities.push((i, m)),
                     Err(rej) => p.rejected.push((i, rej)),
                 },
-                Err(rej) => p.rejected.push((i, rej)),
+                Err(rej) => p.rejected.push((i, rej.clone())),
             }
         }
         p
     }
 
     async fn store_once(&self, batch: &[Record], moves: &[Move]) -> Result<Stored, StoreError> {
+        let decode_started = Instant::now();
         let prepared = self.prepare(batch);
+        let decode_time = decode_started.elapsed();
         let mut conn = self.pool.get().await?;
         if !prepared.events.is_empty() {
             self.months
@@ -343,7 +336,14 @@ impl Store {
             }
             self.dlq.send(&letters).await.map_err(StoreError::Dlq)?;
         }
+        let before_commit = Instant::now();
         tx.commit().await?;
+        tracing::debug!(
+            decode_ms = decode_time.as_millis() as u64,
+            copy_ms = stored.copy_time.as_millis() as u64,
+            commit_ms = before_commit.elapsed().as_millis() as u64,
+            "batch timings"
+        );
         Ok(stored)
     }
 
@@ -353,7 +353,7 @@ impl Store {
         &self,
         tx: &Transaction<'_>,
         step: Step,
-        p: &Prepared,
+        p: &Prepared<'_>,
         stored: &mut Stored,
     ) -> Result<Vec<(usize, Rejection)>, StoreError> {
         let n = match step {
@@ -409,28 +409,27 @@ impl Store {
         &self,
         tx: &Transaction<'_>,
         step: Step,
-        p: &Prepared,
+        p: &Prepared<'_>,
         idx: &[usize],
         stored: &mut Stored,
     ) -> Result<(), tokio_postgres::Error> {
         match step {
             Step::Events => {
-                let rows: Vec<&EventMessage> = idx.iter().map(|&i| &*p.events[i].1).collect();
+                let rows: Vec<&EventMessage> = idx.iter().map(|&i| p.events[i].1).collect();
                 let out = copy::events(tx, &rows).await?;
                 stored.events += out.stored;
                 stored.duplicates += out.duplicates;
             }
             Step::Visitors => {
-                let rows: Vec<&VisitorMessage> = idx.iter().map(|&i| &*p.visitors[i].1).collect();
+                let rows: Vec<&VisitorMessage> = idx.iter().map(|&i| p.visitors[i].1).collect();
                 stored.visitors += merge::visitors(tx, &rows).await?;
             }
             Step::Sessions => {
-                let rows: Vec<&SessionMessage> = idx.iter().map(|&i| &*p.sessions[i].1).collect();
+                let rows: Vec<&SessionMessage> = idx.iter().map(|&i| p.sessions[i].1).collect();
                 stored.sessions += merge::sessions(tx, &rows).await?;
             }
             Step::Identities => {
-                let rows: Vec<&IdentityMessage> =
-                    idx.iter().map(|&i| &*p.identities[i].1).collect();
+                let rows: Vec<&IdentityMessage> = idx.iter().map(|&i| p.identities[i].1).collect();
                 let applied = identity::apply(tx, &rows, self.keys.as_ref()).await?;
                 stored.leads += applied.leads;
                 stored.links += applied.links;

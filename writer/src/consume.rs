@@ -27,7 +27,7 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::decode::TopicKind;
+use crate::decode::{self, Decoded, Rejection, TimeWindow, TopicKind};
 use crate::error::WriterError;
 use crate::offsets::{self, Assignments, PartState, Tp};
 
@@ -36,8 +36,6 @@ use crate::offsets::{self, Assignments, PartState, Tp};
 pub(crate) struct Record {
     /// Source topic name.
     pub topic: Arc<str>,
-    /// Which data topic.
-    pub kind: TopicKind,
     /// Source partition.
     pub partition: i32,
     /// Offset in the partition.
@@ -46,8 +44,11 @@ pub(crate) struct Record {
     pub epoch: u64,
     /// Message key.
     pub key: Option<Vec<u8>>,
-    /// Message value.
+    /// Message value (kept for the DLQ).
     pub payload: Option<Vec<u8>>,
+    /// The value decoded and checked, on the consumer thread: that CPU work then overlaps the
+    /// pipeline's wait on PostgreSQL instead of adding to it.
+    pub decoded: Result<Decoded, Rejection>,
 }
 
 impl Record {
@@ -266,11 +267,18 @@ pub(crate) fn poll_loop(
     topics: TopicMap,
     tx: mpsc::Sender<Record>,
     commands: std_mpsc::Receiver<Command>,
+    max_pending: usize,
+    window: (u32, u32),
     stop: CancellationToken,
 ) {
+    let (retention_days, months_ahead) = window;
+    let window_at = || TimeWindow::at(chrono::Utc::now(), retention_days, months_ahead);
+    let mut window = window_at();
+    let mut window_since = Instant::now();
     let assignments = consumer.context().assignments.clone();
-    // Records polled but not yet accepted by the channel; bounded by librdkafka's prefetch,
-    // because partitions are paused as soon as it is non-empty.
+    // Records polled but not yet accepted by the channel: a second batch's worth gathers here
+    // while the pipeline stores one, and only beyond `max_pending` are partitions paused (a
+    // pause drops librdkafka's prefetched messages, which a resume must fetch again).
     let mut pending: VecDeque<Record> = VecDeque::new();
     let mut paused = false;
     let mut last_lag = Instant::now();
@@ -305,11 +313,11 @@ pub(crate) fn poll_loop(
         if pending.is_empty() && paused {
             set_paused(&consumer, false);
             paused = false;
-        } else if !pending.is_empty() && !paused {
+        } else if pending.len() >= max_pending && !paused {
             set_paused(&consumer, true);
             paused = true;
         }
-        let timeout = if pending.is_empty() { 100 } else { 20 };
+        let timeout = if pending.is_empty() { 100 } else { 5 };
         match consumer.poll(Duration::from_millis(timeout)) {
             None => {}
             Some(Ok(msg)) => {
@@ -325,14 +333,18 @@ pub(crate) fn poll_loop(
                 let Some(epoch) = assignments.epoch_of(msg.topic(), msg.partition()) else {
                     continue;
                 };
+                if window_since.elapsed() >= Duration::from_secs(1) {
+                    window = window_at();
+                    window_since = Instant::now();
+                }
                 pending.push_back(Record {
                     topic,
-                    kind,
                     partition: msg.partition(),
                     offset: msg.offset(),
                     epoch,
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec),
+                    decoded: decode::decode(kind, msg.payload(), &window),
                 });
             }
             Some(Err(err)) => {

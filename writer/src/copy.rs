@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::decode::JsonObject;
 
 /// Size at which an encoded chunk is sent to the server.
-pub(crate) const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+pub const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -160,7 +160,7 @@ fn len_i32(n: usize) -> i32 {
 
 /// Runs `COPY {target} FROM STDIN (FORMAT binary)` with the encoded chunks; returns the rows
 /// the server took.
-pub(crate) async fn send(
+pub async fn send(
     tx: &Transaction<'_>,
     statement: &str,
     chunks: Vec<Bytes>,
@@ -173,7 +173,8 @@ pub(crate) async fn send(
     sink.finish().await
 }
 
-const COPY_EVENT: &str = "COPY event (tenant_id, occurred_at, event_id, workspace_id, type, \
+/// `COPY event ...` of the writer (column order of [`encode_event`]).
+pub const COPY_EVENT: &str = "COPY event (tenant_id, occurred_at, event_id, workspace_id, type, \
     name, anonymous_id, user_id, session_id, message_id, received_at, sent_at, \
     original_timestamp, properties, context, ip, user_agent, bot) FROM STDIN (FORMAT binary)";
 
@@ -227,6 +228,20 @@ pub(crate) async fn events(
         0
     };
     Ok(EventsStored { stored, duplicates })
+}
+
+/// The same COPY into another table of `event`'s columns (a leaf, for the benchmark).
+pub fn copy_event_into(table: &str) -> String {
+    COPY_EVENT.replacen("COPY event ", &format!("COPY {table} "), 1)
+}
+
+/// Encodes events into binary COPY chunks of about [`CHUNK_BYTES`].
+pub fn encode_events<'a>(events: impl IntoIterator<Item = &'a EventMessage>) -> Vec<Bytes> {
+    let mut enc = CopyEncoder::new(18);
+    for e in events {
+        encode_event(&mut enc, e);
+    }
+    enc.finish()
 }
 
 /// Appends one event row (column order of [`COPY_EVENT`]).

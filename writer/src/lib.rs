@@ -11,7 +11,8 @@
 //!   and resume.
 //! - `batch`: the store pipeline: batching, the transaction, retries, splitting bad batches.
 //! - `decode`: Kafka values -> typed, validated messages.
-//! - `copy`: binary COPY encoding; event rows and their dedup claims.
+//! - [`copy`]: binary COPY encoding; event rows and their dedup claims (public for the
+//!   benchmark).
 //! - `merge`: visitor and session upserts from a staged COPY.
 //! - `identity`: identify/alias -> lead (PII sealed) and identity_link.
 //! - `offsets`: `writer_offset` reads and conditional moves; owned partitions.
@@ -40,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 mod batch;
 pub mod config;
 mod consume;
-mod copy;
+pub mod copy;
 mod decode;
 mod dlq;
 pub mod error;
@@ -112,13 +113,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pool.clone(),
         consumer_stop.clone(),
     )?;
-    // The channel is the writer's main memory bound besides the batch itself.
+    // The channel and the consumer thread's overflow bound the records waiting behind the
+    // open batch: one batch's worth each.
     let (tx, rx) = mpsc::channel(config.batch_max_rows.max(1000));
+    let max_pending = config.batch_max_rows.max(1000);
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let thread_stop = consumer_stop.clone();
     let consumer_thread = std::thread::Builder::new()
         .name("sluice-consumer".into())
-        .spawn(move || consume::poll_loop(consumer, topic_map, tx, cmd_rx, thread_stop))
+        .spawn(move || {
+            consume::poll_loop(
+                consumer,
+                topic_map,
+                tx,
+                cmd_rx,
+                max_pending,
+                (config.retention_days, config.partition_months_ahead),
+                thread_stop,
+            )
+        })
         .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
 
     tokio::spawn(maintenance(
@@ -141,8 +154,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             max_bytes: config.batch_max_bytes,
             flush_interval: Duration::from_millis(config.flush_interval_ms),
             retry_max: Duration::from_millis(config.retry_max_ms),
-            retention_days: config.retention_days,
-            months_ahead: config.partition_months_ahead,
         },
     };
     tracing::info!(group = %config.group, prefix = %config.topic_prefix, "writer started");

@@ -33,8 +33,10 @@ pub(crate) struct PartState {
 /// advances `stored_next` after a commit).
 #[derive(Debug, Default)]
 pub(crate) struct Assignments {
-    /// Owned partitions. A std mutex: held only for map operations, never across an await.
-    parts: Mutex<HashMap<Tp, PartState>>,
+    /// Owned partitions by topic, then partition (nested so that lookups by `&str` need no
+    /// allocation: the consumer thread looks up every message). A std mutex: held only for
+    /// map operations, never across an await.
+    parts: Mutex<HashMap<String, HashMap<i32, PartState>>>,
     /// Source of fresh epochs.
     epochs: AtomicU64,
 }
@@ -45,20 +47,22 @@ impl Assignments {
         self.epochs.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tp, PartState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<i32, PartState>>> {
         // A poisoned map only means another thread panicked mid-update of plain values; the
-        // data stays consistent enough to keep the conditional update as the safety net.
+        // conditional update in the database stays the safety net.
         self.parts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records an owned partition and its position.
     pub fn set(&self, tp: Tp, state: PartState) {
-        self.lock().insert(tp, state);
+        self.lock().entry(tp.0).or_default().insert(tp.1, state);
     }
 
     /// Forgets a partition (revoked or lost).
     pub fn remove(&self, tp: &Tp) {
-        self.lock().remove(tp);
+        if let Some(parts) = self.lock().get_mut(&tp.0) {
+            parts.remove(&tp.1);
+        }
     }
 
     /// Forgets every partition.
@@ -68,7 +72,10 @@ impl Assignments {
 
     /// The state of a partition, if owned.
     pub fn get(&self, topic: &str, partition: i32) -> Option<PartState> {
-        self.lock().get(&(topic.to_owned(), partition)).copied()
+        self.lock()
+            .get(topic)
+            .and_then(|p| p.get(&partition))
+            .copied()
     }
 
     /// Current epoch of a partition (the consumer thread stamps records with it).
@@ -79,7 +86,11 @@ impl Assignments {
     /// Marks a partition as being repositioned: its records are dropped until the consumer
     /// thread has sought it and given it a fresh epoch.
     pub fn invalidate(&self, topic: &str, partition: i32) {
-        if let Some(state) = self.lock().get_mut(&(topic.to_owned(), partition)) {
+        if let Some(state) = self
+            .lock()
+            .get_mut(topic)
+            .and_then(|p| p.get_mut(&partition))
+        {
             state.epoch = 0;
         }
     }
@@ -87,7 +98,7 @@ impl Assignments {
     /// After a commit: moves `stored_next` forward, unless the partition was repositioned or
     /// reassigned meanwhile (then the newer view stands).
     pub fn advance(&self, tp: &Tp, epoch: u64, next: i64) {
-        if let Some(state) = self.lock().get_mut(tp) {
+        if let Some(state) = self.lock().get_mut(&tp.0).and_then(|p| p.get_mut(&tp.1)) {
             if state.epoch == epoch {
                 state.stored_next = Some(next);
             }
@@ -96,7 +107,10 @@ impl Assignments {
 
     /// Every owned partition and its state.
     pub fn snapshot(&self) -> Vec<(Tp, PartState)> {
-        self.lock().iter().map(|(k, v)| (k.clone(), *v)).collect()
+        self.lock()
+            .iter()
+            .flat_map(|(t, parts)| parts.iter().map(|(p, s)| ((t.clone(), *p), *s)))
+            .collect()
     }
 }
 

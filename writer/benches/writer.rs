@@ -1,0 +1,447 @@
+//! Writer benchmarks (not timed tests; figures go to docs/benchmarks.md and docs/writer.md).
+//!
+//! ```sh
+//! SLUICE_BENCH_DATABASE_URL=postgres://sluice@127.0.0.1:54320/sluice \
+//! SLUICE_BENCH_KAFKA_BROKERS=127.0.0.1:19092 \
+//! cargo bench -p sluice-writer --bench writer -- [copy|e2e|all] [ROWS]
+//! ```
+//!
+//! - `copy`: the same event rows COPYed five ways into a fresh migrated database with one
+//!   month of 8 hash leaves: psql's `\copy ... (FORMAT binary)` of the writer's own encoding
+//!   (the machine's limit), hand-encoded chunks through `CopyInSink` into the parent and into
+//!   the computed leaves, tokio-postgres' `BinaryCopyInWriter` into the parent, and the cost of
+//!   the `event_dedup` claim alone.
+//! - `e2e`: a topic pre-filled with ROWS events, then a writer started on it; rows/s from start
+//!   to the last row visible, against psql's COPY of the identical rows.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::Utc;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use sluice_schema::messages::{self, EventMessage, EventType, JsonObject};
+use sluice_schema::topics::{message_key, Topics};
+use sluice_writer::copy;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::{Client, NoTls};
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", Utc::now().timestamp_micros())
+}
+
+async fn connect(url: &str) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => url.to_owned(),
+    }
+}
+
+/// A fresh migrated database with the current month's partition; returns its URL.
+async fn fresh_db(admin_url: &str) -> Result<String> {
+    let name = unique("bench");
+    connect(admin_url)
+        .await?
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let url = with_db(admin_url, &name);
+    let mut client = connect(&url).await?;
+    sluice_schema::migrate::up(&mut client).await?;
+    sluice_schema::partitions::ensure_month(&client, Utc::now().date_naive(), 8).await?;
+    Ok(url)
+}
+
+/// Events of ~460 bytes in binary form, 50 tenants, now.
+fn events(n: usize) -> Vec<EventMessage> {
+    let now = Utc::now();
+    (0..n)
+        .map(|i| {
+            let tenant = 1 + (i % 50) as i64;
+            let message_id = format!("bench-{i}");
+            let mut properties = JsonObject::new();
+            properties.insert("plan".into(), "pro".into());
+            properties.insert("price".into(), (i as f64 * 0.01).into());
+            properties.insert("sku".into(), format!("SKU-{:08}", i % 9973).into());
+            properties.insert("path".into(), "/pricing/enterprise".into());
+            let mut context = JsonObject::new();
+            context.insert("locale".into(), "en-GB".into());
+            context.insert(
+                "page".into(),
+                serde_json::json!({"url": "https://shop.example/pricing", "title": "Pricing"}),
+            );
+            context.insert(
+                "library".into(),
+                serde_json::json!({"name": "analytics.js", "version": "4.1.0"}),
+            );
+            EventMessage {
+                v: messages::VERSION,
+                tenant_id: tenant,
+                workspace_id: tenant * 10,
+                event_id: messages::event_id(tenant, &message_id),
+                message_id,
+                kind: EventType::Track,
+                name: Some(["Signed Up", "Viewed Pricing", "Added To Cart"][i % 3].into()),
+                anonymous_id: Some(format!("anon-{:06}", i % 20_000)),
+                user_id: None,
+                session_id: Some(format!("sess-{:06}", i % 40_000)),
+                occurred_at: now - chrono::Duration::milliseconds((n - i) as i64),
+                timestamp: Some(now),
+                sent_at: Some(now),
+                received_at: now,
+                properties,
+                context,
+                ip: Some("203.0.113.9".into()),
+                user_agent: Some(
+                    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0".into(),
+                ),
+                bot: false,
+            }
+        })
+        .collect()
+}
+
+async fn reset(client: &Client) -> Result<()> {
+    client
+        .batch_execute("TRUNCATE event, event_dedup; CHECKPOINT")
+        .await?;
+    Ok(())
+}
+
+fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64()
+}
+
+async fn hand_parent(client: &mut Client, evs: &[EventMessage]) -> Result<Duration> {
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    let chunks = copy::encode_events(evs);
+    copy::send(&tx, copy::COPY_EVENT, chunks).await?;
+    tx.commit().await?;
+    Ok(started.elapsed())
+}
+
+async fn hand_leaf(
+    client: &mut Client,
+    evs: &[EventMessage],
+    leaf_of: &HashMap<i64, String>,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut by_leaf: HashMap<&str, Vec<&EventMessage>> = HashMap::new();
+    for e in evs {
+        by_leaf
+            .entry(leaf_of[&e.tenant_id].as_str())
+            .or_default()
+            .push(e);
+    }
+    let tx = client.transaction().await?;
+    for (leaf, rows) in by_leaf {
+        copy::send(&tx, &copy::copy_event_into(leaf), copy::encode_events(rows)).await?;
+    }
+    tx.commit().await?;
+    Ok(started.elapsed())
+}
+
+async fn generic_writer(client: &mut Client, evs: &[EventMessage]) -> Result<Duration> {
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    let sink = tx.copy_in(copy::COPY_EVENT).await?;
+    let types = [
+        Type::INT8,
+        Type::TIMESTAMPTZ,
+        Type::UUID,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::JSONB,
+        Type::JSONB,
+        Type::INET,
+        Type::TEXT,
+        Type::BOOL,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures::pin_mut!(writer);
+    for e in evs {
+        let ip: Option<std::net::IpAddr> = e.ip.as_deref().and_then(|s| s.parse().ok());
+        let props = Json(&e.properties);
+        let ctx = Json(&e.context);
+        let row: [&(dyn ToSql + Sync); 18] = [
+            &e.tenant_id,
+            &e.occurred_at,
+            &e.event_id,
+            &e.workspace_id,
+            &e.kind.as_str(),
+            &e.name,
+            &e.anonymous_id,
+            &e.user_id,
+            &e.session_id,
+            &e.message_id,
+            &e.received_at,
+            &e.sent_at,
+            &e.timestamp,
+            &props,
+            &ctx,
+            &ip,
+            &e.user_agent,
+            &e.bot,
+        ];
+        writer.as_mut().write(&row).await?;
+    }
+    writer.finish().await?;
+    tx.commit().await?;
+    Ok(started.elapsed())
+}
+
+async fn dedup_claim(client: &mut Client, evs: &[EventMessage]) -> Result<Duration> {
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    for chunk in evs.chunks(20_000) {
+        let t: Vec<i64> = chunk.iter().map(|e| e.tenant_id).collect();
+        let ids: Vec<uuid::Uuid> = chunk.iter().map(|e| e.event_id).collect();
+        let r: Vec<chrono::DateTime<Utc>> = chunk.iter().map(|e| e.received_at).collect();
+        tx.query(
+            "INSERT INTO event_dedup (tenant_id, event_id, received_at) \
+             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::timestamptz[]) \
+             ON CONFLICT DO NOTHING RETURNING tenant_id, event_id",
+            &[&t, &ids, &r],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(started.elapsed())
+}
+
+/// psql's `\copy` of the writer's encoding of the same rows: the machine's limit.
+async fn psql_copy(url: &str, evs: &[EventMessage]) -> Result<Duration> {
+    let path = std::env::temp_dir().join(format!("{}.pgcopy", unique("bench")));
+    let bytes: Vec<u8> = copy::encode_events(evs).concat();
+    std::fs::write(&path, &bytes)?;
+    let cols = "(tenant_id, occurred_at, event_id, workspace_id, type, name, anonymous_id, user_id, \
+                session_id, message_id, received_at, sent_at, original_timestamp, properties, context, \
+                ip, user_agent, bot)";
+    let started = Instant::now();
+    let out = tokio::process::Command::new("psql")
+        .arg(url)
+        .arg("-v")
+        .arg("ON_ERROR_STOP=1")
+        .arg("-c")
+        .arg(format!(
+            "\\copy event {cols} FROM '{}' (FORMAT binary)",
+            path.display()
+        ))
+        .output()
+        .await
+        .context("running psql")?;
+    let took = started.elapsed();
+    let _ = std::fs::remove_file(&path);
+    anyhow::ensure!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(took)
+}
+
+async fn copy_bench(admin_url: &str, n: usize) -> Result<()> {
+    let url = fresh_db(admin_url).await?;
+    let mut client = connect(&url).await?;
+    let evs = events(n);
+    let bytes = copy::encode_events(&evs)
+        .iter()
+        .map(|c| c.len())
+        .sum::<usize>();
+    println!("copy: {n} events, {} bytes/row in binary COPY", bytes / n);
+    // Leaf of each tenant, from PostgreSQL's own hash routing.
+    let month = sluice_schema::partitions::month_table_name(Utc::now().date_naive());
+    let mut leaf_of = HashMap::new();
+    for tenant in 1..=50_i64 {
+        let r: i32 = client
+            .query_one(
+                &format!("SELECT r FROM generate_series(0, 7) r WHERE satisfies_hash_partition('{month}'::regclass, 8, r, $1::bigint)"),
+                &[&tenant],
+            )
+            .await?
+            .get(0);
+        leaf_of.insert(tenant, format!("{month}_p{r}"));
+    }
+    let mut results: Vec<(&str, Vec<f64>)> = Vec::new();
+    for round in 0..3 {
+        let mut add = |name: &'static str, took: Duration| match results
+            .iter_mut()
+            .find(|(n2, _)| *n2 == name)
+        {
+            Some((_, v)) => v.push(rate(n, took)),
+            None => results.push((name, vec![rate(n, took)])),
+        };
+        reset(&client).await?;
+        add("psql \\copy binary (limit)", psql_copy(&url, &evs).await?);
+        reset(&client).await?;
+        add(
+            "hand-encoded, parent",
+            hand_parent(&mut client, &evs).await?,
+        );
+        reset(&client).await?;
+        add(
+            "hand-encoded, computed leaves",
+            hand_leaf(&mut client, &evs, &leaf_of).await?,
+        );
+        reset(&client).await?;
+        add(
+            "BinaryCopyInWriter, parent",
+            generic_writer(&mut client, &evs).await?,
+        );
+        reset(&client).await?;
+        add(
+            "event_dedup claim alone",
+            dedup_claim(&mut client, &evs).await?,
+        );
+        eprintln!("round {round} done");
+    }
+    println!("| method | rows/s (median of 3) |\n| --- | ---: |");
+    for (name, mut v) in results {
+        v.sort_by(f64::total_cmp);
+        println!("| {name} | {:.0} |", v[1]);
+    }
+    Ok(())
+}
+
+async fn e2e_bench(admin_url: &str, brokers: &str, n: usize) -> Result<()> {
+    let url = fresh_db(admin_url).await?;
+    let client = connect(&url).await?;
+    let prefix = format!("{}.", unique("bench"));
+    let topics = Topics::with_prefix(&prefix);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .create()?;
+    // Topics with the writer's defaults, created by a writer-like admin call.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()?;
+    let new: Vec<_> = topics
+        .all()
+        .iter()
+        .map(|t| rdkafka::admin::NewTopic::new(t, 4, rdkafka::admin::TopicReplication::Fixed(1)))
+        .collect();
+    admin
+        .create_topics(&new, &rdkafka::admin::AdminOptions::new())
+        .await?;
+    let evs = events(n);
+    let started = Instant::now();
+    for chunk in evs.chunks(5_000) {
+        let sends: Vec<_> = chunk
+            .iter()
+            .map(|e| {
+                let key = message_key(e.tenant_id, e.anonymous_id.as_deref(), None);
+                let payload = serde_json::to_vec(e).unwrap_or_default();
+                let producer = producer.clone();
+                let topic = topics.event.clone();
+                async move {
+                    producer
+                        .send(
+                            FutureRecord::to(&topic).key(&key).payload(&payload),
+                            Duration::from_secs(60),
+                        )
+                        .await
+                        .map_err(|(e, _)| e)
+                }
+            })
+            .collect();
+        for r in futures::future::join_all(sends).await {
+            r?;
+        }
+    }
+    println!(
+        "e2e: {n} events pre-filled in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut config = sluice_writer::Config::for_tests(brokers, &url, &prefix, &unique("bench"));
+    config.batch_max_rows = 20_000;
+    config.flush_interval_ms = 500;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let writer = tokio::spawn(sluice_writer::run(config, async move {
+        let _ = stop_rx.await;
+    }));
+    let mut first: Option<(Instant, usize)> = None;
+    loop {
+        let c: i64 = client
+            .query_one("SELECT count(*) FROM event", &[])
+            .await?
+            .get(0);
+        if c > 0 && first.is_none() {
+            first = Some((Instant::now(), c as usize));
+        }
+        if c as usize >= n {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "writer too slow: {c} of {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    // Sustained: from the first committed batch to the last (start-up and group join excluded).
+    let sustained = first.map(|(t, c)| rate(n - c, t.elapsed())).unwrap_or(0.0);
+    let _ = stop_tx.send(());
+    writer.await??;
+    let writer_rate = rate(n, took);
+    reset(&client).await?;
+    let limit = rate(n, psql_copy(&url, &evs).await?);
+    println!("| writer, from a pre-filled topic, start to last row (includes group join) | {writer_rate:.0} rows/s |");
+    println!("| writer, sustained (first batch visible to last) | {sustained:.0} rows/s |");
+    println!("| psql \\copy (FORMAT binary) of the same rows | {limit:.0} rows/s |");
+    println!("| ratio, sustained / limit | {:.2} |", sustained / limit);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    sluice_schema::runtime::init_tracing(sluice_schema::runtime::LogFormat::Text);
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let what = args.first().map(String::as_str).unwrap_or("all");
+    let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let db = env(
+        "SLUICE_BENCH_DATABASE_URL",
+        "postgres://sluice@127.0.0.1:54320/sluice",
+    );
+    let brokers = env("SLUICE_BENCH_KAFKA_BROKERS", "127.0.0.1:19092");
+    if matches!(what, "copy" | "all") {
+        copy_bench(&db, n).await?;
+    }
+    if matches!(what, "e2e" | "all") {
+        e2e_bench(&db, &brokers, n).await?;
+    }
+    Ok(())
+}
