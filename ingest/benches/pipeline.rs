@@ -39,6 +39,7 @@ fn facts() -> RequestFacts {
         received_at: Utc::now(),
         ip: Some("203.0.113.9".parse().expect("valid IP literal")),
         user_agent: Some("Mozilla/5.0".into()),
+        max_future: chrono::TimeDelta::days(1),
     }
 }
 

@@ -99,6 +99,12 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_NAME_BYTES", default_value_t = 512)]
     pub max_name_bytes: usize,
 
+    /// How far in the future (after receipt, after skew correction) an event may be, in
+    /// milliseconds; a later one is stored at its receive time, its `timestamp` kept as sent.
+    /// Stops a broken client clock from making the writer create partitions for year 9999.
+    #[arg(long, env = "SLUICE_MAX_FUTURE_MS", default_value_t = 86_400_000)]
+    pub max_future_ms: u64,
+
     /// Most messages in one batch request.
     #[arg(long, env = "SLUICE_MAX_BATCH_MESSAGES", default_value_t = 2_500)]
     pub max_batch_messages: usize,

@@ -29,6 +29,9 @@ pub struct RequestFacts {
     pub ip: Option<IpAddr>,
     /// The request's `User-Agent`.
     pub user_agent: Option<String>,
+    /// How far after `received_at` an `occurred_at` may lie; later ones are a broken client
+    /// clock, and become `received_at` (the client's `timestamp` is kept as sent).
+    pub max_future: chrono::TimeDelta,
 }
 
 /// The messages one request yields, by topic.
@@ -248,7 +251,10 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
     let mut request_bot = false;
 
     for mut m in messages {
-        let at = occurred_at(m.timestamp, m.sent_at, facts.received_at);
+        let mut at = occurred_at(m.timestamp, m.sent_at, facts.received_at);
+        if at.signed_duration_since(facts.received_at) > facts.max_future {
+            at = facts.received_at;
+        }
         let message_id = m
             .message_id
             .clone()
@@ -415,7 +421,7 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
-    use chrono::Duration;
+    use chrono::{Datelike, Duration};
 
     #[test]
     fn skew_is_corrected_by_the_send_delay() {
@@ -438,6 +444,43 @@ mod tests {
             .to_utc();
         let _ = occurred_at(Some(year_0), Some(year_9999), received);
         let _ = occurred_at(Some(year_9999), Some(year_0), received);
+    }
+
+    #[test]
+    fn a_time_beyond_the_future_bound_becomes_the_receive_time() {
+        let body = r#"{"batch": [
+            {"type": "track", "event": "E", "userId": "u", "timestamp": "9999-01-01T00:00:00Z"},
+            {"type": "track", "event": "E", "userId": "u", "timestamp": "2001-01-01T00:00:00Z"}]}"#;
+        let mut b = body.as_bytes().to_vec();
+        let parsed =
+            crate::payload::parse(&mut b, crate::payload::Endpoint::Batch, &Default::default())
+                .unwrap();
+        let facts = RequestFacts {
+            principal: Principal {
+                key_id: 1,
+                tenant_id: 1,
+                workspace_id: 1,
+            },
+            received_at: Utc::now(),
+            ip: None,
+            user_agent: None,
+            max_future: Duration::days(1),
+        };
+        let out = enrich(
+            parsed.messages.into_iter().map(|(_, m)| m).collect(),
+            &facts,
+        );
+        assert_eq!(out.events[0].occurred_at, facts.received_at);
+        assert_eq!(
+            out.events[0].timestamp.map(|t| t.year()),
+            Some(9999),
+            "kept as sent"
+        );
+        assert_eq!(
+            out.events[1].occurred_at.year(),
+            2001,
+            "the past is believed"
+        );
     }
 
     #[test]

@@ -902,6 +902,7 @@ mod tests {
                 received_at: Utc::now(),
                 ip: None,
                 user_agent: None,
+                max_future: chrono::TimeDelta::days(1),
             };
             let accepted = parsed.messages.len();
             let out = crate::enrich::enrich(parsed.messages.into_iter().map(|(_, m)| m).collect(), &facts);

@@ -279,6 +279,10 @@ async fn handle<S: Sink, K: KeyStore>(
         received_at,
         ip,
         user_agent,
+        max_future: i64::try_from(app.config.max_future_ms)
+            .ok()
+            .and_then(chrono::TimeDelta::try_milliseconds)
+            .unwrap_or(chrono::TimeDelta::MAX),
     };
     let out = enrich(messages.into_iter().map(|(_, m)| m).collect(), &facts);
     let records = records(&out)
