@@ -1,0 +1,110 @@
+//! Operating the writer: `/healthz`, `/readyz` and `/metrics` answer on the metrics port with
+//! the DESIGN §7 names, and SIGTERM drains the real binary: the open batch is stored and the
+//! process exits 0 promptly.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chrono::Utc;
+use sluice_tests::private::free_port;
+use sluice_tests::writer::{event, wait_for_count, RunningWriter, WriterEnv};
+use sluice_tests::{bin_path, Stack};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let status = out.split(' ').nth(1).context("no status")?.parse()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_answer_on_the_metrics_port() -> Result<()> {
+    let env = WriterEnv::new(1).await?;
+    let port = free_port()?;
+    let mut config = env.config();
+    config.metrics_listen = ([127, 0, 0, 1], port).into();
+    let writer = RunningWriter::start(config);
+    env.produce_events(&[event(2, "h", "m-h", Utc::now())])
+        .await?;
+    let db = env.db.client().await?;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM event",
+        1,
+        Duration::from_secs(60),
+    )
+    .await?;
+
+    assert_eq!(get(port, "/healthz").await?.0, 200);
+    let (status, body) = get(port, "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(ready["postgres"]["ok"], true);
+    assert_eq!(ready["kafka"]["ok"], true);
+    // The lag gauge is exported every 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, text) = get(port, "/metrics").await?;
+    assert_eq!(status, 200);
+    for name in [
+        "sluice_writer_rows_total{table=\"event\"} 1",
+        "sluice_writer_batch_rows",
+        "sluice_writer_copy_duration_seconds",
+        "sluice_writer_consumer_lag{",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    writer.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stores_the_open_batch_and_exits_cleanly() -> Result<()> {
+    let env = WriterEnv::new(1).await?;
+    let db = env.db.client().await?;
+    let mut child = tokio::process::Command::new(bin_path("sluice-writer")?)
+        .env("SLUICE_DATABASE_URL", &env.db.url)
+        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
+        .env("SLUICE_WRITER_GROUP", &env.group)
+        .env("SLUICE_TOPIC_PREFIX", &env.prefix)
+        .env("SLUICE_METRICS_LISTEN", "127.0.0.1:0")
+        // A batch that waits a minute: only the drain can store it in time.
+        .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "60000")
+        .kill_on_drop(true)
+        .spawn()?;
+    // Let it join the group, then give it messages that sit in its open batch.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let events: Vec<_> = (0..100)
+        .map(|i| event(6, "t", &format!("m{i}"), Utc::now()))
+        .collect();
+    env.produce_events(&events).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before: i64 = db
+        .query_one("SELECT count(*) FROM event", &[])
+        .await?
+        .get(0);
+    assert_eq!(before, 0, "the batch is still open");
+    let pid = child.id().context("no pid")?;
+    let sent = tokio::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .await?;
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .context("no exit within 20 s of SIGTERM")??;
+    assert!(status.success(), "exit status {status}");
+    let after: i64 = db
+        .query_one("SELECT count(*) FROM event", &[])
+        .await?
+        .get(0);
+    assert_eq!(after, 100, "the drain stored the open batch");
+    Ok(())
+}
