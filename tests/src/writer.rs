@@ -13,6 +13,25 @@ use sluice_schema::topics::{message_key, Topics};
 
 use crate::{create_topics, kafka_config, unique_name, TestDb};
 
+/// Creates topics on another broker than the shared one.
+async fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let mut config = kafka_config();
+    config.set("bootstrap.servers", brokers);
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = config.create()?;
+    let topics: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&topics, &opts).await? {
+        if let Err((topic, code)) = result {
+            bail!("creating topic {topic}: {code}");
+        }
+    }
+    Ok(())
+}
+
 /// A database and topics for one writer test.
 pub struct WriterEnv {
     /// Migrated database.
@@ -25,16 +44,29 @@ pub struct WriterEnv {
     pub group: String,
     /// Producer for the data topics.
     pub producer: FutureProducer,
+    /// Kafka bootstrap servers of this environment.
+    pub brokers: String,
 }
 
 impl WriterEnv {
     /// Creates the database and the five topics with `partitions` partitions each.
     pub async fn new(partitions: i32) -> Result<WriterEnv> {
+        WriterEnv::new_on(&crate::Stack::get().kafka_brokers, partitions).await
+    }
+
+    /// The same on another broker (a private one, for tests that stop it).
+    pub async fn new_on(brokers: &str, partitions: i32) -> Result<WriterEnv> {
         let db = TestDb::migrated().await?;
         let prefix = format!("{}.", unique_name("w"));
         let topics = Topics::with_prefix(&prefix);
-        create_topics(&topics.all(), partitions).await?;
-        let producer: FutureProducer = kafka_config()
+        if brokers == crate::Stack::get().kafka_brokers {
+            create_topics(&topics.all(), partitions).await?;
+        } else {
+            create_topics_on(brokers, &topics.all(), partitions).await?;
+        }
+        let mut config = kafka_config();
+        config.set("bootstrap.servers", brokers);
+        let producer: FutureProducer = config
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
@@ -46,6 +78,7 @@ impl WriterEnv {
             prefix,
             topics,
             producer,
+            brokers: brokers.to_owned(),
         })
     }
 
@@ -260,12 +293,7 @@ impl RunningWriter {
 impl WriterEnv {
     /// A writer configuration for this environment (metrics on a free port).
     pub fn config(&self) -> sluice_writer::Config {
-        sluice_writer::Config::for_tests(
-            &crate::Stack::get().kafka_brokers,
-            &self.db.url,
-            &self.prefix,
-            &self.group,
-        )
+        sluice_writer::Config::for_tests(&self.brokers, &self.db.url, &self.prefix, &self.group)
     }
 }
 
@@ -275,12 +303,23 @@ impl WriterEnv {
     /// visitor adds 1 to `visitor.event_count`: a message stored twice or lost shows in the sum,
     /// not only in the event count (which `event_dedup` would protect on its own).
     pub fn stream(&self, total: usize, per_second: usize) -> tokio::task::JoinHandle<Result<()>> {
+        self.stream_from(0, total, per_second)
+    }
+
+    /// [`WriterEnv::stream`] with message ids starting at `m{first}`.
+    pub fn stream_from(
+        &self,
+        first: usize,
+        total: usize,
+        per_second: usize,
+    ) -> tokio::task::JoinHandle<Result<()>> {
         let producer = self.producer.clone();
         let (ev_topic, vis_topic) = (self.topics.event.clone(), self.topics.visitor.clone());
         tokio::spawn(async move {
             let chunk = (per_second / 10).max(1);
             let mut tick = tokio::time::interval(Duration::from_millis(100));
-            let mut sent = 0;
+            let mut sent = first;
+            let total = first + total;
             while sent < total {
                 tick.tick().await;
                 let now = Utc::now();

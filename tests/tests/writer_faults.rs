@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sluice_tests::private::PrivatePostgres;
+use sluice_tests::private::{PrivateKafka, PrivatePostgres};
 use sluice_tests::writer::{assert_stored_exactly_once, RunningWriter, WriterEnv};
 use sluice_tests::{bin_path, Stack};
 use tokio::process::{Child, Command};
@@ -109,5 +109,26 @@ async fn postgres_stopped_for_20_s_pauses_the_writer_which_then_catches_up() -> 
     stream.await??;
     let db = sluice_tests::connect(&pg.url()).await?;
     assert_stored_exactly_once(&db, 10_000, Duration::from_secs(120)).await?;
+    writer.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_stopped_and_restarted_the_writer_reconnects_and_stores_everything_once() -> Result<()>
+{
+    let kafka = PrivateKafka::start().await?;
+    let env = WriterEnv::new_on(&kafka.brokers(), 2).await?;
+    let db = env.db.client().await?;
+    let writer = RunningWriter::start(env.config());
+    env.stream(3_000, 1_500).await??;
+    assert_stored_exactly_once(&db, 3_000, Duration::from_secs(120)).await?;
+    kafka.stop().await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        !writer.is_finished(),
+        "the writer waits for Kafka instead of failing"
+    );
+    kafka.start_again().await?;
+    env.stream_from(3_000, 3_000, 1_500).await??;
+    assert_stored_exactly_once(&db, 6_000, Duration::from_secs(180)).await?;
     writer.stop().await
 }
