@@ -213,9 +213,17 @@ pub struct Parsed {
     pub messages: Vec<(usize, Message)>,
     /// Refused messages.
     pub rejected: Vec<Rejected>,
-    /// `writeKey` of the body, if any (Segment's browser SDK authenticates this way).
+    /// `writeKey` of the body, if any (Segment's browser SDK authenticates this way): the
+    /// top-level one, else the first a batch's messages name (analytics.js in batching mode
+    /// puts it on every message).
     pub write_key: Option<String>,
+    /// Other keys a batch's messages name. Each must be of the request's workspace, since the
+    /// messages would be stored there whatever key they name.
+    pub other_keys: Vec<String>,
 }
+
+/// Most distinct write keys one batch may name: each costs a key check.
+pub const MAX_KEYS_PER_BATCH: usize = 4;
 
 /// Undoes `Content-Encoding` and the form wrapping of a body, leaving JSON bytes.
 ///
@@ -429,6 +437,19 @@ pub fn parse(json: &mut [u8], endpoint: Endpoint, limits: &Limits) -> Result<Par
                     .and_then(|v| parse_time(v).ok().flatten()),
             };
             for (index, item) in batch.into_iter().enumerate() {
+                if let Some(key) = item.get("writeKey").and_then(Value::as_str) {
+                    match &parsed.write_key {
+                        None => parsed.write_key = Some(key.to_owned()),
+                        Some(first) if first == key => {}
+                        Some(_) if parsed.other_keys.iter().any(|k| k == key) => {}
+                        Some(_) if parsed.other_keys.len() + 1 >= MAX_KEYS_PER_BATCH => {
+                            return Err(IngestError::BadRequest(format!(
+                                "a batch may name at most {MAX_KEYS_PER_BATCH} write keys; send one key per request"
+                            )))
+                        }
+                        Some(_) => parsed.other_keys.push(key.to_owned()),
+                    }
+                }
                 let message_id = item
                     .get("messageId")
                     .and_then(Value::as_str)
@@ -749,6 +770,28 @@ mod tests {
             ]
         );
         assert_eq!(p.rejected[3].message_id.as_deref(), Some("m5"));
+    }
+
+    #[test]
+    fn keys_named_by_batch_messages_are_collected() {
+        let p = parse_value(
+            json!({"batch": [
+                {"type": "track", "event": "E", "userId": "u", "writeKey": "k1"},
+                {"type": "track", "event": "E", "userId": "u", "writeKey": "k2"},
+                {"type": "track", "event": "E", "userId": "u", "writeKey": "k1"}]}),
+            Endpoint::Batch,
+        )
+        .unwrap();
+        assert_eq!(p.write_key.as_deref(), Some("k1"));
+        assert_eq!(p.other_keys, ["k2"]);
+        assert!(p
+            .messages
+            .iter()
+            .all(|(_, m)| !m.properties.contains_key("writeKey")));
+        let many: Vec<Value> = (0..10)
+            .map(|i| json!({"type": "track", "event": "E", "userId": "u", "writeKey": format!("k{i}")}))
+            .collect();
+        assert!(parse_value(json!({ "batch": many }), Endpoint::Batch).is_err());
     }
 
     #[test]

@@ -244,6 +244,11 @@ async fn handle<S: Sink, K: KeyStore>(
         body_key.as_deref(),
     )
     .await?;
+    // Every other key a batch's messages name must be of the same workspace: the messages
+    // are stored in the authenticated one whatever they say.
+    for other in &parsed.other_keys {
+        authorize(app, Some(principal), None, Some(other)).await?;
+    }
 
     let cost =
         u32::try_from((parsed.messages.len() + parsed.rejected.len()).max(1)).unwrap_or(u32::MAX);

@@ -611,24 +611,60 @@ async fn a_key_of_workspace_a_cannot_write_into_workspace_b() {
         .json(&json!({"writeKey": b.key.plaintext, "event": "E", "anonymousId": "x", "messageId": "m-cross"}))
         .send().await.unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // The same with a key on one message of a batch.
+    let r = c
+        .post(collector.url("/v1/batch"))
+        .bearer_auth(&a.key.plaintext)
+        .json(&json!({"batch": [
+            {"type": "track", "event": "E", "anonymousId": "x", "messageId": "m-cross-1"},
+            {"type": "track", "event": "E", "anonymousId": "x", "messageId": "m-cross-2", "writeKey": b.key.plaintext}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "a batch message naming B's key"
+    );
     // Tenant or workspace ids in the body are data, not identity.
     let r = c.post(collector.url("/v1/track")).bearer_auth(&a.key.plaintext)
         .json(&json!({"event": "E", "anonymousId": "x", "messageId": "m-a", "tenant_id": b.tenant_id, "workspace_id": b.workspace_id}))
         .send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    // analytics.js in batching mode: the key only on each message, no header.
+    let r = c
+        .post(collector.url("/v1/b"))
+        .header("content-type", "text/plain")
+        .body(json!({"batch": [{"type": "track", "event": "E", "anonymousId": "y", "messageId": "m-b", "writeKey": b.key.plaintext}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     let events = consume(
         &Stack::get().kafka_brokers,
         &collector.topics.event,
-        1,
+        2,
         WAIT,
         Duration::from_secs(1),
     )
     .await
     .unwrap();
-    assert_eq!(events.len(), 1, "the refused request produced nothing");
-    assert_eq!(events[0].value["message_id"], "m-a");
-    assert_eq!(events[0].value["tenant_id"], a.tenant_id);
-    assert_eq!(events[0].value["workspace_id"], a.workspace_id);
-    assert_eq!(events[0].key, format!("{}/x", a.tenant_id));
+    assert_eq!(events.len(), 2, "the refused requests produced nothing");
+    let a_event = events
+        .iter()
+        .find(|e| e.value["message_id"] == "m-a")
+        .unwrap();
+    assert_eq!(a_event.value["tenant_id"], a.tenant_id);
+    assert_eq!(a_event.value["workspace_id"], a.workspace_id);
+    assert_eq!(a_event.key, format!("{}/x", a.tenant_id));
+    let b_event = events
+        .iter()
+        .find(|e| e.value["message_id"] == "m-b")
+        .unwrap();
+    assert_eq!(b_event.value["workspace_id"], b.workspace_id);
+    assert!(
+        b_event.value["properties"].get("writeKey").is_none(),
+        "keys never reach Kafka"
+    );
     collector.stop().await.unwrap();
 }
