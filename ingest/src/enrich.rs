@@ -186,14 +186,23 @@ pub fn occurred_at(
 
 /// Running summary of one visitor or session within a request.
 struct Summary {
+    /// Earliest `occurred_at`.
     first: DateTime<Utc>,
+    /// Latest `occurred_at`.
     last: DateTime<Utc>,
+    /// Events (not identify/alias) counted.
     events: i64,
+    /// Page, screen and pixel views counted.
     pages: i64,
+    /// Attribution of the earliest message.
     touch: Touch,
+    /// Visitor of the first message (sessions).
     anonymous_id: Option<String>,
+    /// Latest known user id.
     user_id: Option<String>,
+    /// Device facts of the first message (sessions).
     device: JsonObject,
+    /// Location facts of the first message (sessions).
     geo: JsonObject,
 }
 
