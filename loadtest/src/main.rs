@@ -1,6 +1,6 @@
 //! `sluice-loadtest`: flags and environment in, [`sluice_loadtest::run`] or
-//! [`sluice_loadtest::verify`] out. Exit status: 0 success, 1 `verify` found loss or
-//! duplicates, 2 the command could not do its work.
+//! [`sluice_loadtest::verify`] out. Exit status: 0 success; 1 `verify` found loss or
+//! duplicates, or `run` had no request acknowledged; 2 the command could not do its work.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -170,7 +170,8 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Our errors carry their causes in their messages already.
+            eprintln!("error: {err}");
             ExitCode::from(2)
         }
     }
@@ -183,6 +184,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .map(|k| Key::given(k))
         .collect::<Result<Vec<_>, Error>>()?;
     let run_id = args.run_id.unwrap_or_else(new_run_id);
+    let collector_url = args.collector_url;
     if args.create_tenants > 0 {
         let client = sluice_loadtest::keys::connect(&args.database_url).await?;
         let name_prefix = format!("loadtest-{run_id}");
@@ -208,7 +210,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let config = RunConfig {
-        collector_url: args.collector_url,
+        collector_url: collector_url.clone(),
         mode,
         duration: Duration::from_secs_f64(args.duration_s),
         max_requests: args.requests,
@@ -230,6 +232,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{report}");
+    }
+    if report.requests_acked == 0 {
+        eprintln!(
+            "error: the collector acknowledged no request (errors: {:?}); is it running at {}, and are the keys valid there?",
+            report.errors, collector_url
+        );
+        return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }
