@@ -375,6 +375,7 @@ async fn a_400_digit_integer_is_refused_or_kept_never_a_crash() {
         .await
         .unwrap();
     let status = r.status();
+    eprintln!("400-digit integer: {status}");
     assert!(
         status == StatusCode::OK || status.is_client_error(),
         "{status}"
@@ -519,6 +520,11 @@ async fn slow_loris_connections_are_closed_and_do_not_starve_others() {
             }
         }
     }
+    eprintln!(
+        "slow-loris: {} of 300 still open after {:?}",
+        open,
+        started.elapsed()
+    );
     assert_eq!(
         open,
         0,
