@@ -5,6 +5,8 @@
 //! - the writer's link to PostgreSQL cut for 10 s mid-stream (a TCP proxy of the test's own in
 //!   front of the shared cluster, which is never stopped): open connections die mid-COPY, new
 //!   ones are refused; the writer pauses, retries and catches up;
+//! - the whole stack on a private PostgreSQL cluster, stopped for 8 s and started again (the
+//!   collector keeps accepting on its cached key; the writer pauses and catches up);
 //! - two writer processes (`sluice-writer`, the real binary) in one group, one SIGKILLed and
 //!   restarted every few seconds, so kills land during COPY and during rebalances.
 
@@ -188,6 +190,70 @@ async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing(
     }
     assert_eq!(r.lost, 0, "acknowledged messages not stored");
     assert_eq!(r.duplicates, 0, "messages stored twice");
+    collector.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() -> Result<()> {
+    // The whole stack on a private cluster (the shared one is never stopped): the collector's
+    // key store and the writer's database both go away and come back.
+    let pg = sluice_tests::private::PrivatePostgres::start().await?;
+    let db = TestDb {
+        name: "sluice".into(),
+        url: pg.url(),
+    };
+    sluice_schema::migrate::up(&mut db.client().await?).await?;
+    let acct = account(&db, "pg-restart").await?;
+    let mut config = Collector::config(&db);
+    // Long enough that the key stays cached through the restart: the collector keeps
+    // accepting into Kafka while the database is away.
+    config.key_cache_ttl_ms = 120_000;
+    let prefix = config.topic_prefix.clone();
+    let collector = Collector::start(config).await?;
+    let mut wconfig = sluice_writer::Config::for_tests(
+        &Stack::get().kafka_brokers,
+        &db.url,
+        &prefix,
+        &unique_name("g"),
+    );
+    wconfig.retry_max_ms = 1_000;
+    wconfig.flush_interval_ms = 100;
+    let writer = RunningWriter::start(wconfig);
+
+    let load = Load::start(
+        &collector.url(""),
+        &acct.key.plaintext,
+        "pr",
+        4,
+        25,
+        Duration::from_millis(20),
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    pg.stop().await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        !writer.is_finished(),
+        "the writer waits for PostgreSQL instead of exiting"
+    );
+    pg.start_again().await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = load.finish().await;
+    assert!(
+        report.acked.len() > 1_000,
+        "load ran: {:?}",
+        report.statuses
+    );
+
+    let client = db.client().await?;
+    let r = settle(&client, &report, Duration::from_secs(120)).await?;
+    eprintln!(
+        "PostgreSQL restarted: {r:?}, statuses {:?}",
+        report.statuses
+    );
+    assert_eq!(r.lost, 0, "acknowledged messages not stored");
+    assert_eq!(r.duplicates, 0, "messages stored twice");
+    writer.stop().await?;
     collector.stop().await?;
     Ok(())
 }
