@@ -39,7 +39,9 @@ pub struct Config {
     pub topic_prefix: String,
 
     /// Partitions of each topic created at start-up (existing topics are left as they are).
-    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = 6)]
+    /// The same default as the writer's, whichever service starts first: it caps how many
+    /// writers a consumer group can use.
+    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = 12)]
     pub topic_partitions: i32,
 
     /// Replication factor of each topic created at start-up.
