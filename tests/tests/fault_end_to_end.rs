@@ -110,6 +110,14 @@ async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()>
     Ok(())
 }
 
+/// Rows of `event`.
+async fn event_rows(client: &tokio_postgres::Client) -> Result<i64> {
+    Ok(client
+        .query_one("SELECT count(*) FROM event", &[])
+        .await?
+        .get(0))
+}
+
 fn spawn_writer(db: &TestDb, prefix: &str, group: &str, log: &std::path::Path) -> Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -154,17 +162,20 @@ async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing(
     );
     let client = db.client().await?;
     const KILLS: usize = 6;
+    let mut last = 0;
     for round in 0..KILLS {
-        // Uneven gaps, so kills land in different phases (COPY, commit, rebalance).
-        tokio::time::sleep(Duration::from_millis(1_500 + 700 * (round as u64 % 3))).await;
-        let stored: i64 = client
-            .query_one("SELECT count(*) FROM event", &[])
-            .await?
-            .get(0);
+        // Kill only once the group is storing again (rows grew since the last kill), then
+        // after an uneven delay: kills land during COPY and commit, not only in rebalances.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while event_rows(&client).await? <= last && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150 + 350 * (round as u64 % 3))).await;
         let victim = round % 2;
         writers[victim].start_kill()?;
         writers[victim].wait().await?;
-        eprintln!("kill {round}: writer {victim} SIGKILLed with {stored} rows stored");
+        last = event_rows(&client).await?;
+        eprintln!("kill {round}: writer {victim} SIGKILLed with {last} rows stored");
         writers[victim] = spawn_writer(&db, &prefix, &group, &log)?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
