@@ -364,7 +364,13 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
             if let Some(group_id) = m.group_id {
                 properties.insert("groupId".into(), Value::String(group_id));
             }
-            properties.insert("traits".into(), Value::Object(m.traits));
+            let mut traits = m.traits;
+            strip_pii(&mut traits);
+            properties.insert("traits".into(), Value::Object(traits));
+        }
+        let mut context = m.context;
+        if let Some(Value::Object(traits)) = context.get_mut("traits") {
+            strip_pii(traits);
         }
         out.events.push(EventMessage {
             v: VERSION,
@@ -382,7 +388,7 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
             sent_at: m.sent_at,
             received_at: facts.received_at,
             properties,
-            context: m.context,
+            context,
             ip,
             user_agent,
             bot,
@@ -424,6 +430,19 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
         })
         .collect();
     out
+}
+
+/// Trait names whose values are personal data that sluice keeps only encrypted, in `lead`.
+const PII_TRAITS: [&str; 2] = ["email", "phone"];
+
+/// Removes personal data from traits that ride along on an event (analytics.js copies the
+/// user's traits into `context.traits` of every call; group calls carry `traits`): events are
+/// stored as they are, so email and phone would sit there in plaintext. Identify calls keep
+/// them: the writer encrypts them into `lead`.
+fn strip_pii(traits: &mut JsonObject) {
+    for key in PII_TRAITS {
+        traits.remove(key);
+    }
 }
 
 #[cfg(test)]

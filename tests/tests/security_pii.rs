@@ -7,9 +7,8 @@
 //! and every row of every table of the database are searched for the email, the phone, the
 //! write keys and the PII key.
 //!
-//! `context.traits`, which analytics.js attaches to every track and page call, carries the same
-//! email in plaintext into `event.context`: the second test shows it (ignored until fixed, see
-//! docs/reliability.md).
+//! `context.traits`, which analytics.js attaches to every track and page call, would carry the
+//! same email into `event.context`: the second test proves the collector strips it.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -226,7 +225,6 @@ async fn plaintext_in_tables(client: &tokio_postgres::Client, secrets: &[String]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: context.traits.email/phone of track calls are stored in plaintext in event.context (docs/reliability.md)"]
 async fn email_in_a_track_calls_context_traits_is_not_stored_in_plaintext() {
     let db = TestDb::migrated().await.unwrap();
     let acct = account(&db, "ctx").await.unwrap();
