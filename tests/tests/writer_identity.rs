@@ -145,3 +145,128 @@ async fn identify_with_pii_but_no_keys_is_dead_lettered_not_stored_in_clear() ->
     assert!(dead[0].detail.contains("SLUICE_PII_KEYS"));
     writer.stop().await
 }
+
+/// Many dependent identity messages stored in one go: the writer applies them in waves of
+/// independent messages and folds runs of one visitor's identifies, and the outcome must be the
+/// one of applying them one by one (same leads, traits merged in order, every link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_dependent_identities_ends_as_if_applied_in_order() -> Result<()> {
+    let env = WriterEnv::new(1).await?;
+    let mut config = env.config();
+    config.pii_keys = KEYS.into();
+    config.pii_active_key = "k1".into();
+    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
+    let topic = env.topics.identity.clone();
+    const USERS: usize = 40;
+    let mut msgs: Vec<IdentityMessage> = Vec::new();
+    // Runs of one visitor's identifies (folded).
+    for i in 0..USERS {
+        msgs.push(identify(
+            &format!("a{i}"),
+            Some(&format!("u{i}")),
+            json!({"n": 1, "name": format!("N{i}")}),
+        ));
+        msgs.push(identify(
+            &format!("a{i}"),
+            Some(&format!("u{i}")),
+            json!({"n": 2}),
+        ));
+    }
+    // Each step for every user in turn (waves of independent messages).
+    for i in 0..USERS {
+        msgs.push(identify(
+            &format!("a{i}"),
+            Some(&format!("u{i}")),
+            json!({"email": format!("user{i}@example.com")}),
+        ));
+    }
+    for i in 0..USERS {
+        // Another device, found by the email fingerprint only.
+        msgs.push(identify(
+            &format!("b{i}"),
+            None,
+            json!({"email": format!("USER{i}@example.com")}),
+        ));
+    }
+    for i in 0..USERS {
+        let mut alias = identify("-", Some(&format!("u{i}")), json!({}));
+        alias.kind = IdentityKind::Alias;
+        alias.anonymous_id = None;
+        alias.previous_id = Some(format!("p{i}"));
+        msgs.push(alias);
+    }
+    for i in 0..USERS {
+        // Found through the alias's link only.
+        msgs.push(identify(&format!("p{i}"), None, json!({"last": "yes"})));
+    }
+    for i in 0..USERS {
+        // Two messages with no key in common that find the same lead (user id, and a linked
+        // device): the later one's traits must win.
+        msgs.push(identify(
+            &format!("a{i}"),
+            Some(&format!("u{i}")),
+            json!({"k": "first"}),
+        ));
+        msgs.push(identify(&format!("b{i}"), None, json!({"k": "second"})));
+    }
+    msgs.push(identify("end", Some("sentinel"), json!({})));
+    for m in &msgs {
+        env.produce_json(&topic, "4/all", m).await?;
+    }
+    // Started on the whole backlog, so it is stored in as few batches as possible.
+    let writer = RunningWriter::start(config);
+    let db = env.db.client().await?;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM lead WHERE user_id = 'sentinel'",
+        1,
+        WAIT,
+    )
+    .await?;
+
+    let leads = db
+        .query(
+            "SELECT id, user_id, traits, email_ciphertext, pii_key_id FROM lead \
+             WHERE user_id <> 'sentinel' ORDER BY user_id",
+            &[],
+        )
+        .await?;
+    assert_eq!(leads.len(), USERS, "one lead per user, none created twice");
+    for row in &leads {
+        let user: String = row.get(1);
+        let i: usize = user.trim_start_matches('u').parse()?;
+        let traits: serde_json::Value = row.get(2);
+        assert_eq!(
+            traits,
+            json!({"n": 2, "name": format!("N{i}"), "last": "yes", "k": "second"}),
+            "traits of {user} merged in message order"
+        );
+        let sealed: Vec<u8> = row.get(3);
+        let key_id: String = row.get(4);
+        // The later identify's email (same fingerprint, other spelling) was sealed last.
+        assert_eq!(
+            keys.decrypt(&key_id, &sealed)?,
+            format!("USER{i}@example.com").into_bytes()
+        );
+        let lead: i64 = row.get(0);
+        let links: Vec<(String, String)> = db
+            .query(
+                "SELECT anonymous_id, kind FROM identity_link WHERE lead_id = $1 ORDER BY anonymous_id",
+                &[&lead],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(
+            links,
+            [
+                (format!("a{i}"), "identify".to_owned()),
+                (format!("b{i}"), "identify".to_owned()),
+                (format!("p{i}"), "alias".to_owned()),
+            ],
+            "links of {user}"
+        );
+    }
+    writer.stop().await
+}

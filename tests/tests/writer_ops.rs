@@ -58,9 +58,25 @@ async fn health_readiness_and_metrics_answer_on_the_metrics_port() -> Result<()>
         "sluice_writer_batch_rows",
         "sluice_writer_copy_duration_seconds",
         "sluice_writer_consumer_lag{",
+        // Histograms, not summaries: Prometheus can aggregate buckets across instances.
+        "sluice_writer_batch_rows_bucket{le=",
+        "sluice_writer_copy_duration_seconds_bucket{le=",
+        "sluice_writer_batch_duration_seconds_bucket{le=",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
+    // Months are ensured ahead at start-up (3 by default): the gauge is past now + 2 months.
+    let until: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_writer_partitions_until_timestamp_seconds "))
+        .ok_or_else(|| anyhow::anyhow!("no partitions-until gauge in /metrics:\n{text}"))?
+        .trim()
+        .parse()?;
+    let now = Utc::now().timestamp() as f64;
+    assert!(
+        until > now + 62.0 * 86400.0,
+        "partitions ensured until {until}, now {now}"
+    );
     writer.stop().await
 }
 

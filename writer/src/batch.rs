@@ -154,6 +154,7 @@ struct Stored {
     sessions: u64,
     leads: u64,
     links: u64,
+    waves: u64,
     copy_time: Duration,
 }
 
@@ -293,17 +294,23 @@ impl Store {
             ..Stored::default()
         };
         let mut refused: Vec<(usize, Rejection)> = Vec::new();
-        let copy_started = Instant::now();
-        for step in [
+        // Per-step times for the debug log: which table a slow batch spends its time on.
+        let mut step_ms = [0u64; 4];
+        for (k, step) in [
             Step::Events,
             Step::Visitors,
             Step::Sessions,
             Step::Identities,
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let step_started = Instant::now();
             let bad = self.split_step(&tx, step, &prepared, &mut stored).await?;
             if step == Step::Events {
-                stored.copy_time = copy_started.elapsed();
+                stored.copy_time = step_started.elapsed();
             }
+            step_ms[k] = step_started.elapsed().as_millis() as u64;
             refused.extend(bad);
         }
         let letters: Vec<DeadLetter<'_>> = prepared
@@ -340,7 +347,15 @@ impl Store {
         tx.commit().await?;
         tracing::debug!(
             decode_ms = decode_time.as_millis() as u64,
-            copy_ms = stored.copy_time.as_millis() as u64,
+            events_ms = step_ms[0],
+            visitors_ms = step_ms[1],
+            sessions_ms = step_ms[2],
+            identities_ms = step_ms[3],
+            events = prepared.events.len(),
+            visitors = prepared.visitors.len(),
+            sessions = prepared.sessions.len(),
+            identities = prepared.identities.len(),
+            identity_waves = stored.waves,
             commit_ms = before_commit.elapsed().as_millis() as u64,
             "batch timings"
         );
@@ -433,6 +448,7 @@ impl Store {
                 let applied = identity::apply(tx, &rows, self.keys.as_ref()).await?;
                 stored.leads += applied.leads;
                 stored.links += applied.links;
+                stored.waves += applied.waves;
             }
         }
         Ok(())

@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -24,14 +24,36 @@ use crate::error::WriterError;
 fn recorder() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+        .get_or_init(|| match builder().and_then(|b| b.install_recorder()) {
             Ok(handle) => Some(handle),
             Err(err) => {
-                tracing::warn!(cause = %err, "another metrics recorder is installed; /metrics will be empty");
+                tracing::warn!(cause = %err, "the metrics recorder could not be installed (another one is?); /metrics will be empty");
                 None
             }
         })
         .as_ref()
+}
+
+/// Installs the process-wide recorder, so metrics recorded at start-up (partitions ensured
+/// ahead) are kept: before it is installed, the `metrics` macros record nowhere.
+pub(crate) fn install() {
+    let _ = recorder();
+}
+
+/// The exporter with explicit buckets for every writer histogram: without them the exporter
+/// renders summaries, whose quantiles cannot be aggregated across instances (no `_bucket`).
+fn builder() -> Result<PrometheusBuilder, BuildError> {
+    // Batch sizes: from a single straggler to the largest configurable batch.
+    let rows = [
+        1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10_000.0, 20_000.0, 50_000.0, 100_000.0,
+    ];
+    // COPY and batch durations: a few ms (small batch) to the retry ceiling and beyond.
+    let seconds = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(crate::metrics::BATCH_ROWS.into()), &rows)?
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
 }
 
 /// What `/readyz` checks.

@@ -59,6 +59,7 @@ pub use error::WriterError;
 /// abandons) the open batch, leaves the consumer group and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), WriterError> {
     check(&config)?;
+    health::install();
     let topics = Topics::with_prefix(&config.topic_prefix);
     let keys = match config.pii_keys.trim() {
         "" => None,

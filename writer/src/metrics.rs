@@ -29,6 +29,11 @@ pub const PARTITIONS_CREATED: &str = "sluice_writer_partitions_created_total";
 pub const BUFFERED: &str = "sluice_writer_buffered_messages";
 /// Gauge, 1 while consumption is paused because the store is behind or PostgreSQL is down.
 pub const PAUSED: &str = "sluice_writer_paused";
+/// Gauge, the end (Unix epoch seconds, UTC) of the last month whose event partitions this
+/// writer has ensured ahead; set each time the ensure-ahead pass succeeds (start-up, hourly).
+/// An alert fires when it comes within two months of now (partitions not being created).
+/// No labels.
+pub const PARTITIONS_UNTIL: &str = "sluice_writer_partitions_until_timestamp_seconds";
 /// Counter, rebalance events. Labels: `kind` (assign, revoke).
 pub const REBALANCES_TOTAL: &str = "sluice_writer_rebalances_total";
 

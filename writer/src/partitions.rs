@@ -40,6 +40,10 @@ impl Months {
         let ensured = partitions::ensure_ahead(client, now, &self.cfg).await?;
         let created = ensured.iter().filter(|e| e.created).count();
         metrics::counter!(crate::metrics::PARTITIONS_CREATED).increment(created as u64);
+        if let Some(last) = ensured.iter().map(|e| e.month).max() {
+            let until = partitions::month_bounds(last).1.timestamp();
+            metrics::gauge!(crate::metrics::PARTITIONS_UNTIL).set(until as f64);
+        }
         self.lock().extend(ensured.into_iter().map(|e| e.month));
         Ok(())
     }
