@@ -65,6 +65,15 @@ async fn health_readiness_and_metrics_answer_on_the_metrics_port() -> Result<()>
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
+    // Everything produced is stored: every partition's lag reads 0 (not a stale value).
+    let lags: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("sluice_writer_consumer_lag{"))
+        .collect();
+    assert!(
+        !lags.is_empty() && lags.iter().all(|l| l.ends_with(" 0")),
+        "lag after everything was stored: {lags:?}"
+    );
     // Months are ensured ahead at start-up (3 by default): the gauge is past now + 2 months.
     let until: f64 = text
         .lines()

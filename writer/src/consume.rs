@@ -430,16 +430,51 @@ fn run_command(
     }
 }
 
+/// Exports each owned partition's lag: high watermark minus the stored position.
+///
+/// All high watermarks come from one `ListOffsets` request (`offsets_for_times` with -1, the
+/// latest offset, for every owned partition). The first version asked for each partition in
+/// turn (`fetch_watermarks`, 500 ms timeout each): under load those requests timed out, the
+/// gauges kept their old values (non-zero lag on drained partitions) and the pass held this
+/// polling thread for up to 48 x 500 ms.
 fn export_lag(consumer: &BaseConsumer<WriterContext>, assignments: &Assignments) {
-    for ((topic, partition), state) in assignments.snapshot() {
-        let Ok((_, high)) =
-            consumer.fetch_watermarks(&topic, partition, Duration::from_millis(500))
-        else {
-            continue;
+    let owned = assignments.snapshot();
+    let mut query = TopicPartitionList::new();
+    for ((topic, partition), _) in &owned {
+        // Offset::End is -1, which `ListOffsets` reads as "the latest offset".
+        if let Err(err) = query.add_partition_offset(topic, *partition, Offset::End) {
+            tracing::warn!(cause = %err, "cannot build the high-watermark query");
+            return;
+        }
+    }
+    if query.count() == 0 {
+        return;
+    }
+    let highs = match consumer.offsets_for_times(query, Duration::from_secs(2)) {
+        Ok(tpl) => tpl,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot read high watermarks; lag gauges not updated this time");
+            return;
+        }
+    };
+    let mut missing = 0;
+    for ((topic, partition), state) in owned {
+        let high = match highs.find_partition(&topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(high)) => high,
+            _ => {
+                missing += 1;
+                continue;
+            }
         };
         let next = state.stored_next.unwrap_or(0);
         metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string())
             .set((high - next).max(0) as f64);
+    }
+    if missing > 0 {
+        tracing::debug!(
+            missing,
+            "no high watermark for some partitions (just assigned?)"
+        );
     }
 }
 
