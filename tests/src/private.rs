@@ -36,16 +36,21 @@ impl Private {
         Private { state, env }
     }
 
-    /// Runs a function of `deploy/local/lib.sh` (`start_kafka`, `stop_postgres`, ...).
-    async fn run(&self, function: &str) -> Result<()> {
+    /// A shell that runs one function of `deploy/local/lib.sh` (`start_kafka`, ...) with this
+    /// instance's state folder and ports.
+    fn command(&self, function: &str) -> Command {
         let lib = repo_root().join("deploy/local/lib.sh");
         let mut cmd = Command::new("bash");
         cmd.arg("-c")
             .arg(format!("source '{}' && {function}", lib.display()))
-            .env("SLUICE_STATE", &self.state);
-        for (key, value) in &self.env {
-            cmd.env(key, value);
-        }
+            .env("SLUICE_STATE", &self.state)
+            .envs(self.env.iter().map(|(key, value)| (key, value)));
+        cmd
+    }
+
+    /// Runs a function of `deploy/local/lib.sh` and fails with its output when it fails.
+    async fn run(&self, function: &str) -> Result<()> {
+        let mut cmd = self.command(function);
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await?
             .with_context(|| format!("running {function}"))?;
@@ -61,15 +66,7 @@ impl Private {
 
     /// Best-effort stop on drop; the folder goes with it.
     fn drop_with(&self, function: &str) {
-        let lib = repo_root().join("deploy/local/lib.sh");
-        let mut cmd = Command::new("bash");
-        cmd.arg("-c")
-            .arg(format!("source '{}' && {function}", lib.display()))
-            .env("SLUICE_STATE", &self.state);
-        for (key, value) in &self.env {
-            cmd.env(key, value);
-        }
-        let _ = cmd.output();
+        let _ = self.command(function).output();
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }
