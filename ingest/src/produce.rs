@@ -10,12 +10,11 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Serialize;
+use sluice_schema::topics;
 use sluice_schema::topics::{message_key, Topics};
 
 use crate::config::Config;
@@ -267,35 +266,17 @@ impl Sink for KafkaSink {
 
 /// Creates the topics of `config` that are missing.
 pub async fn ensure_topics(config: &Config) -> Result<(), String> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+    let mut client = ClientConfig::new();
+    client
         .set("bootstrap.servers", &config.kafka_brokers)
-        .set("socket.timeout.ms", "5000")
-        .create()
-        .map_err(|e| e.to_string())?;
-    let topics = config.topics();
-    let new: Vec<NewTopic> = topics
-        .all()
-        .iter()
-        .map(|name| {
-            NewTopic::new(
-                name,
-                config.topic_partitions,
-                TopicReplication::Fixed(config.topic_replication),
-            )
-        })
-        .collect();
-    let opts = AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(10)))
-        .request_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics(&new, &opts)
-        .await
-        .map_err(|e| e.to_string())?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(format!("creating topic {topic}: {code}")),
-        }
-    }
-    Ok(())
+        .set("socket.timeout.ms", "5000");
+    topics::create_missing(
+        &client,
+        &config.topics().all(),
+        config.topic_partitions,
+        config.topic_replication,
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| e.to_string())
 }

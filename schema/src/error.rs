@@ -41,6 +41,17 @@ pub enum SchemaError {
         /// Its name as recorded.
         name: String,
     },
+    /// Kafka refused, or did not answer, a request to create topics.
+    #[error(
+        "{context}: {cause}; check that SLUICE_KAFKA_BROKERS reaches the cluster, or create the \
+         topics by hand / fix SLUICE_TOPIC_PARTITIONS and SLUICE_TOPIC_REPLICATION"
+    )]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// Kafka's error.
+        cause: String,
+    },
     /// A month partition setting is out of range.
     #[error("invalid partition setting: {0}")]
     InvalidPartitionConfig(String),

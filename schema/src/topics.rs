@@ -1,4 +1,13 @@
-//! Kafka topic names and the message key rule (DESIGN §3).
+//! Kafka topic names, their creation, and the message key rule (DESIGN §3).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::SchemaError;
 
 /// Anonymous visitors, one message per visitor per collector request.
 pub const VISITOR: &str = "sluice.visitor.v1";
@@ -81,6 +90,51 @@ impl Default for Topics {
     fn default() -> Self {
         Topics::with_prefix("")
     }
+}
+
+/// Creates the topics in `names` that are missing, with `partitions` partitions and
+/// `replication` replicas each; topics that exist are left as they are. `client` names the
+/// cluster (and any socket settings the caller wants); `timeout` bounds the request.
+pub async fn create_missing(
+    client: &ClientConfig,
+    names: &[&str],
+    partitions: i32,
+    replication: i32,
+    timeout: Duration,
+) -> Result<(), SchemaError> {
+    let kafka = |context: &str| {
+        let context = context.to_owned();
+        move |err: rdkafka::error::KafkaError| SchemaError::Kafka {
+            context,
+            cause: err.to_string(),
+        }
+    };
+    let admin: AdminClient<DefaultClientContext> = client
+        .create()
+        .map_err(kafka("creating the Kafka admin client"))?;
+    let new: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(kafka("creating topics"))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(SchemaError::Kafka {
+                    context: format!("creating topic {topic}"),
+                    cause: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The key of every data message: `{tenant_id}/{anonymous_id}`, or the user id when the

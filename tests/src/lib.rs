@@ -19,10 +19,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::types::RDKafkaErrorCode;
 use tokio_postgres::NoTls;
 
 pub mod faults;
@@ -173,20 +170,14 @@ pub fn kafka_config() -> ClientConfig {
 /// Creates topics (one replica, `partitions` each) and waits until they exist; a topic that
 /// exists already is fine.
 pub async fn create_topics(names: &[&str], partitions: i32) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = kafka_config()
-        .create()
-        .context("creating Kafka admin client")?;
-    let topics: Vec<NewTopic> = names
-        .iter()
-        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&topics, &opts).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => bail!("creating topic {topic}: {code}"),
-        }
-    }
+    sluice_schema::topics::create_missing(
+        &kafka_config(),
+        names,
+        partitions,
+        1,
+        Duration::from_secs(30),
+    )
+    .await?;
     Ok(())
 }
 

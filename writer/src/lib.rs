@@ -27,9 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use sluice_schema::partitions::PartitionConfig;
 use sluice_schema::pii::PiiKeys;
@@ -239,37 +236,17 @@ fn pool(url: &str) -> Result<Pool, WriterError> {
 
 /// Creates the topics when missing (DESIGN §3); existing ones are left as they are.
 async fn create_topics(config: &Config, topics: &Topics) -> Result<(), WriterError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
-        .create()
-        .map_err(WriterError::kafka("creating the admin client"))?;
-    let new: Vec<NewTopic<'_>> = topics
-        .all()
-        .iter()
-        .map(|name| {
-            NewTopic::new(
-                name,
-                config.topic_partitions,
-                TopicReplication::Fixed(config.topic_replication),
-            )
-        })
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&new, &opts)
-        .await
-        .map_err(WriterError::kafka("creating topics"))?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(WriterError::Config(format!(
-                    "cannot create topic {topic}: {code}; create it by hand or fix SLUICE_TOPIC_PARTITIONS/REPLICATION"
-                )))
-            }
-        }
-    }
-    Ok(())
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka_brokers);
+    sluice_schema::topics::create_missing(
+        &client,
+        &topics.all(),
+        config.topic_partitions,
+        config.topic_replication,
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(WriterError::schema("creating topics"))
 }
 
 /// Off the hot path: months ahead every hour, expired dedup claims every ten minutes.
