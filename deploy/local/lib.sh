@@ -74,6 +74,22 @@ wait_port() {
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # Installs, idempotently, what a fresh machine of this kind lacks.
+# A debug build of the workspace with its test binaries takes about 2 GiB; the build cache
+# grows past that as versions pile up. With less than SLUICE_BUILD_SPACE_GIB free beside it,
+# the cache's debug half goes (rebuilt in about 4 minutes) rather than a link failing halfway.
+ensure_build_space() {
+  local need=${SLUICE_BUILD_SPACE_GIB:-5} free
+  free_gib() { df -Pk "$CARGO_TARGET_DIR" | awk 'NR == 2 { print int($4 / 1048576) }'; }
+  mkdir -p "$CARGO_TARGET_DIR"
+  free=$(free_gib)
+  if [ "$free" -lt "$need" ] && [ -d "$CARGO_TARGET_DIR/debug" ]; then
+    say "only $free GiB free on the disk of $CARGO_TARGET_DIR; removing its debug build cache"
+    rm -rf "$CARGO_TARGET_DIR/debug"
+    free=$(free_gib)
+  fi
+  [ "$free" -ge "$need" ] || die "only $free GiB free on the disk of $CARGO_TARGET_DIR; the build needs about $need GiB: free some space or set CARGO_TARGET_DIR to a roomier disk"
+}
+
 install_prereqs() {
   local missing=()
   [ -x "$PG_BIN/initdb" ] || missing+=(postgresql-15 postgresql-client-15)

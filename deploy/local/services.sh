@@ -14,6 +14,7 @@ pii_env() {
 
 start_pipeline() {
   say "building sluice (release) into $CARGO_TARGET_DIR (the first build takes a few minutes)"
+  ensure_build_space
   (cd "$REPO" && cargo build --release --locked -q --bins) || die "cargo build failed"
   export SLUICE_DATABASE_URL=$DATABASE_URL SLUICE_KAFKA_BROKERS=$KAFKA_BROKERS
   pii_env
