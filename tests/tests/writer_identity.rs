@@ -270,3 +270,54 @@ async fn a_backlog_of_dependent_identities_ends_as_if_applied_in_order() -> Resu
     }
     writer.stop().await
 }
+
+/// A lead inserted by another transaction while the writer was looking for it (another lane or
+/// another writer identifying the same user at that moment) is not bad data: the writer's
+/// insert fails on the unique user id, the batch is retried, finds that lead and updates it.
+/// Nothing is dead-lettered and no second lead appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_inserted_by_a_concurrent_transaction_is_updated_not_dead_lettered() -> Result<()> {
+    let env = WriterEnv::new(1).await?;
+    let writer = RunningWriter::start(env.config());
+    let db = env.db.client().await?;
+    let mut other = env.db.client().await?;
+    let racing = other.transaction().await?;
+    racing
+        .execute(
+            "INSERT INTO lead (tenant_id, workspace_id, user_id, traits) \
+             VALUES (4, 40, 'racer', '{\"from\": \"other\"}')",
+            &[],
+        )
+        .await?;
+    env.produce_json(
+        &env.topics.identity,
+        "4/r1",
+        &identify("r1", Some("racer"), json!({"plan": "pro"})),
+    )
+    .await?;
+    // The writer found no lead and its insert now waits on the uncommitted one.
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE 'INSERT INTO lead%'",
+        1,
+        WAIT,
+    )
+    .await?;
+    racing.commit().await?;
+
+    wait_for_count(&db, "SELECT count(*) FROM identity_link", 1, WAIT).await?;
+    let rows = db
+        .query("SELECT traits FROM lead WHERE tenant_id = 4", &[])
+        .await?;
+    assert_eq!(rows.len(), 1, "one lead for the user id");
+    let traits: serde_json::Value = rows[0].get(0);
+    assert_eq!(traits, json!({"from": "other", "plan": "pro"}));
+    let none = env.read_dlq(1, Duration::from_secs(5)).await;
+    assert!(
+        none.as_ref()
+            .is_err_and(|e| e.to_string().starts_with("0 dead letters")),
+        "nothing dead-lettered: {none:?}"
+    );
+    writer.stop().await
+}

@@ -385,6 +385,8 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize) -> Result<()> {
     let mut config = sluice_writer::Config::for_tests(brokers, &url, &prefix, &unique("bench"));
     config.batch_max_rows = 20_000;
     config.flush_interval_ms = 500;
+    config.lanes = env("SLUICE_WRITER_LANES", "2").parse()?;
+    println!("e2e: writer with {} lanes", config.lanes);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
     let writer = tokio::spawn(sluice_writer::run(config, async move {

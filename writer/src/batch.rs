@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::consume::{Command, Record};
 use crate::decode::{Decoded, Rejection};
 use crate::dlq::{DeadLetter, Dlq};
-use crate::error::{is_data_error, render_pg, StoreError};
+use crate::error::{is_concurrent_lead_insert, is_data_error, render_pg, StoreError};
 use crate::offsets::{self, Assignments, Tp};
 use crate::partitions::Months;
 use crate::{copy, identity, merge, metrics};
@@ -69,8 +69,16 @@ pub(crate) struct Store {
     pub limits: BatchLimits,
 }
 
-/// Runs the pipeline until `stop`; the open batch is then stored once more or abandoned.
-pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Record>, stop: CancellationToken) {
+/// Runs one lane of the pipeline until `stop`; the open batch is then stored once more or
+/// abandoned. Lanes own disjoint partitions, so their transactions move disjoint
+/// `writer_offset` rows and commit in any order.
+pub(crate) async fn run(
+    store: Arc<Store>,
+    lane: usize,
+    mut rx: mpsc::Receiver<Record>,
+    stop: CancellationToken,
+) {
+    let buffered = ::metrics::gauge!(metrics::BUFFERED, "lane" => lane.to_string());
     let mut batch: Vec<Record> = Vec::with_capacity(store.limits.max_rows.min(100_000));
     let mut bytes = 0usize;
     let mut opened = Instant::now();
@@ -80,7 +88,7 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Record>, stop: Canc
         if full || due {
             store.flush(&mut batch, &stop).await;
             bytes = 0;
-            ::metrics::gauge!(metrics::BUFFERED).set(0.0);
+            buffered.set(0.0);
             if stop.is_cancelled() {
                 break;
             }
@@ -103,7 +111,7 @@ pub(crate) async fn run(store: Store, mut rx: mpsc::Receiver<Record>, stop: Canc
                     }
                     bytes += rec.size();
                     batch.push(rec);
-                    ::metrics::gauge!(metrics::BUFFERED).set(batch.len() as f64);
+                    buffered.set(batch.len() as f64);
                 }
                 None => {
                     store.flush(&mut batch, &stop).await;
@@ -390,6 +398,9 @@ impl Store {
                     // A month vanished after we saw it (pruned by an operator): forget what we
                     // know and retry the batch, which recreates it.
                     self.months.forget_all();
+                    return Err(StoreError::Transient(render_pg(&err)));
+                }
+                Err(err) if is_concurrent_lead_insert(&err) => {
                     return Err(StoreError::Transient(render_pg(&err)));
                 }
                 Err(err) if is_data_error(&err) => {

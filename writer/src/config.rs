@@ -65,6 +65,12 @@ pub struct Config {
     #[arg(long, env = "SLUICE_WRITER_BATCH_MAX_ROWS", default_value_t = 20_000)]
     pub batch_max_rows: usize,
 
+    /// Batches stored at once, each on its own PostgreSQL connection. Partition `p` of every
+    /// topic goes to lane `p % lanes`, so one visitor's messages (one key: the same
+    /// partition number in topics of equal size, as created) meet in one lane. Memory bound: one batch and one channel per lane.
+    #[arg(long, env = "SLUICE_WRITER_LANES", default_value_t = 2)]
+    pub lanes: usize,
+
     /// Most payload bytes in one batch, the second memory bound.
     #[arg(long, env = "SLUICE_WRITER_BATCH_MAX_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub batch_max_bytes: usize,
@@ -119,6 +125,7 @@ impl Config {
             topic_partitions: 4,
             topic_replication: 1,
             batch_max_rows: 20_000,
+            lanes: 2,
             batch_max_bytes: 32 * 1024 * 1024,
             flush_interval_ms: 200,
             retention_days: 400,

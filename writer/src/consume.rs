@@ -1,13 +1,13 @@
-//! The Kafka side: one consumer on a thread of its own, feeding the store pipeline through a
-//! bounded channel.
+//! The Kafka side: one consumer on a thread of its own, feeding the store pipeline's lanes
+//! through one bounded channel each (partition `p` of every topic to lane `p % lanes`).
 //!
 //! - Rebalances are handled here, not by librdkafka's default: on assignment, each partition's
 //!   start is read from `writer_offset` and handed to `incremental_assign` (cooperative-sticky),
 //!   so a partition is positioned once, from the database, before any fetch. On revocation it
 //!   is forgotten; records of it still in flight are dropped by the pipeline.
-//! - When the channel is full (the store is slower than Kafka, or PostgreSQL is down), the
-//!   consumer pauses its partitions but keeps polling, so it stays in the group; it resumes
-//!   when the pipeline catches up.
+//! - When a lane's channel is full (the store is slower than Kafka, or PostgreSQL is down), the
+//!   consumer pauses that lane's partitions but keeps polling, so it stays in the group; it
+//!   resumes them when the lane catches up.
 //! - The pipeline asks it, through a command channel, to commit offsets to Kafka (after the
 //!   database commit, for lag tools) and to reposition a partition whose stored offset moved.
 
@@ -260,12 +260,28 @@ pub(crate) fn create(
     Ok(consumer)
 }
 
-/// The consumer thread's loop: poll, stamp, forward; pause while the pipeline is full; run the
-/// pipeline's commands. Returns on `stop` after leaving the group.
+/// One lane as the consumer thread sees it.
+struct Lane {
+    tx: mpsc::Sender<Record>,
+    /// Records polled but not yet accepted by the channel: a second batch's worth gathers here
+    /// while the lane stores one, and only beyond `max_pending` are its partitions paused (a
+    /// pause drops librdkafka's prefetched messages, which a resume must fetch again).
+    pending: VecDeque<Record>,
+    paused: bool,
+}
+
+/// The lane of a partition. Partition numbers are never negative; a broken one goes to lane 0.
+fn lane_of(partition: i32, lanes: usize) -> usize {
+    usize::try_from(partition).unwrap_or(0) % lanes
+}
+
+/// The consumer thread's loop: poll, stamp, forward to the partition's lane; pause a lane's
+/// partitions while it is full; run the pipeline's commands. Returns on `stop` after leaving
+/// the group.
 pub(crate) fn poll_loop(
     consumer: BaseConsumer<WriterContext>,
     topics: TopicMap,
-    tx: mpsc::Sender<Record>,
+    senders: Vec<mpsc::Sender<Record>>,
     commands: std_mpsc::Receiver<Command>,
     max_pending: usize,
     window: (u32, u32),
@@ -276,11 +292,15 @@ pub(crate) fn poll_loop(
     let mut window = window_at();
     let mut window_since = Instant::now();
     let assignments = consumer.context().assignments.clone();
-    // Records polled but not yet accepted by the channel: a second batch's worth gathers here
-    // while the pipeline stores one, and only beyond `max_pending` are partitions paused (a
-    // pause drops librdkafka's prefetched messages, which a resume must fetch again).
-    let mut pending: VecDeque<Record> = VecDeque::new();
-    let mut paused = false;
+    let n = senders.len().max(1);
+    let mut lanes: Vec<Lane> = senders
+        .into_iter()
+        .map(|tx| Lane {
+            tx,
+            pending: VecDeque::new(),
+            paused: false,
+        })
+        .collect();
     let mut last_lag = Instant::now();
     let mut last_pause = Instant::now();
     // Repositions whose seek failed (a partition not fetching yet refuses seeks): retried.
@@ -300,30 +320,37 @@ pub(crate) fn poll_loop(
                 ));
             }
         }
-        while let Some(rec) = pending.pop_front() {
-            match tx.try_send(rec) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(rec)) => {
-                    pending.push_front(rec);
-                    break;
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            while let Some(rec) = lane.pending.pop_front() {
+                match lane.tx.try_send(rec) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(rec)) => {
+                        lane.pending.push_front(rec);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return leave(consumer),
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return leave(consumer),
+            }
+            if lane.pending.is_empty() && lane.paused {
+                set_paused(&consumer, (i, n), false);
+                lane.paused = false;
+            } else if lane.pending.len() >= max_pending && !lane.paused {
+                set_paused(&consumer, (i, n), true);
+                lane.paused = true;
             }
         }
-        if pending.is_empty() && paused {
-            set_paused(&consumer, false);
-            paused = false;
-        } else if pending.len() >= max_pending && !paused {
-            set_paused(&consumer, true);
-            paused = true;
-        }
-        let timeout = if pending.is_empty() { 100 } else { 5 };
+        let any_pending = lanes.iter().any(|l| !l.pending.is_empty());
+        let timeout = if any_pending { 5 } else { 100 };
         match consumer.poll(Duration::from_millis(timeout)) {
             None => {}
             Some(Ok(msg)) => {
-                // A partition assigned while paused is not paused yet: pause it too.
-                if paused && last_pause.elapsed() >= Duration::from_secs(1) {
-                    set_paused(&consumer, true);
+                // A partition assigned while its lane is paused is not paused yet: pause it too.
+                if last_pause.elapsed() >= Duration::from_secs(1) {
+                    for (i, lane) in lanes.iter().enumerate() {
+                        if lane.paused {
+                            set_paused(&consumer, (i, n), true);
+                        }
+                    }
                     last_pause = Instant::now();
                 }
                 let Some((topic, kind)) = topics.lookup(msg.topic()) else {
@@ -337,7 +364,8 @@ pub(crate) fn poll_loop(
                     window = window_at();
                     window_since = Instant::now();
                 }
-                pending.push_back(Record {
+                let lane = lane_of(msg.partition(), n);
+                lanes[lane].pending.push_back(Record {
                     topic,
                     partition: msg.partition(),
                     offset: msg.offset(),
@@ -352,6 +380,7 @@ pub(crate) fn poll_loop(
                 tracing::warn!(cause = %err, "Kafka consumer error");
             }
         }
+        let paused = lanes.iter().any(|l| l.paused);
         metrics::gauge!(crate::metrics::PAUSED).set(if paused { 1.0 } else { 0.0 });
         if last_lag.elapsed() >= Duration::from_secs(5) {
             export_lag(&consumer, &assignments);
@@ -361,8 +390,15 @@ pub(crate) fn poll_loop(
     leave(consumer);
 }
 
-fn set_paused(consumer: &BaseConsumer<WriterContext>, pause: bool) {
-    let result: KafkaResult<()> = consumer.assignment().and_then(|tpl| {
+/// Pauses or resumes the assigned partitions of lane `lane.0` of `lane.1`.
+fn set_paused(consumer: &BaseConsumer<WriterContext>, lane: (usize, usize), pause: bool) {
+    let result: KafkaResult<()> = consumer.assignment().and_then(|all| {
+        let mut tpl = TopicPartitionList::new();
+        for e in all.elements() {
+            if lane_of(e.partition(), lane.1) == lane.0 {
+                tpl.add_partition(e.topic(), e.partition());
+            }
+        }
         if pause {
             consumer.pause(&tpl)
         } else {
@@ -370,8 +406,10 @@ fn set_paused(consumer: &BaseConsumer<WriterContext>, pause: bool) {
         }
     });
     match result {
-        Ok(()) => tracing::debug!(pause, "consumption paused/resumed"),
-        Err(err) => tracing::warn!(pause, cause = %err, "cannot pause/resume partitions"),
+        Ok(()) => tracing::debug!(pause, lane = lane.0, "consumption paused/resumed"),
+        Err(err) => {
+            tracing::warn!(pause, lane = lane.0, cause = %err, "cannot pause/resume partitions")
+        }
     }
 }
 

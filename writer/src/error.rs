@@ -128,3 +128,13 @@ pub(crate) fn is_data_error(err: &tokio_postgres::Error) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A `lead` insert that lost a race: another transaction (a lane of this writer, or another
+/// writer) inserted the same user id or fingerprint since this one looked. Not bad data: a
+/// retry of the batch finds that lead and updates it instead.
+pub(crate) fn is_concurrent_lead_insert(err: &tokio_postgres::Error) -> bool {
+    err.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && db.table() == Some("lead")
+    })
+}

@@ -66,7 +66,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             })?,
         ),
     };
-    let pool = pool(&config.database_url)?;
+    let pool = pool(&config.database_url, config.lanes)?;
 
     // Start-up checks: the database is reachable and migrated, months exist ahead.
     let months = Arc::new(partitions::Months::new(PartitionConfig {
@@ -111,9 +111,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pool.clone(),
         consumer_stop.clone(),
     )?;
-    // The channel and the consumer thread's overflow bound the records waiting behind the
-    // open batch: one batch's worth each.
-    let (tx, rx) = mpsc::channel(config.batch_max_rows.max(1000));
+    // Per lane, the channel and the consumer thread's overflow bound the records waiting
+    // behind the open batch: one batch's worth each.
+    let lanes = config.lanes;
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..lanes)
+        .map(|_| mpsc::channel(config.batch_max_rows.max(1000)))
+        .unzip();
     let max_pending = config.batch_max_rows.max(1000);
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let thread_stop = consumer_stop.clone();
@@ -123,7 +126,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             consume::poll_loop(
                 consumer,
                 topic_map,
-                tx,
+                senders,
                 cmd_rx,
                 max_pending,
                 (config.retention_days, config.partition_months_ahead),
@@ -139,8 +142,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         consumer_stop.clone(),
     ));
 
-    let store = batch::Store {
-        pool,
+    let store = Arc::new(batch::Store {
+        pool: pool.clone(),
         group: config.group.clone(),
         dlq,
         months,
@@ -153,15 +156,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             flush_interval: Duration::from_millis(config.flush_interval_ms),
             retry_max: Duration::from_millis(config.retry_max_ms),
         },
-    };
-    tracing::info!(group = %config.group, prefix = %config.topic_prefix, "writer started");
-    let pipeline = batch::run(store, rx, stop.clone());
+    });
+    tracing::info!(group = %config.group, prefix = %config.topic_prefix, lanes, "writer started");
+    // Lanes are tasks of their own: one lane's encoding runs while another awaits PostgreSQL.
+    let pipeline = futures::future::join_all(
+        receivers
+            .into_iter()
+            .enumerate()
+            .map(|(lane, rx)| tokio::spawn(batch::run(store.clone(), lane, rx, stop.clone()))),
+    );
     tokio::pin!(pipeline);
     tokio::pin!(shutdown);
     let mut shutting_down = false;
     loop {
         tokio::select! {
-            () = &mut pipeline => break,
+            _ = &mut pipeline => break,
             () = &mut shutdown, if !shutting_down => {
                 tracing::info!("shutdown requested: storing the open batch, then leaving the group");
                 shutting_down = true;
@@ -194,6 +203,9 @@ fn check(config: &Config) -> Result<(), WriterError> {
     if config.batch_max_rows == 0 {
         return bad("batch_max_rows must be at least 1 (SLUICE_WRITER_BATCH_MAX_ROWS)");
     }
+    if config.lanes == 0 || config.lanes > 64 {
+        return bad("lanes must be between 1 and 64 (SLUICE_WRITER_LANES)");
+    }
     if config.flush_interval_ms == 0 {
         return bad("flush_interval_ms must be at least 1 (SLUICE_WRITER_FLUSH_INTERVAL_MS)");
     }
@@ -208,8 +220,8 @@ fn check(config: &Config) -> Result<(), WriterError> {
     Ok(())
 }
 
-/// A small pool: one connection for batches, the rest for rebalances, DDL and health.
-fn pool(url: &str) -> Result<Pool, WriterError> {
+/// A small pool: one connection per lane for batches, three for rebalances, DDL and health.
+fn pool(url: &str, lanes: usize) -> Result<Pool, WriterError> {
     let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
         WriterError::Config(format!(
             "SLUICE_DATABASE_URL {url:?} is not a PostgreSQL URL: {e}"
@@ -225,7 +237,7 @@ fn pool(url: &str) -> Result<Pool, WriterError> {
         },
     );
     Pool::builder(manager)
-        .max_size(4)
+        .max_size(lanes + 3)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(10)))
         .create_timeout(Some(Duration::from_secs(5)))

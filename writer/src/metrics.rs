@@ -25,7 +25,7 @@ pub const RETRIES_TOTAL: &str = "sluice_writer_retries_total";
 pub const DUPLICATES_TOTAL: &str = "sluice_writer_duplicate_events_total";
 /// Counter, month partitions created by the writer. No labels.
 pub const PARTITIONS_CREATED: &str = "sluice_writer_partitions_created_total";
-/// Gauge, messages received from Kafka and not yet stored (channel plus open batch). No labels.
+/// Gauge, messages in a lane's open batch, not yet stored. Labels: `lane` (0 to lanes - 1).
 pub const BUFFERED: &str = "sluice_writer_buffered_messages";
 /// Gauge, 1 while consumption is paused because the store is behind or PostgreSQL is down.
 pub const PAUSED: &str = "sluice_writer_paused";
