@@ -321,3 +321,143 @@ async fn a_lead_inserted_by_a_concurrent_transaction_is_updated_not_dead_lettere
     );
     writer.stop().await
 }
+
+/// Waves take messages out of order when nothing links them, so what links them must hold
+/// them back: a message that reaches an existing lead another message also reaches (through
+/// different keys), and a message that shares a key only with a message that is itself
+/// waiting. All must end as if applied in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_overtake_waiting_ones_only_when_nothing_links_them() -> Result<()> {
+    let env = WriterEnv::new(1).await?;
+    let mut config = env.config();
+    config.pii_keys = KEYS.into();
+    config.pii_active_key = "k1".into();
+    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
+    let topic = env.topics.identity.clone();
+    let db = env.db.client().await?;
+
+    // Leads stored earlier: `ux` with an email and a phone, `wz` with neither.
+    let writer = RunningWriter::start(config.clone());
+    env.produce_json(
+        &topic,
+        "4/old",
+        &identify(
+            "old",
+            Some("ux"),
+            json!({"email": "shared@example.com", "phone": "+1 555 0100"}),
+        ),
+    )
+    .await?;
+    env.produce_json(&topic, "4/oldw", &identify("oldw", Some("wz"), json!({})))
+        .await?;
+    wait_for_count(&db, "SELECT count(*) FROM identity_link", 2, WAIT).await?;
+    writer.stop().await?;
+
+    let filler = |i: usize| identify(&format!("f{i}"), Some(&format!("fu{i}")), json!({}));
+    let mut msgs = vec![
+        // Reaches the stored lead by its email only...
+        identify(
+            "b1",
+            None,
+            json!({"email": "shared@example.com", "k": "first"}),
+        ),
+        // ...a visitor's first identify...
+        identify("a", Some("u"), json!({"n": 1})),
+    ];
+    msgs.extend((0..10).map(filler));
+    // ...this one reaches the stored lead by its user id only: it must come after `b1`.
+    msgs.push(identify("c1", Some("ux"), json!({"k": "second"})));
+    // The visitor again, now with a phone: it waits behind its first identify...
+    msgs.push(identify(
+        "a",
+        Some("u"),
+        json!({"phone": "+44 20 7946 0001"}),
+    ));
+    msgs.extend((10..20).map(filler));
+    // ...and this device shares only that phone: it must find the visitor's lead through it,
+    // not make a lead of its own.
+    msgs.push(identify("d", None, json!({"phone": "+44 20 7946 0001"})));
+    // A new device; later it identifies with `ux`'s email and a new phone, which moves `ux`'s
+    // phone to the new one (it waits behind its first identify)...
+    msgs.push(identify("n", None, json!({"plan": "x"})));
+    msgs.extend((20..25).map(filler));
+    msgs.push(identify(
+        "n",
+        None,
+        json!({"email": "shared@example.com", "phone": "+1 555 0199"}),
+    ));
+    // ...which frees the old phone for `wz`: this one shares no key with the waiting one, but
+    // reaches `ux` through the old phone, so it must wait too.
+    msgs.push(identify("w", Some("wz"), json!({"phone": "+1 555 0100"})));
+    msgs.push(identify("end", Some("sentinel"), json!({})));
+    for m in &msgs {
+        env.produce_json(&topic, "4/all", m).await?;
+    }
+    let writer = RunningWriter::start(config);
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM lead WHERE user_id = 'sentinel'",
+        1,
+        WAIT,
+    )
+    .await?;
+
+    let traits: serde_json::Value = db
+        .query_one("SELECT traits FROM lead WHERE user_id = 'ux'", &[])
+        .await?
+        .get(0);
+    assert_eq!(traits["k"], "second", "the later message wins: {traits}");
+    let visitor = db
+        .query_one(
+            "SELECT id, phone_fingerprint FROM lead WHERE user_id = 'u'",
+            &[],
+        )
+        .await?;
+    let (lead, phone): (i64, Option<Vec<u8>>) = (visitor.get(0), visitor.get(1));
+    assert_eq!(
+        phone.as_deref(),
+        keys.fingerprint_phone("+44 20 7946 0001")
+            .as_ref()
+            .map(|f| &f[..])
+    );
+    let linked: Vec<i64> = db
+        .query(
+            "SELECT lead_id FROM identity_link WHERE anonymous_id = 'd'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(linked, [lead], "`d` is linked to the visitor's lead");
+    let phone_of = |user: &'static str| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT phone_fingerprint FROM lead WHERE user_id = $1",
+                    &[&user],
+                )
+                .await?;
+            anyhow::Ok(row.get::<_, Option<Vec<u8>>>(0))
+        }
+    };
+    let fp = |phone: &str| keys.fingerprint_phone(phone).map(|f| f.to_vec());
+    assert_eq!(
+        phone_of("ux").await?,
+        fp("+1 555 0199"),
+        "ux has the new phone"
+    );
+    assert_eq!(
+        phone_of("wz").await?,
+        fp("+1 555 0100"),
+        "wz has ux's old one"
+    );
+    let leads: i64 = db.query_one("SELECT count(*) FROM lead", &[]).await?.get(0);
+    assert_eq!(
+        leads,
+        2 + 1 + 1 + 25 + 1,
+        "ux, wz, u, the new device, the fillers, the sentinel"
+    );
+    writer.stop().await
+}

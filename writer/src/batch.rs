@@ -163,6 +163,7 @@ struct Stored {
     leads: u64,
     links: u64,
     waves: u64,
+    reach_time: Duration,
     copy_time: Duration,
 }
 
@@ -364,6 +365,7 @@ impl Store {
             sessions = prepared.sessions.len(),
             identities = prepared.identities.len(),
             identity_waves = stored.waves,
+            identity_reach_ms = stored.reach_time.as_millis() as u64,
             commit_ms = before_commit.elapsed().as_millis() as u64,
             "batch timings"
         );
@@ -460,6 +462,7 @@ impl Store {
                 stored.leads += applied.leads;
                 stored.links += applied.links;
                 stored.waves += applied.waves;
+                stored.reach_time += applied.reach_time;
             }
         }
         Ok(())

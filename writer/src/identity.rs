@@ -2,14 +2,21 @@
 //! matched by HMAC fingerprint) and `identity_link` (anonymous id -> lead).
 //!
 //! Order matters (a later identify updates what an earlier one created), but most messages of
-//! a batch have nothing to do with each other. They are therefore applied in *waves*: a wave
-//! is a run of consecutive messages that share no user id, anonymous id or fingerprint (and,
-//! once looked up, no lead); within it each step (find the lead, write it, link it) is sent
+//! a batch have nothing to do with each other. They are therefore applied in *waves* of
+//! independent messages; within a wave each step (find the lead, write it, link it) is sent
 //! for all messages at once, pipelined on the connection with prepared statements, so a wave
-//! costs three round trips instead of three per message. A message that shares a key with an
-//! earlier one of its wave starts the next wave, so the result is the one of applying them one
-//! by one. (One at a time with ad-hoc statements, 20,000 identities took ~21 s; see
-//! docs/writer.md.)
+//! costs a few round trips instead of three per message.
+//!
+//! A message joins a wave when it shares nothing with any message before it that is not yet
+//! applied (in the wave or left for a later one): no user id, anonymous id or fingerprint,
+//! and no existing lead that any of its keys reaches (one lookup of every match, done per
+//! wave). Two such messages touch disjoint rows whichever goes first, so applying the wave at
+//! once has the effect of applying the messages one by one; a message that shares something
+//! waits for a later wave, behind the one it depends on. A visitor identifying five times in
+//! a batch costs five waves, however many other visitors are in it. (Waves of *consecutive*
+//! independent messages, the version before, ended at the first repeated visitor: ~40
+//! messages a wave on a backlog, 8-12 s per 5,000 identities; one at a time, 20,000 took ~21 s.
+//! See docs/writer.md.)
 
 use std::collections::HashSet;
 
@@ -33,6 +40,8 @@ pub(crate) struct Applied {
     pub links: u64,
     /// Waves the messages were applied in (for the debug log).
     pub waves: u64,
+    /// Time spent finding what each message reaches, to form the waves (for the debug log).
+    pub reach_time: std::time::Duration,
 }
 
 /// Plaintext PII taken out of an identify's traits (never logged).
@@ -71,6 +80,9 @@ pub(crate) fn precheck(msg: &IdentityMessage, keys: Option<&PiiKeys>) -> Result<
 /// Most messages in one wave: bounds the statements in flight on the connection.
 const WAVE_MAX: usize = 1000;
 
+/// Most plans looked at to form one wave: bounds the lookup statement.
+const WINDOW: usize = 5000;
+
 /// Applies identity messages, with the effect of applying them in order.
 pub(crate) async fn apply(
     tx: &Transaction<'_>,
@@ -91,19 +103,34 @@ pub(crate) async fn apply(
         };
         plans.extend(rest);
     }
-    let mut at = 0;
-    while at < plans.len() {
-        // The wave: consecutive messages with disjoint keys.
-        let mut seen = Keys::default();
-        let mut end = at;
-        while end < plans.len() && end - at < WAVE_MAX && seen.add(&plans[end]) {
-            end += 1;
+    // Indexes of the plans not applied yet, in order.
+    let mut pending: Vec<usize> = (0..plans.len()).collect();
+    while !pending.is_empty() {
+        let window = &pending[..pending.len().min(WINDOW)];
+        let looking = std::time::Instant::now();
+        let reach = find_matches(tx, st, &plans, window).await?;
+        applied.reach_time += looking.elapsed();
+        // Everything the plans looked at so far hold (joined or not): a later plan that shares
+        // any of it depends on one of them and waits.
+        let mut taken = Keys::default();
+        let mut taken_leads: HashSet<i64> = HashSet::new();
+        let mut members: Vec<usize> = Vec::new();
+        for (slot, &i) in window.iter().enumerate() {
+            let p = &plans[i];
+            let free = members.len() < WAVE_MAX
+                && taken.free(p)
+                && reach[slot].iter().all(|l| !taken_leads.contains(l));
+            taken.insert(p);
+            taken_leads.extend(reach[slot].iter().copied());
+            if free {
+                members.push(i);
+            }
         }
-        let wave = &plans[at..end];
+        let wave: Vec<&Plan<'_>> = members.iter().map(|&i| &plans[i]).collect();
         // 1. Find each message's lead, all at once.
-        let found = find_all(tx, st, wave).await?;
-        // Two messages that found the same lead through different keys depend on each other:
-        // the wave stops before the second one, which is looked up again in the next wave.
+        let found = find_all(tx, st, &wave).await?;
+        // Disjoint reach means distinct leads; should a lead appear twice anyway, the wave
+        // stops before the second message, which waits for the next wave.
         let mut leads = HashSet::new();
         let kept = found
             .iter()
@@ -124,16 +151,71 @@ pub(crate) async fn apply(
         let linked = link_all(tx, st, wave, &ids).await?;
         applied.links += linked;
         applied.waves += 1;
-        at += kept;
+        let done: HashSet<usize> = members[..kept].iter().copied().collect();
+        pending.retain(|i| !done.contains(i));
     }
     Ok(applied)
+}
+
+/// Every existing lead each plan of `window` (indexes into `plans`) can reach through any of
+/// its keys, in one statement: the wave is formed from these.
+async fn find_matches(
+    tx: &Transaction<'_>,
+    st: &Statements,
+    plans: &[Plan<'_>],
+    window: &[usize],
+) -> Result<Vec<Vec<i64>>, tokio_postgres::Error> {
+    let mut slots: Vec<i64> = Vec::new();
+    let mut tenants: Vec<i64> = Vec::new();
+    let mut users: Vec<Option<&str>> = Vec::new();
+    let mut emails: Vec<Option<&[u8]>> = Vec::new();
+    let mut phones: Vec<Option<&[u8]>> = Vec::new();
+    let mut anons: Vec<Option<&str>> = Vec::new();
+    for (slot, &i) in window.iter().enumerate() {
+        let (p, slot) = (&plans[i], slot as i64);
+        let m = p.msg;
+        // An alias reaches the lead of its user id and of its previous id, as a user id and
+        // as an anonymous id (the two lookups it and its link make).
+        let previous = m.previous_id.as_deref();
+        slots.push(slot);
+        tenants.push(m.tenant_id);
+        users.push(m.user_id.as_deref());
+        emails.push(p.email_fp.as_deref());
+        phones.push(p.phone_fp.as_deref());
+        anons.push(match m.kind {
+            IdentityKind::Identify => m.anonymous_id.as_deref(),
+            IdentityKind::Alias => previous,
+        });
+        if m.kind == IdentityKind::Alias && previous.is_some() {
+            slots.push(slot);
+            tenants.push(m.tenant_id);
+            users.push(previous);
+            emails.push(None);
+            phones.push(None);
+            anons.push(None);
+        }
+    }
+    let rows = tx
+        .query(
+            &st.find_matches,
+            &[&slots, &tenants, &users, &emails, &phones, &anons],
+        )
+        .await?;
+    let mut reach = vec![Vec::new(); window.len()];
+    for row in rows {
+        let slot: i64 = row.get(0);
+        if let Some(r) = usize::try_from(slot).ok().and_then(|s| reach.get_mut(s)) {
+            r.push(row.get(1));
+        }
+    }
+    Ok(reach)
 }
 
 /// Step 1 for a wave: the identifies' leads in one statement, the aliases' pipelined.
 async fn find_all(
     tx: &Transaction<'_>,
     st: &Statements,
-    wave: &[Plan<'_>],
+    wave: &[&Plan<'_>],
 ) -> Result<Vec<Found>, tokio_postgres::Error> {
     let identifies: Vec<usize> = (0..wave.len())
         .filter(|&i| wave[i].msg.kind == IdentityKind::Identify)
@@ -207,7 +289,7 @@ async fn find_all(
 async fn link_all(
     tx: &Transaction<'_>,
     st: &Statements,
-    wave: &[Plan<'_>],
+    wave: &[&Plan<'_>],
     ids: &[i64],
 ) -> Result<u64, tokio_postgres::Error> {
     let mut tenants = Vec::new();
@@ -268,6 +350,7 @@ fn settle<T>(
 
 /// The statements, prepared once per batch (an unprepared query costs a second round trip).
 struct Statements {
+    find_matches: Statement,
     find_leads: Statement,
     update_lead: Statement,
     insert_lead: Statement,
@@ -279,7 +362,17 @@ struct Statements {
 
 impl Statements {
     async fn prepare(tx: &Transaction<'_>) -> Result<Statements, tokio_postgres::Error> {
-        let (find_leads, update_lead, insert_lead, find_alias, rename_lead, insert_alias, link) = futures::try_join!(
+        let (
+            find_matches,
+            find_leads,
+            update_lead,
+            insert_lead,
+            find_alias,
+            rename_lead,
+            insert_alias,
+            link,
+        ) = futures::try_join!(
+            tx.prepare(FIND_MATCHES),
             tx.prepare(FIND_LEADS),
             tx.prepare(UPDATE_LEAD),
             tx.prepare(INSERT_LEAD),
@@ -289,6 +382,7 @@ impl Statements {
             tx.prepare(LINK),
         )?;
         Ok(Statements {
+            find_matches,
             find_leads,
             update_lead,
             insert_lead,
@@ -300,7 +394,7 @@ impl Statements {
     }
 }
 
-/// The keys a wave has used so far, per namespace (user ids, anonymous ids, fingerprints).
+/// Keys held by plans not applied yet, per namespace (user ids, anonymous ids, fingerprints).
 #[derive(Default)]
 struct Keys<'a> {
     users: HashSet<(i64, &'a str)>,
@@ -309,41 +403,43 @@ struct Keys<'a> {
 }
 
 impl<'a> Keys<'a> {
-    /// Adds `p`'s keys when none is taken yet; false (and nothing added) otherwise.
-    fn add(&mut self, p: &'a Plan<'a>) -> bool {
-        let t = p.msg.tenant_id;
-        let users: Vec<&str> = p
-            .msg
-            .user_id
-            .iter()
-            .chain(p.msg.previous_id.iter())
-            .map(String::as_str)
-            .collect();
-        let anonymous: Vec<&str> = p
-            .msg
+    /// `p`'s keys: user ids, anonymous ids and fingerprints (an alias's previous id is both a
+    /// user id and an anonymous id).
+    fn of(p: &'a Plan<'a>) -> (Vec<&'a str>, Vec<&'a str>, Vec<&'a [u8]>) {
+        let m = p.msg;
+        let previous = m.previous_id.as_deref();
+        let users = m.user_id.as_deref().into_iter().chain(previous).collect();
+        let anonymous = m
             .anonymous_id
-            .iter()
-            .chain(p.msg.previous_id.iter())
-            .map(String::as_str)
+            .as_deref()
+            .into_iter()
+            .chain(previous)
             .collect();
-        let fps: Vec<&[u8]> = p
+        let fps = p
             .email_fp
-            .iter()
-            .chain(p.phone_fp.iter())
-            .map(Vec::as_slice)
+            .as_deref()
+            .into_iter()
+            .chain(p.phone_fp.as_deref())
             .collect();
-        let free = users.iter().all(|u| !self.users.contains(&(t, *u)))
+        (users, anonymous, fps)
+    }
+
+    /// True when none of `p`'s keys is held.
+    fn free(&self, p: &'a Plan<'a>) -> bool {
+        let t = p.msg.tenant_id;
+        let (users, anonymous, fps) = Keys::of(p);
+        users.iter().all(|u| !self.users.contains(&(t, *u)))
             && anonymous.iter().all(|a| !self.anonymous.contains(&(t, *a)))
-            && fps.iter().all(|f| !self.fingerprints.contains(&(t, *f)));
-        // Keys are only compared between messages: the first of a wave always goes in
-        // (the sets are empty then), whatever its own keys.
-        if !free {
-            return false;
-        }
+            && fps.iter().all(|f| !self.fingerprints.contains(&(t, *f)))
+    }
+
+    /// Holds `p`'s keys.
+    fn insert(&mut self, p: &'a Plan<'a>) {
+        let t = p.msg.tenant_id;
+        let (users, anonymous, fps) = Keys::of(p);
         self.users.extend(users.into_iter().map(|u| (t, u)));
         self.anonymous.extend(anonymous.into_iter().map(|a| (t, a)));
         self.fingerprints.extend(fps.into_iter().map(|f| (t, f)));
-        true
     }
 }
 
@@ -598,6 +694,21 @@ fn seal(keys: Option<&PiiKeys>, plain: Option<&str>) -> Option<(String, Vec<u8>)
     let sealed = keys.encrypt(plain.as_bytes());
     Some((sealed.key_id, sealed.ciphertext))
 }
+
+/// Every lead each lookup row reaches (slot, lead id): by user id, email fingerprint, phone
+/// fingerprint and anonymous-id link, one index lookup per branch (see `FIND_LEADS` on `OR`).
+const FIND_MATCHES: &str = "SELECT DISTINCT q.slot, m.id \
+    FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::text[]) \
+      AS q(slot, tenant_id, user_id, email_fp, phone_fp, anonymous_id) \
+    CROSS JOIN LATERAL ( \
+      (SELECT l.id FROM lead l WHERE l.tenant_id = q.tenant_id AND l.user_id = q.user_id) \
+      UNION ALL (SELECT l.id FROM lead l \
+        WHERE l.tenant_id = q.tenant_id AND l.email_fingerprint = q.email_fp) \
+      UNION ALL (SELECT l.id FROM lead l \
+        WHERE l.tenant_id = q.tenant_id AND l.phone_fingerprint = q.phone_fp) \
+      UNION ALL (SELECT k.lead_id FROM identity_link k \
+        WHERE k.tenant_id = q.tenant_id AND k.anonymous_id = q.anonymous_id) \
+    ) m(id)";
 
 /// The best lead for each identify of a wave (arrays in, one row per match, by ordinality):
 /// same user id, then same email fingerprint, then same phone
