@@ -108,6 +108,9 @@ install_prereqs() {
   command -v prometheus >/dev/null || missing+=(prometheus)
   command -v kcat >/dev/null || missing+=(kcat)
   command -v jq >/dev/null || missing+=(jq)
+  # The Segment SDK compatibility test runs Segment's official Node SDK (npm ci on first use).
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} (apt)"
     local sudo=""

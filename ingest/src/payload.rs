@@ -65,6 +65,8 @@ pub enum Endpoint {
     Batch,
     /// A single-message call of this kind.
     Single(Kind),
+    /// Segment's pixel form of a single-message call: `GET /v1/pixel/<type>?data=...`.
+    SegmentPixel(Kind),
 }
 
 impl Endpoint {
@@ -73,6 +75,7 @@ impl Endpoint {
         match self {
             Endpoint::Batch => "batch",
             Endpoint::Single(kind) => kind.as_str(),
+            Endpoint::SegmentPixel(_) => "segment_pixel",
         }
     }
 }
@@ -287,14 +290,31 @@ pub fn decode_body(
 
 /// The JSON inside a `data=<base64>` form body, as browser SDKs send it.
 fn form_data(body: &[u8]) -> Result<Vec<u8>, IngestError> {
-    let data = url::form_urlencoded::parse(body)
+    data_field(body, "form body")
+}
+
+/// The JSON of a Segment pixel request, `GET /v1/pixel/<type>?data=<base64 JSON>`: the query
+/// string has the form body's shape.
+pub fn pixel_data(query: &str) -> Result<Vec<u8>, IngestError> {
+    data_field(query.as_bytes(), "pixel query")
+}
+
+/// The `data` field of a URL-encoded form (`what` names it in errors): base64 of the JSON, or
+/// the JSON itself (Segment calls the base64 step optional).
+fn data_field(form: &[u8], what: &str) -> Result<Vec<u8>, IngestError> {
+    let data = url::form_urlencoded::parse(form)
         .find(|(name, _)| name == "data")
         .map(|(_, value)| value.into_owned())
         .ok_or_else(|| {
-            IngestError::BadRequest("form body has no data field; send data=<base64 JSON>".into())
+            IngestError::BadRequest(format!("{what} has no data field; send data=<base64 JSON>"))
         })?;
+    if data.trim_start().starts_with('{') {
+        return Ok(data.into_bytes());
+    }
     decode_base64(&data).ok_or_else(|| {
-        IngestError::BadRequest("the data field is not base64; send data=<base64 JSON>".into())
+        IngestError::BadRequest(format!(
+            "the data field of the {what} is not base64; send data=<base64 JSON>"
+        ))
     })
 }
 
@@ -302,6 +322,9 @@ fn form_data(body: &[u8]) -> Result<Vec<u8>, IngestError> {
 pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
     let config =
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    // A standard-alphabet `+` put into a URL or form unescaped arrives URL-decoded as a space,
+    // and a space is never base64: it can only have been a `+`, even at the end.
+    let s = s.replace(' ', "+");
     let s = s.trim();
     GeneralPurpose::new(&alphabet::STANDARD, config)
         .decode(s)
@@ -378,9 +401,9 @@ fn check_depth(json: &[u8], max: usize) -> Result<(), IngestError> {
 pub fn parse(json: &mut [u8], endpoint: Endpoint, limits: &Limits) -> Result<Parsed, IngestError> {
     check_depth(json, limits.max_json_depth)?;
     let value: Value = simd_json::serde::from_slice(json)
-        .map_err(|err| IngestError::BadRequest(format!("body is not valid JSON ({err})")))?;
+        .map_err(|err| IngestError::BadRequest(format!("the JSON is not valid ({err})")))?;
     let Value::Object(mut body) = value else {
-        return Err(IngestError::BadRequest("body is not a JSON object".into()));
+        return Err(IngestError::BadRequest("the JSON is not an object".into()));
     };
     let write_key = match body.remove("writeKey") {
         Some(Value::String(key)) => Some(key),
@@ -391,7 +414,7 @@ pub fn parse(json: &mut [u8], endpoint: Endpoint, limits: &Limits) -> Result<Par
         ..Parsed::default()
     };
     match endpoint {
-        Endpoint::Single(kind) => {
+        Endpoint::Single(kind) | Endpoint::SegmentPixel(kind) => {
             match validate(
                 Value::Object(body),
                 Some(kind),
@@ -871,6 +894,25 @@ mod tests {
             .unwrap(),
             b" {\"a\":1}"
         );
+    }
+
+    #[test]
+    fn base64_of_either_alphabet_and_unescaped_plus_decode() {
+        // "~~~" is "fn5+" in the standard alphabet, "fn5-" in the URL-safe one.
+        for encoded in ["fn5+", "fn5-", "fn5 ", "fn5+\r\n", "e30=", "e30"] {
+            assert!(decode_base64(encoded).is_some(), "{encoded:?}");
+        }
+        assert_eq!(decode_base64("fn5 ").unwrap(), b"~~~");
+        assert_eq!(decode_base64("e30").unwrap(), b"{}");
+        assert!(decode_base64("not*base64").is_none());
+        assert_eq!(pixel_data("x=1&data=e30").unwrap(), b"{}");
+        assert_eq!(pixel_data("data=%7B%7D").unwrap(), b"{}", "JSON as is");
+        for bad in ["", "x=1", "data=%%", "data=*"] {
+            assert!(
+                matches!(pixel_data(bad), Err(IngestError::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -72,7 +72,8 @@ impl<S: Sink, K: KeyStore> App<S, K> {
 type HandlerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
 
 /// The public API's routes. Segment's short paths (`/v1/t`, `/v1/p`, ...) are the ones
-/// analytics.js posts to, so they are served too.
+/// analytics.js posts to, so they are served too, and so is Segment's pixel API
+/// (`/v1/pixel/<type>`), for `<img>` tags written for Segment.
 pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
     fn on<S: Sink, K: KeyStore>(
         endpoint: Endpoint,
@@ -90,6 +91,21 @@ pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
             header::CONTENT_ENCODING,
         ])
         .max_age(Duration::from_secs(86_400));
+    let segment_pixels = [
+        Kind::Track,
+        Kind::Page,
+        Kind::Screen,
+        Kind::Group,
+        Kind::Identify,
+        Kind::Alias,
+    ]
+    .into_iter()
+    .fold(Router::new(), |routes, kind| {
+        routes.route(
+            &format!("/v1/pixel/{}", kind.as_str()),
+            get(on::<S, K>(Endpoint::SegmentPixel(kind))),
+        )
+    });
     Router::new()
         .route("/v1/batch", post(on::<S, K>(Endpoint::Batch)))
         .route("/v1/b", post(on::<S, K>(Endpoint::Batch)))
@@ -106,6 +122,7 @@ pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
         .route("/v1/group", post(on::<S, K>(single(Kind::Group))))
         .route("/v1/g", post(on::<S, K>(single(Kind::Group))))
         .route("/v1/p.gif", get(on::<S, K>(single(Kind::Pixel))))
+        .merge(segment_pixels)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S, K>))
         .layer(cors)
@@ -135,7 +152,10 @@ async fn ingest<S: Sink, K: KeyStore>(
 ) -> Response {
     let started = Instant::now();
     let label = endpoint.as_str();
-    let is_pixel = endpoint == Endpoint::Single(Kind::Pixel);
+    let is_pixel = matches!(
+        endpoint,
+        Endpoint::Single(Kind::Pixel) | Endpoint::SegmentPixel(_)
+    );
     let response = match handle(&app, endpoint, req).await {
         Ok(accepted) if is_pixel => {
             let _ = accepted;
@@ -211,8 +231,15 @@ async fn handle<S: Sink, K: KeyStore>(
         None => None,
     };
 
+    let query = parts.uri.query().unwrap_or_default();
     let (parsed, body_key) = if endpoint == Endpoint::Single(Kind::Pixel) {
-        pixel(parts.uri.query().unwrap_or_default(), &app.limits)?
+        pixel(query, &app.limits)?
+    } else if let Endpoint::SegmentPixel(_) = endpoint {
+        // Segment's pixel carries a whole API message: the same parsing and checks as a body.
+        let mut json = payload::pixel_data(query)?;
+        let mut parsed = payload::parse(&mut json, endpoint, &app.limits)?;
+        let key = parsed.write_key.take();
+        (parsed, key)
     } else {
         let read_timeout = app.config.body_read_timeout_ms;
         let raw = tokio::time::timeout(
@@ -312,7 +339,7 @@ async fn handle<S: Sink, K: KeyStore>(
     if !rejected.is_empty() {
         // A refused message's type may be the very thing wrong with it.
         let kind = match endpoint {
-            Endpoint::Single(kind) => kind.as_str(),
+            Endpoint::Single(kind) | Endpoint::SegmentPixel(kind) => kind.as_str(),
             Endpoint::Batch => "unknown",
         };
         ::metrics::counter!(metrics::EVENTS_TOTAL, "type" => kind, "outcome" => "rejected")
@@ -572,6 +599,115 @@ mod tests {
             let body = to_bytes(resp.into_body(), 10_000).await.unwrap();
             assert!(String::from_utf8_lossy(&body).contains("retry"));
         }
+    }
+
+    async fn get(app: &Arc<App<MemSink, MemStore>>, uri: &str) -> Response {
+        let req = Request::get(uri).body(Body::empty()).unwrap();
+        router(app.clone()).oneshot(req).await.unwrap()
+    }
+
+    async fn text(resp: Response) -> String {
+        String::from_utf8_lossy(&to_bytes(resp.into_body(), 100_000).await.unwrap()).into_owned()
+    }
+
+    #[tokio::test]
+    async fn segment_pixel_takes_base64_of_either_alphabet_and_answers_a_gif() {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        let (app, key) = app(None, false);
+        // At any alignment, "?>?~~~" encodes to base64 with a `+` (standard) or `-` (URL-safe),
+        // and a `+` sent unescaped in a query reads as a space.
+        let message = |id: &str| {
+            json!({"writeKey": key, "anonymousId": "a1", "event": "Email Opened",
+                   "messageId": id, "properties": {"subject": "?>?~~~"}})
+            .to_string()
+        };
+        let standard = STANDARD.encode(message("m-std"));
+        let raw_plus = STANDARD.encode(message("m-raw-plus"));
+        assert!(raw_plus.contains('+'));
+        let queries = [
+            format!(
+                "data={}",
+                url::form_urlencoded::byte_serialize(standard.as_bytes()).collect::<String>()
+            ),
+            format!("data={raw_plus}"),
+            format!("data={}", URL_SAFE_NO_PAD.encode(message("m-url-safe"))),
+            format!(
+                "data={}",
+                url::form_urlencoded::byte_serialize(message("m-json").as_bytes())
+                    .collect::<String>()
+            ),
+        ];
+        for query in &queries {
+            let resp = get(&app, &format!("/v1/pixel/track?{query}")).await;
+            assert_eq!(resp.status(), StatusCode::OK, "{query}");
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "image/gif");
+            assert!(resp.headers()[header::CACHE_CONTROL]
+                .to_str()
+                .unwrap()
+                .contains("no-store"));
+            assert!(to_bytes(resp.into_body(), 100)
+                .await
+                .unwrap()
+                .starts_with(b"GIF89a"));
+        }
+        let sent = app.sink.sent.lock().unwrap().clone();
+        let events: Vec<serde_json::Value> = sent
+            .iter()
+            .filter(|r| r.topic == Topic::Event)
+            .map(|r| serde_json::from_slice(&r.payload).unwrap())
+            .collect();
+        assert_eq!(events.len(), queries.len());
+        for (event, id) in events
+            .iter()
+            .zip(["m-std", "m-raw-plus", "m-url-safe", "m-json"])
+        {
+            assert_eq!(event["message_id"], id);
+            assert_eq!(event["type"], "track");
+            assert_eq!(event["name"], "Email Opened");
+            assert_eq!(event["properties"]["subject"], "?>?~~~");
+            assert!(!event.to_string().contains(&key), "keys never reach Kafka");
+        }
+    }
+
+    #[tokio::test]
+    async fn segment_pixel_bad_data_is_a_4xx_with_a_reason() {
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        let (app, key) = app(None, false);
+        let no_key = STANDARD.encode(json!({"event": "E", "userId": "u"}).to_string());
+        let no_event = STANDARD.encode(json!({"writeKey": key, "userId": "u"}).to_string());
+        let not_json = STANDARD.encode("{\"writeKey\": ");
+        for (uri, status, says) in [
+            ("/v1/pixel/track?data=%%%".to_owned(), 400, "not base64"),
+            (
+                "/v1/pixel/track?data=not*base64".to_owned(),
+                400,
+                "not base64",
+            ),
+            ("/v1/pixel/track".to_owned(), 400, "no data field"),
+            (format!("/v1/pixel/track?data={not_json}"), 400, "not valid"),
+            (
+                format!("/v1/pixel/track?data={no_event}"),
+                400,
+                "event name",
+            ),
+            (
+                format!("/v1/pixel/track?data={no_key}"),
+                401,
+                "no write key",
+            ),
+        ] {
+            let resp = get(&app, &uri).await;
+            assert_eq!(resp.status().as_u16(), status, "{uri}");
+            let body = text(resp).await;
+            assert!(body.contains(says), "{uri}: {body}");
+        }
+        assert_eq!(
+            get(&app, "/v1/pixel/nope?data=e30").await.status(),
+            StatusCode::NOT_FOUND
+        );
+        assert!(app.sink.sent.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
