@@ -595,11 +595,11 @@ async fn three_thousand_idle_connections_and_500_concurrent_requests_are_served(
 }
 
 /// The collector's resident set while hostile clients work it all at once must stay under
-/// this. The collector's own bounds make it finite: at most `max_request_bytes` (512,000) of
-/// body per request in flight, inflated bodies stopped at the same limit, heads at 64 KiB,
-/// every request under `max_concurrent_requests`; 64 abusers at a time could hold about
-/// 64 x (1 MiB body buffer + 0.5 MB inflated) of it, plus a debug build's baseline and the
-/// allocator's per-thread arenas.
+/// this. The collector's limits make it finite: a request in flight holds at most its
+/// `max_request_bytes` (512,000) of body and as much again inflated, about 1.5 MB with the
+/// parser's copy and 3 MB if every growing buffer ended at twice its content, so [`ABUSERS`]
+/// at once hold 100 to 200 MB, plus a debug build's baseline (13 MiB measured). A body read or
+/// inflated past its limit (one 20 MB bomb inflated whole per abuser) breaks it at once.
 const ABUSE_RSS_BOUND_MIB: u64 = 256;
 
 /// Abusers sending at once.
