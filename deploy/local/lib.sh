@@ -39,6 +39,15 @@ KAFKA_HEAP=${SLUICE_KAFKA_HEAP:-512m}
 KAFKA_DIR=$SLUICE_STATE/kafka
 KAFKA_LOG=$SLUICE_STATE/kafka.log
 KAFKA_PID=$SLUICE_STATE/kafka.pid
+# An optional second client listener, for fault tests that put a TCP proxy between a client and
+# the broker. A Kafka client connects to its bootstrap address first, then to the address the
+# broker advertises, so a proxy in front of the one listener would be bypassed. The broker
+# answers each listener's clients with that listener's advertised address: clients that
+# bootstrap through a proxy forwarding to KAFKA_PROXIED_PORT are told the proxy's address and
+# stay behind it. The broker itself and direct clients keep the first listener, so cutting the
+# proxy cuts only the clients behind it.
+KAFKA_PROXIED_PORT=${SLUICE_KAFKA_PROXIED_PORT:-}
+KAFKA_PROXIED_ADVERTISED=${SLUICE_KAFKA_PROXIED_ADVERTISED:-}
 
 INGEST_PORT=${SLUICE_INGEST_PORT:-$_ingest}
 INGEST_METRICS_PORT=${SLUICE_INGEST_METRICS_PORT:-$_ingest_m}
@@ -204,8 +213,19 @@ start_kafka() {
   fi
   port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by another process; set SLUICE_KAFKA_PORT"
   mkdir -p "$KAFKA_DIR"
+  local listener='' advertised='' protocol=''
+  if [ -n "$KAFKA_PROXIED_PORT" ]; then
+    [ -n "$KAFKA_PROXIED_ADVERTISED" ] \
+      || die "SLUICE_KAFKA_PROXIED_PORT needs SLUICE_KAFKA_PROXIED_ADVERTISED (the proxy's host:port)"
+    listener=",PROXIED://127.0.0.1:$KAFKA_PROXIED_PORT"
+    advertised=",PROXIED://$KAFKA_PROXIED_ADVERTISED"
+    protocol=",PROXIED:PLAINTEXT"
+  fi
   sed -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
-    -e "s|@DATA@|$KAFKA_DIR/data|g" "$DEPLOY_LOCAL/server.properties" >"$KAFKA_DIR/server.properties"
+    -e "s|@DATA@|$KAFKA_DIR/data|g" \
+    -e "/^listeners=/s|\$|$listener|" -e "/^advertised.listeners=/s|\$|$advertised|" \
+    -e "/^listener.security.protocol.map=/s|\$|$protocol|" \
+    "$DEPLOY_LOCAL/server.properties" >"$KAFKA_DIR/server.properties"
   if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
     local cluster_id
     cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)

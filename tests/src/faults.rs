@@ -1,12 +1,13 @@
 //! Harness of the fault suite: a steady HTTP load against a collector that records, for every
 //! message it sent, whether the collector acknowledged it (200) or refused it, and the
 //! reconciliations that end every fault test: what was acknowledged against what reached
-//! Kafka or PostgreSQL, with duplicates counted.
+//! Kafka or PostgreSQL, with duplicates counted. [`ReadinessWatch`] records a service's
+//! `/readyz` through a fault, and [`vm_kib`] reads a process's memory from `/proc`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use serde_json::json;
@@ -195,4 +196,103 @@ pub async fn message_ids_in_table(client: &tokio_postgres::Client) -> Result<Vec
         .iter()
         .map(|r| r.get(0))
         .collect())
+}
+
+/// Waits until every acknowledged message is a row of `event` (or `within` passes), then
+/// reads a little longer, so late duplicates would show, and reconciles.
+pub async fn settle_in_table(
+    client: &tokio_postgres::Client,
+    report: &LoadReport,
+    within: Duration,
+) -> Result<Reconciliation> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let r = reconcile(report, &message_ids_in_table(client).await?);
+        if r.lost == 0 || tokio::time::Instant::now() > deadline {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return Ok(reconcile(report, &message_ids_in_table(client).await?));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A poller of a `/readyz` URL that keeps every answer, so a fault test can show that
+/// readiness went false during the fault and came back after it.
+pub struct ReadinessWatch {
+    /// When each probe was sent, and whether it was answered 200.
+    samples: Arc<std::sync::Mutex<Vec<(Instant, bool)>>>,
+    task: JoinHandle<()>,
+}
+
+impl ReadinessWatch {
+    /// Polls `url` every `every`. A probe unanswered within 5 s counts as not ready.
+    pub fn start(url: String, every: Duration) -> ReadinessWatch {
+        let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        let task = tokio::spawn({
+            let samples = samples.clone();
+            async move {
+                loop {
+                    let sent = Instant::now();
+                    let ready = matches!(http.get(&url).send().await, Ok(r) if r.status() == 200);
+                    if let Ok(mut samples) = samples.lock() {
+                        samples.push((sent, ready));
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+        });
+        ReadinessWatch { samples, task }
+    }
+
+    fn samples(&self) -> Vec<(Instant, bool)> {
+        self.samples.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// True when a probe sent in `[from, to)` was answered "not ready".
+    pub fn not_ready_between(&self, from: Instant, to: Instant) -> bool {
+        self.samples()
+            .iter()
+            .any(|(at, ready)| *at >= from && *at < to && !ready)
+    }
+
+    /// Waits up to `within` for a probe sent at or after `from` to be answered "ready", and
+    /// returns how long after `from` that probe was sent.
+    pub async fn ready_after(&self, from: Instant, within: Duration) -> Option<Duration> {
+        let deadline = from + within;
+        loop {
+            let first = self
+                .samples()
+                .iter()
+                .find(|(at, ready)| *at >= from && *ready)
+                .map(|(at, _)| at.duration_since(from));
+            if first.is_some() || Instant::now() > deadline {
+                return first;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ReadinessWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A memory figure of process `pid` from `/proc/PID/status`, in KiB: `VmRSS` (resident now)
+/// or `VmHWM` (the resident set's peak over the process's life, kept by the kernel, so no
+/// spike between two samples is missed).
+pub fn vm_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

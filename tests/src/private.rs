@@ -5,14 +5,21 @@
 //!   (`deploy/local/lib.sh`) with a state folder and ports of their own, and are stopped and
 //!   deleted on drop.
 //! - [`TcpProxy`] sits between a service and a dependency, so a test can cut the network
-//!   (drop every connection, refuse new ones) and restore it.
+//!   (reset every connection, refuse new ones), black-hole it (nothing passes, nothing is
+//!   closed) and restore it.
+//! - [`PrivateKafka::start_behind_proxy`] makes a broker whose clients stay behind such a
+//!   proxy, which a Kafka client otherwise bypasses after its first metadata answer.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -81,13 +88,36 @@ pub struct PrivateKafka {
 impl PrivateKafka {
     /// Formats and starts a fresh broker on free ports.
     pub async fn start() -> Result<PrivateKafka> {
+        PrivateKafka::start_with(Vec::new()).await
+    }
+
+    /// Formats and starts a fresh broker with a second listener behind a [`TcpProxy`] of its
+    /// own: a client given `proxy.addr()` as bootstrap server is told the proxy's address in
+    /// every metadata answer, so all of its connections (bootstrap, partition leaders, group
+    /// coordinator) pass the proxy, and [`TcpProxy::cut`] cuts that client from Kafka. The
+    /// broker itself, and clients given [`PrivateKafka::brokers`], do not pass the proxy.
+    pub async fn start_behind_proxy() -> Result<(PrivateKafka, TcpProxy)> {
+        let proxied = free_port()?;
+        // The proxy first: the broker must advertise its address before anyone connects.
+        let proxy = TcpProxy::start(&format!("127.0.0.1:{proxied}")).await?;
+        let kafka = PrivateKafka::start_with(vec![
+            ("SLUICE_KAFKA_PROXIED_PORT", proxied.to_string()),
+            ("SLUICE_KAFKA_PROXIED_ADVERTISED", proxy.addr().to_string()),
+        ])
+        .await?;
+        Ok((kafka, proxy))
+    }
+
+    async fn start_with(extra: Vec<(&'static str, String)>) -> Result<PrivateKafka> {
         let port = free_port()?;
         let controller = free_port()?;
-        let inner = Private::new(vec![
+        let mut env = vec![
             ("SLUICE_KAFKA_PORT", port.to_string()),
             ("SLUICE_KAFKA_CONTROLLER_PORT", controller.to_string()),
             ("SLUICE_KAFKA_HEAP", "256m".to_owned()),
-        ]);
+        ];
+        env.extend(extra);
+        let inner = Private::new(env);
         inner.run("start_kafka").await?;
         Ok(PrivateKafka { inner, port })
     }
@@ -156,43 +186,67 @@ impl Drop for PrivatePostgres {
     }
 }
 
-/// A TCP proxy on 127.0.0.1 in front of `target`, whose link a test can cut and restore.
-///
-/// While cut, every open connection is closed and new ones are accepted and closed at once,
-/// as a service sees a dependency behind a broken network or a restarting load balancer.
+/// The state of a [`TcpProxy`]'s link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Bytes pass both ways.
+    Up,
+    /// Every connection is reset, new ones are reset as soon as accepted: a dependency
+    /// behind a firewall that rejects, or a peer that restarted.
+    Cut,
+    /// Nothing passes and nothing is closed: a partition that drops packets. Held bytes are
+    /// delivered if the link comes back, as TCP would once the network heals.
+    Blackhole,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, whose link a test can cut, black-hole and
+/// restore.
 pub struct TcpProxy {
     addr: SocketAddr,
-    /// `true` while the link is cut; every connection task watches it.
-    cut: Arc<watch::Sender<bool>>,
+    /// The link's state; every connection task watches it.
+    link: Arc<watch::Sender<Link>>,
+    /// Connections accepted since the start, so a test can show its client really passed here.
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl TcpProxy {
-    /// Starts a proxy to `target` (`host:port`).
+    /// Starts a proxy to `target` (`host:port`). The target need not be up yet: each
+    /// connection dials it when accepted.
     pub async fn start(target: &str) -> Result<TcpProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let (cut, _) = watch::channel(false);
-        let cut = Arc::new(cut);
+        let (link, _) = watch::channel(Link::Up);
+        let link = Arc::new(link);
+        let accepted = Arc::new(AtomicUsize::new(0));
         let target = target.to_owned();
         let task = tokio::spawn({
-            let cut = Arc::clone(&cut);
+            let (link, accepted) = (Arc::clone(&link), Arc::clone(&accepted));
             async move {
                 loop {
-                    let Ok((client, _)) = listener.accept().await else {
-                        continue;
+                    let client = match listener.accept().await {
+                        Ok((client, _)) => client,
+                        Err(_) => {
+                            // Out of descriptors, most likely: back off instead of spinning.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
                     };
-                    if *cut.borrow() {
-                        drop(client);
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    if *link.borrow() == Link::Cut {
+                        reset(&client);
                         continue;
                     }
-                    let rx = cut.subscribe();
-                    let target = target.clone();
-                    tokio::spawn(relay(client, target, rx));
+                    tokio::spawn(relay(client, target.clone(), link.subscribe()));
                 }
             }
         });
-        Ok(TcpProxy { addr, cut, task })
+        Ok(TcpProxy {
+            addr,
+            link,
+            accepted,
+            task,
+        })
     }
 
     /// The proxy's own address, to give the service under test.
@@ -200,38 +254,98 @@ impl TcpProxy {
         self.addr
     }
 
-    /// Cuts the link: closes every connection and refuses new ones until [`TcpProxy::restore`].
+    /// Cuts the link: resets every connection (held ones too) and resets new ones as soon as
+    /// they are accepted, until [`TcpProxy::restore`].
     pub fn cut(&self) {
-        self.cut.send_replace(true);
+        self.link.send_replace(Link::Cut);
+    }
+
+    /// Black-holes the link: open connections stay open but carry nothing, new ones are
+    /// accepted and never answered, until [`TcpProxy::restore`] (which delivers what was held)
+    /// or [`TcpProxy::cut`].
+    pub fn blackhole(&self) {
+        self.link.send_replace(Link::Blackhole);
     }
 
     /// Restores the link.
     pub fn restore(&self) {
-        self.cut.send_replace(false);
+        self.link.send_replace(Link::Up);
+    }
+
+    /// Connections accepted since the start.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
-        self.cut.send_replace(true);
+        self.link.send_replace(Link::Cut);
         self.task.abort();
     }
 }
 
-async fn relay(mut client: TcpStream, target: String, mut cut: watch::Receiver<bool>) {
-    let Ok(mut server) = TcpStream::connect(&target).await else {
+/// Closes `stream` with a reset instead of an orderly FIN, as a broken network or a rejecting
+/// firewall does: the peer's next read fails instead of seeing a clean end.
+fn reset(stream: &TcpStream) {
+    // A zero linger does not block on drop (the deprecation is about positive ones): the
+    // kernel sends RST at once.
+    #[allow(deprecated)]
+    let _ = stream.set_linger(Some(Duration::ZERO));
+}
+
+async fn relay(client: TcpStream, target: String, mut link: watch::Receiver<Link>) {
+    // Accepted while black-holed: the client's connection opens but nothing answers on it
+    // until the link comes back, as behind a partition.
+    let up = link.wait_for(|l| *l != Link::Blackhole).await.map(|l| *l);
+    if !matches!(up, Ok(Link::Up)) {
+        reset(&client);
+        return;
+    }
+    let Ok(server) = TcpStream::connect(&target).await else {
+        reset(&client);
         return;
     };
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let (upstream, downstream) = (link.clone(), link.clone());
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        _ = cut.wait_for(|cut| *cut) => {}
+        _ = async {
+            tokio::join!(
+                pump(&mut client_rx, &mut server_tx, upstream),
+                pump(&mut server_rx, &mut client_tx, downstream),
+            )
+        } => {}
+        _ = link.wait_for(|l| *l == Link::Cut) => {}
     }
+    if *link.borrow() == Link::Cut {
+        reset(client_rx.as_ref());
+        reset(server_rx.as_ref());
+    }
+}
+
+/// Copies one direction until its end, its failure or a cut. Bytes read while the link is
+/// black-holed are held, not dropped, so a connection that outlives the black hole carries an
+/// intact stream; holding them also stops reading, which pushes back on the sender.
+async fn pump(from: &mut OwnedReadHalf, to: &mut OwnedWriteHalf, mut link: watch::Receiver<Link>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let passing = link.wait_for(|l| *l != Link::Blackhole).await.map(|l| *l);
+        if !matches!(passing, Ok(Link::Up)) || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    // Pass the end on, so a half-closed connection closes on the other side too.
+    let _ = to.shutdown().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn echo_server() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -281,5 +395,53 @@ mod tests {
 
         proxy.restore();
         assert_eq!(echo_through(proxy.addr()).await.unwrap(), b"ping");
+    }
+
+    /// Reads what arrives on `sock` within `wait`: `None` when nothing (not even an end) came.
+    async fn read_within(sock: &mut TcpStream, wait: std::time::Duration) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(wait, sock.read(&mut buf)).await {
+            Err(_) => None,
+            Ok(Ok(n)) => Some(buf[..n].to_vec()),
+            Ok(Err(_)) => Some(Vec::new()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_black_hole_holds_bytes_silently_and_delivers_them_when_restored() {
+        let proxy = TcpProxy::start(&echo_server().await.to_string())
+            .await
+            .unwrap();
+        let quiet = std::time::Duration::from_millis(500);
+        let mut open = TcpStream::connect(proxy.addr()).await.unwrap();
+        open.write_all(b"one").await.unwrap();
+        assert_eq!(read_within(&mut open, quiet).await.unwrap(), b"one");
+
+        proxy.blackhole();
+        open.write_all(b"two").await.unwrap();
+        assert_eq!(
+            read_within(&mut open, quiet).await,
+            None,
+            "silence, not a close"
+        );
+        let mut new = TcpStream::connect(proxy.addr()).await.unwrap();
+        new.write_all(b"new").await.unwrap();
+        assert_eq!(
+            read_within(&mut new, quiet).await,
+            None,
+            "silence, not a close"
+        );
+
+        proxy.restore();
+        let wait = std::time::Duration::from_secs(5);
+        assert_eq!(read_within(&mut open, wait).await.unwrap(), b"two");
+        assert_eq!(read_within(&mut new, wait).await.unwrap(), b"new");
+
+        // A cut after a black hole resets what it held.
+        proxy.blackhole();
+        open.write_all(b"three").await.unwrap();
+        proxy.cut();
+        assert_eq!(read_within(&mut open, wait).await.unwrap(), b"");
+        assert!(proxy.accepted() >= 2);
     }
 }

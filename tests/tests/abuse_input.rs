@@ -5,16 +5,27 @@
 //!
 //! Transport abuse (lying `Content-Length`, slow-loris, header floods, thousands of idle
 //! connections) is driven over raw TCP, since an HTTP client library refuses to misbehave.
+//!
+//! The collector's memory under all of it at once is measured on the real binary
+//! (`sluice-ingest`, so the resident set is the collector's alone; `cargo build -p sluice-ingest
+//! --bins` first, deploy/local/test does).
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sluice_tests::faults::vm_kib;
 use sluice_tests::ingest::{account, consume, Collector};
-use sluice_tests::{Stack, TestDb};
+use sluice_tests::private::free_port;
+use sluice_tests::{bin_path, unique_name, Stack, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::process::Command;
 
 /// One hostile request: what it is, where it goes, its body and content encoding.
 struct Case {
@@ -581,4 +592,225 @@ async fn three_thousand_idle_connections_and_500_concurrent_requests_are_served(
     );
     let ids = produced_message_ids(&collector, 501).await;
     assert_eq!(ids.len(), 501, "every acknowledged message once");
+}
+
+/// The collector's resident set while hostile clients work it all at once must stay under
+/// this. The collector's limits make it finite: a request in flight holds at most its
+/// `max_request_bytes` (512,000) of body and as much again inflated, about 1.5 MB with the
+/// parser's copy and 3 MB if every growing buffer ended at twice its content, so [`ABUSERS`]
+/// at once hold 100 to 200 MB, plus a debug build's baseline (13 MiB measured). A body read or
+/// inflated past its limit (one 20 MB bomb inflated whole per abuser) breaks it at once.
+const ABUSE_RSS_BOUND_MIB: u64 = 256;
+
+/// Abusers sending at once.
+const ABUSERS: usize = 64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collector_memory_stays_bounded_under_oversized_bodies_gzip_bombs_and_connection_floods() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "abuse-rss").await.unwrap();
+    let prefix = format!("{}.", unique_name("ar"));
+    let (port, metrics_port) = (free_port().unwrap(), free_port().unwrap());
+    let log = std::env::temp_dir().join(format!("{prefix}log"));
+    let mut collector = Command::new(bin_path("sluice-ingest").unwrap())
+        .env("SLUICE_INGEST_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
+        .env("SLUICE_DATABASE_URL", &db.url)
+        .env("SLUICE_TOPIC_PREFIX", &prefix)
+        .env("SLUICE_TOPIC_PARTITIONS", "3")
+        // The abusers share one key: rate limiting would refuse them before their bodies are
+        // read, and the test is about what reading them costs.
+        .env("SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND", "0")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sluice-ingest (cargo build -p sluice-ingest --bins)");
+    let pid = collector.id().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    // A fresh connection per request: the collector answers 413 before reading an oversized
+    // body to its end and then closes the connection without `Connection: close`, so a pooled
+    // client's next request on it would fail unanswered and never reach the collector.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{metrics_port}/readyz");
+    let started = Instant::now();
+    while !matches!(http.get(&ready).send().await, Ok(r) if r.status() == 200) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "sluice-ingest not ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key = acct.key.plaintext.clone();
+    let send_valid = |id: String| {
+        let (http, url, key) = (http.clone(), format!("{base}/v1/track"), key.clone());
+        async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&json!({"event": "probe", "anonymousId": "probe", "messageId": id}))
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    };
+    // Warm: the producer, the key cache and the connection pool exist before the baseline.
+    for i in 0..50 {
+        assert_eq!(
+            send_valid(format!("warm-{i}")).await.unwrap(),
+            StatusCode::OK
+        );
+    }
+    let baseline_kib = vm_kib(pid, "VmRSS").unwrap();
+
+    let peak_kib = Arc::new(AtomicU64::new(baseline_kib));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (peak_kib, stop) = (peak_kib.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(kib) = vm_kib(pid, "VmRSS") {
+                    peak_kib.fetch_max(kib, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+
+    // 3,000 connections held open and silent for the whole abuse.
+    let mut idle = Vec::new();
+    for _ in 0..3_000 {
+        idle.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    let oversized = Arc::new(
+        format!(
+            r#"{{"batch":[{{"type":"track","event":"e","anonymousId":"a","properties":{{"s":"{}"}}}}]}}"#,
+            "y".repeat(600_000)
+        )
+        .into_bytes(),
+    );
+    let bomb = Arc::new(gzip(&vec![b' '; 20 * 1024 * 1024]));
+    // Just under the limit, so all of it is read and parsed before it is refused.
+    let unfinished = Arc::new(
+        format!(
+            r#"{{"batch":[{{"type":"track","event":"{}"#,
+            "x".repeat(500_000)
+        )
+        .into_bytes(),
+    );
+    let lying_head = format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 10000000000\r\nConnection: close\r\n\r\n{{"
+    );
+    let abuse_for = Duration::from_secs(10);
+    let abusers = (0..ABUSERS).map(|n| {
+        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        let (oversized, bomb, unfinished) = (oversized.clone(), bomb.clone(), unfinished.clone());
+        let lying_head = lying_head.clone();
+        tokio::spawn(async move {
+            // (what was sent, the status it got or None when the connection ended first)
+            let mut seen: BTreeMap<(&'static str, Option<u16>), usize> = BTreeMap::new();
+            let started = Instant::now();
+            let mut round = n;
+            while started.elapsed() < abuse_for {
+                let post = |body: Vec<u8>, gzip: bool| {
+                    let mut req = http
+                        .post(format!("{base}/v1/batch"))
+                        .bearer_auth(&key)
+                        .header("content-type", "application/json")
+                        .body(body);
+                    if gzip {
+                        req = req.header("content-encoding", "gzip");
+                    }
+                    async move { req.send().await.ok().map(|r| r.status().as_u16()) }
+                };
+                let answer = match round % 4 {
+                    0 => ("oversized", post(oversized.to_vec(), false).await),
+                    1 => ("gzip bomb", post(bomb.to_vec(), true).await),
+                    2 => ("unfinished", post(unfinished.to_vec(), false).await),
+                    _ => {
+                        let mut out = Vec::new();
+                        if let Ok(mut sock) = TcpStream::connect(("127.0.0.1", port)).await {
+                            let _ = sock.write_all(lying_head.as_bytes()).await;
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                sock.read_to_end(&mut out),
+                            )
+                            .await;
+                        }
+                        (
+                            "10 GB Content-Length",
+                            status_of(&String::from_utf8_lossy(&out)),
+                        )
+                    }
+                };
+                *seen.entry(answer).or_default() += 1;
+                round += 1;
+            }
+            seen
+        })
+    });
+    let mut seen: BTreeMap<(&'static str, Option<u16>), usize> = BTreeMap::new();
+    for abuser in futures::future::join_all(abusers).await {
+        for (what, n) in abuser.unwrap() {
+            *seen.entry(what).or_default() += n;
+        }
+    }
+    // Still serving beside the idle crowd, once the abuse is over.
+    assert_eq!(
+        send_valid("after-abuse".into()).await.unwrap(),
+        StatusCode::OK
+    );
+    drop(idle);
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let hwm_kib = vm_kib(pid, "VmHWM").unwrap();
+    let peak_kib = peak_kib.load(Ordering::Relaxed).max(hwm_kib);
+    let end_kib = vm_kib(pid, "VmRSS").unwrap();
+    assert!(
+        collector.try_wait().unwrap().is_none(),
+        "the collector survived"
+    );
+    eprintln!(
+        "collector resident set: {} MiB at rest, peak {} MiB under abuse (bound {ABUSE_RSS_BOUND_MIB} MiB), {} MiB after; {ABUSERS} abusers for {abuse_for:?} beside 3,000 idle connections: {seen:?}",
+        baseline_kib / 1024,
+        peak_kib / 1024,
+        end_kib / 1024,
+    );
+    let refused: usize = seen
+        .iter()
+        .filter(|((_, status), _)| status.is_some())
+        .map(|(_, n)| n)
+        .sum();
+    assert!(refused > 100, "the abuse ran: {seen:?}");
+    for ((what, status), n) in &seen {
+        let expect = if *what == "unfinished" { 400 } else { 413 };
+        assert!(
+            status.is_none_or(|s| s == expect),
+            "{n} x {what}: {status:?}, not {expect}"
+        );
+    }
+    let topic = sluice_schema::topics::Topics::with_prefix(&prefix).event;
+    let on_kafka = consume(
+        &Stack::get().kafka_brokers,
+        &topic,
+        51,
+        Duration::from_secs(20),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        on_kafka.len(),
+        51,
+        "only the 51 valid requests reached Kafka"
+    );
+    assert!(
+        peak_kib / 1024 < ABUSE_RSS_BOUND_MIB,
+        "collector resident set peaked at {} MiB (bound {ABUSE_RSS_BOUND_MIB} MiB)",
+        peak_kib / 1024
+    );
 }

@@ -14,31 +14,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sluice_tests::faults::{message_ids_in_table, reconcile, Load, LoadReport, Reconciliation};
+use sluice_tests::faults::{settle_in_table, Load};
 use sluice_tests::ingest::{account, Collector};
 use sluice_tests::private::TcpProxy;
 use sluice_tests::writer::RunningWriter;
 use sluice_tests::{bin_path, unique_name, Stack, TestDb};
 use tokio::process::{Child, Command};
-
-/// Waits until every acknowledged message is a row (or `within` passes), then reconciles.
-async fn settle(
-    client: &tokio_postgres::Client,
-    report: &LoadReport,
-    within: Duration,
-) -> Result<Reconciliation> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let stored = message_ids_in_table(client).await?;
-        let r = reconcile(report, &stored);
-        if r.lost == 0 || tokio::time::Instant::now() > deadline {
-            // A little longer, so late duplicates would show.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            return Ok(reconcile(report, &message_ids_in_table(client).await?));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
 
 /// `postgres://user@host:port/db` with host:port replaced by `addr`.
 fn through(url: &str, addr: std::net::SocketAddr) -> Result<String> {
@@ -98,7 +79,7 @@ async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()>
     );
 
     let client = db.client().await?;
-    let r = settle(&client, &report, Duration::from_secs(90)).await?;
+    let r = settle_in_table(&client, &report, Duration::from_secs(90)).await?;
     eprintln!(
         "PostgreSQL link cut 10 s: {r:?}, statuses {:?}",
         report.statuses
@@ -185,7 +166,7 @@ async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing(
         "load ran: {:?}",
         report.statuses
     );
-    let r = settle(&client, &report, Duration::from_secs(120)).await?;
+    let r = settle_in_table(&client, &report, Duration::from_secs(120)).await?;
     eprintln!(
         "{KILLS} writer SIGKILLs: {r:?}, statuses {:?}",
         report.statuses
@@ -260,7 +241,7 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() -> Result<
     );
 
     let client = db.client().await?;
-    let r = settle(&client, &report, Duration::from_secs(120)).await?;
+    let r = settle_in_table(&client, &report, Duration::from_secs(120)).await?;
     eprintln!(
         "PostgreSQL restarted: {r:?}, statuses {:?}",
         report.statuses
