@@ -172,6 +172,9 @@ pub fn producer_config(config: &Config) -> ClientConfig {
             "socket.timeout.ms",
             config.produce_timeout_ms.max(10).to_string(),
         )
+        // Back within a second of the broker (librdkafka's default, 10 s between attempts, kept
+        // the collector answering 503 for 6-10 s after a network cut healed).
+        .set("reconnect.backoff.max.ms", "1000")
         .set("client.id", "sluice-ingest");
     c
 }

@@ -156,7 +156,10 @@ async fn ingest<S: Sink, K: KeyStore>(
         endpoint,
         Endpoint::Single(Kind::Pixel) | Endpoint::SegmentPixel(_)
     );
-    let response = match handle(&app, endpoint, req).await {
+    // Pixels are GETs: nothing to read. A body refused before it was read to its end (too
+    // large, bad key, too slow) is left on the connection, which hyper therefore closes.
+    let mut body_read = is_pixel;
+    let response = match handle(&app, endpoint, req, &mut body_read).await {
         Ok(accepted) if is_pixel => {
             let _ = accepted;
             (
@@ -182,7 +185,15 @@ async fn ingest<S: Sink, K: KeyStore>(
             if err.status().is_server_error() {
                 tracing::warn!(endpoint = label, cause = %err, "request failed");
             }
-            err.into_response()
+            let mut response = err.into_response();
+            if !body_read {
+                // Said, so that a client reusing connections does not send its next request
+                // into one that is about to close (and lose it without an answer).
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
         }
     };
     ::metrics::counter!(metrics::REQUESTS_TOTAL, "endpoint" => label, "status" => response.status().as_u16().to_string())
@@ -197,6 +208,7 @@ async fn handle<S: Sink, K: KeyStore>(
     app: &App<S, K>,
     endpoint: Endpoint,
     req: Request,
+    body_read: &mut bool,
 ) -> Result<(usize, Vec<Rejected>), IngestError> {
     let received_at = Utc::now();
     let (parts, body) = req.into_parts();
@@ -248,6 +260,7 @@ async fn handle<S: Sink, K: KeyStore>(
         )
         .await
         .map_err(|_| IngestError::BodyTimeout(read_timeout))??;
+        *body_read = true;
         let mut json = payload::decode_body(
             &raw,
             headers
@@ -585,6 +598,26 @@ mod tests {
         let topics: Vec<Topic> = sent.iter().map(|r| r.topic).collect();
         assert_eq!(topics, [Topic::Event, Topic::Visitor]);
         assert!(sent.iter().all(|r| r.key == "10/a1"));
+    }
+
+    #[tokio::test]
+    async fn a_body_refused_before_it_is_read_closes_the_connection_and_says_so() {
+        let (app, key) = app(None, false);
+        let huge = Request::post("/v1/track")
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-length", "999999999")
+            .body(Body::empty())
+            .unwrap();
+        let resp = router(app.clone()).oneshot(huge).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+        let bad_key = post(&app, "sk_notakey", json!({"event": "E", "userId": "u"})).await;
+        assert_eq!(bad_key.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(bad_key.headers()[header::CONNECTION], "close");
+        // Read to its end, a refused body leaves the connection usable.
+        let read = post(&app, &key, json!({"event": 5})).await;
+        assert_eq!(read.status(), StatusCode::BAD_REQUEST);
+        assert!(read.headers().get(header::CONNECTION).is_none());
     }
 
     #[tokio::test]
