@@ -11,7 +11,7 @@ use sluice_schema::messages::{
 };
 use sluice_schema::topics::{message_key, Topics};
 
-use crate::{create_topics, kafka_config, unique_name, TestDb};
+use crate::{bin_path, create_topics, kafka_config, unique_name, TestDb};
 
 /// Creates topics on another broker than the shared one.
 async fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) -> Result<()> {
@@ -231,6 +231,43 @@ pub fn session(
 
 /// Polls `sql` (one bigint column, one row) until it returns `want`; fails after `timeout`
 /// with the last value seen.
+/// The real `sluice-writer` binary on `database_url` and `brokers`, storing `prefix`'s topics in
+/// consumer group `group`: metrics on a port of its choosing, flushing every 100 ms, its log
+/// appended to `log`, killed when dropped. Callers add settings (`.env`, the last one wins)
+/// and spawn it.
+pub fn writer_command(
+    database_url: &str,
+    brokers: &str,
+    prefix: &str,
+    group: &str,
+    log: &std::path::Path,
+) -> Result<tokio::process::Command> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut command = tokio::process::Command::new(bin_path("sluice-writer")?);
+    command
+        .env("SLUICE_DATABASE_URL", database_url)
+        .env("SLUICE_KAFKA_BROKERS", brokers)
+        .env("SLUICE_WRITER_GROUP", group)
+        .env("SLUICE_TOPIC_PREFIX", prefix)
+        .env("SLUICE_METRICS_LISTEN", "127.0.0.1:0")
+        .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "100")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    Ok(command)
+}
+
+/// Rows of `event`.
+pub async fn event_rows(client: &tokio_postgres::Client) -> Result<i64> {
+    Ok(client
+        .query_one("SELECT count(*) FROM event", &[])
+        .await?
+        .get(0))
+}
+
 pub async fn wait_for_count(
     client: &tokio_postgres::Client,
     sql: &str,

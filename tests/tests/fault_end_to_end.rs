@@ -10,16 +10,15 @@
 //! - two writer processes (`sluice-writer`, the real binary) in one group, one SIGKILLed and
 //!   restarted every few seconds, so kills land during COPY and during rebalances.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sluice_tests::faults::{settle_in_table, Load};
 use sluice_tests::ingest::{account, Collector};
 use sluice_tests::private::TcpProxy;
-use sluice_tests::writer::RunningWriter;
-use sluice_tests::{bin_path, unique_name, Stack, TestDb};
-use tokio::process::{Child, Command};
+use sluice_tests::writer::{event_rows, writer_command, RunningWriter};
+use sluice_tests::{unique_name, Stack, TestDb};
+use tokio::process::Child;
 
 /// `postgres://user@host:port/db` with host:port replaced by `addr`.
 fn through(url: &str, addr: std::net::SocketAddr) -> Result<String> {
@@ -91,30 +90,9 @@ async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()>
     Ok(())
 }
 
-/// Rows of `event`.
-async fn event_rows(client: &tokio_postgres::Client) -> Result<i64> {
-    Ok(client
-        .query_one("SELECT count(*) FROM event", &[])
-        .await?
-        .get(0))
-}
-
 fn spawn_writer(db: &TestDb, prefix: &str, group: &str, log: &std::path::Path) -> Result<Child> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    Command::new(bin_path("sluice-writer")?)
-        .env("SLUICE_DATABASE_URL", &db.url)
-        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
-        .env("SLUICE_WRITER_GROUP", group)
-        .env("SLUICE_TOPIC_PREFIX", prefix)
-        .env("SLUICE_METRICS_LISTEN", "127.0.0.1:0")
+    writer_command(&db.url, &Stack::get().kafka_brokers, prefix, group, log)?
         .env("SLUICE_WRITER_BATCH_MAX_ROWS", "500")
-        .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "100")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .context("starting sluice-writer (cargo build -p sluice-writer --bins)")
 }

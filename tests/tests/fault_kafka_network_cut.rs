@@ -18,7 +18,6 @@
 //! of this file take turns instead of running side by side.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -27,9 +26,8 @@ use sluice_tests::faults::{
 };
 use sluice_tests::ingest::{account, Collector};
 use sluice_tests::private::{free_port, PrivateKafka, TcpProxy};
-use sluice_tests::writer::RunningWriter;
-use sluice_tests::{bin_path, unique_name, TestDb};
-use tokio::process::Command;
+use sluice_tests::writer::{event_rows, writer_command, RunningWriter};
+use sluice_tests::{unique_name, TestDb};
 
 /// One test of this file at a time (see the header).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -217,14 +215,6 @@ async fn collector_cut_from_kafka_answers_503_never_200_and_loses_nothing() -> R
     Ok(())
 }
 
-/// Rows of `event`.
-async fn event_rows(client: &tokio_postgres::Client) -> Result<i64> {
-    Ok(client
-        .query_one("SELECT count(*) FROM event", &[])
-        .await?
-        .get(0))
-}
-
 /// What one outage of the writer's link measured.
 #[derive(Debug)]
 struct WriterOutage {
@@ -256,16 +246,9 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
     // The real binary: its Kafka client is alone in its process, and it is the deployment's.
     let metrics_port = free_port()?;
     let log = std::env::temp_dir().join(format!("{prefix}writer.log"));
-    let mut writer = Command::new(bin_path("sluice-writer")?)
-        .env("SLUICE_DATABASE_URL", &db.url)
-        .env("SLUICE_KAFKA_BROKERS", proxy.addr().to_string())
-        .env("SLUICE_WRITER_GROUP", unique_name("g"))
-        .env("SLUICE_TOPIC_PREFIX", &prefix)
+    let brokers = proxy.addr().to_string();
+    let mut writer = writer_command(&db.url, &brokers, &prefix, &unique_name("g"), &log)?
         .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
-        .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "100")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .kill_on_drop(true)
         .spawn()
         .context("starting sluice-writer (cargo build -p sluice-writer --bins)")?;
     let ready = ReadinessWatch::start(

@@ -3,34 +3,21 @@
 //! private cluster (the shared one must never stop); the kill test runs the real binary
 //! (`cargo build -p sluice-writer --bins` first; deploy/local/test does).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sluice_tests::private::{PrivateKafka, PrivatePostgres};
-use sluice_tests::writer::{assert_stored_exactly_once, RunningWriter, WriterEnv};
-use sluice_tests::{bin_path, Stack};
-use tokio::process::{Child, Command};
+use sluice_tests::writer::{assert_stored_exactly_once, writer_command, RunningWriter, WriterEnv};
+use sluice_tests::Stack;
+use tokio::process::Child;
 
 /// Events streamed through the kill test.
 const KILL_TEST_EVENTS: usize = 50_000;
 
 fn spawn_writer(env: &WriterEnv, log: &std::path::Path) -> Result<Child> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    Command::new(bin_path("sluice-writer")?)
-        .env("SLUICE_DATABASE_URL", &env.db.url)
-        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
-        .env("SLUICE_WRITER_GROUP", &env.group)
-        .env("SLUICE_TOPIC_PREFIX", &env.prefix)
-        .env("SLUICE_METRICS_LISTEN", "127.0.0.1:0")
+    let brokers = &Stack::get().kafka_brokers;
+    writer_command(&env.db.url, brokers, &env.prefix, &env.group, log)?
         .env("SLUICE_WRITER_BATCH_MAX_ROWS", "2000")
-        .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "100")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .context("starting sluice-writer")
 }
