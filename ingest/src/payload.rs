@@ -70,6 +70,20 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every route's endpoint (Segment's pixel with one of its kinds): what the property
+    /// test and the fuzz target pick from.
+    pub const ALL: [Endpoint; 9] = [
+        Endpoint::Batch,
+        Endpoint::Single(Kind::Track),
+        Endpoint::Single(Kind::Page),
+        Endpoint::Single(Kind::Screen),
+        Endpoint::Single(Kind::Identify),
+        Endpoint::Single(Kind::Alias),
+        Endpoint::Single(Kind::Group),
+        Endpoint::Single(Kind::Pixel),
+        Endpoint::SegmentPixel(Kind::Track),
+    ];
+
     /// The metric label of the endpoint.
     pub const fn as_str(self) -> &'static str {
         match self {
