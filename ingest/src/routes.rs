@@ -246,32 +246,32 @@ async fn handle<S: Sink, K: KeyStore>(
     let query = parts.uri.query().unwrap_or_default();
     let (parsed, body_key) = if endpoint == Endpoint::Single(Kind::Pixel) {
         pixel(query, &app.limits)?
-    } else if let Endpoint::SegmentPixel(_) = endpoint {
-        // Segment's pixel carries a whole API message: the same parsing and checks as a body.
-        let mut json = payload::pixel_data(query)?;
-        let mut parsed = payload::parse(&mut json, endpoint, &app.limits)?;
-        let key = parsed.write_key.take();
-        (parsed, key)
     } else {
-        let read_timeout = app.config.body_read_timeout_ms;
-        let raw = tokio::time::timeout(
-            Duration::from_millis(read_timeout),
-            read_body(body, app.limits.max_request_bytes),
-        )
-        .await
-        .map_err(|_| IngestError::BodyTimeout(read_timeout))??;
-        *body_read = true;
-        let mut json = payload::decode_body(
-            &raw,
-            headers
-                .get(header::CONTENT_ENCODING)
-                .and_then(|v| v.to_str().ok()),
-            headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok()),
-            &app.limits,
-        )?;
-        ::metrics::histogram!(metrics::REQUEST_BODY_BYTES).record(json.len() as f64);
+        let mut json = if let Endpoint::SegmentPixel(_) = endpoint {
+            // Segment's pixel carries a whole API message: parsed and checked as a body is.
+            payload::pixel_data(query)?
+        } else {
+            let read_timeout = app.config.body_read_timeout_ms;
+            let raw = tokio::time::timeout(
+                Duration::from_millis(read_timeout),
+                read_body(body, app.limits.max_request_bytes),
+            )
+            .await
+            .map_err(|_| IngestError::BodyTimeout(read_timeout))??;
+            *body_read = true;
+            let json = payload::decode_body(
+                &raw,
+                headers
+                    .get(header::CONTENT_ENCODING)
+                    .and_then(|v| v.to_str().ok()),
+                headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok()),
+                &app.limits,
+            )?;
+            ::metrics::histogram!(metrics::REQUEST_BODY_BYTES).record(json.len() as f64);
+            json
+        };
         let mut parsed = payload::parse(&mut json, endpoint, &app.limits)?;
         let key = parsed.write_key.take();
         (parsed, key)

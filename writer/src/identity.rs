@@ -117,20 +117,19 @@ pub(crate) async fn apply(
         let mut members: Vec<usize> = Vec::new();
         for (slot, &i) in window.iter().enumerate() {
             let p = &plans[i];
-            let free = members.len() < WAVE_MAX
-                && taken.free(p)
-                && reach[slot].iter().all(|l| !taken_leads.contains(l));
-            taken.insert(p);
+            let keys_free = taken.hold(p);
+            let leads_free = reach[slot].iter().all(|l| !taken_leads.contains(l));
             taken_leads.extend(reach[slot].iter().copied());
-            if free {
+            if keys_free && leads_free && members.len() < WAVE_MAX {
                 members.push(i);
             }
         }
         let wave: Vec<&Plan<'_>> = members.iter().map(|&i| &plans[i]).collect();
         // 1. Find each message's lead, all at once.
         let found = find_all(tx, st, &wave).await?;
-        // Disjoint reach means distinct leads; should a lead appear twice anyway, the wave
-        // stops before the second message, which waits for the next wave.
+        // Disjoint reach means distinct leads among what existed at the reach lookup; this later
+        // statement also sees leads other transactions (lanes, writers) committed since, so
+        // should a lead appear twice, the wave stops before the second message, which waits.
         let mut leads = HashSet::new();
         let kept = found
             .iter()
@@ -424,22 +423,18 @@ impl<'a> Keys<'a> {
         (users, anonymous, fps)
     }
 
-    /// True when none of `p`'s keys is held.
-    fn free(&self, p: &'a Plan<'a>) -> bool {
+    /// Holds `p`'s keys (a message that waits holds them too); true when none of them was
+    /// held before.
+    fn hold(&mut self, p: &'a Plan<'a>) -> bool {
         let t = p.msg.tenant_id;
         let (users, anonymous, fps) = Keys::of(p);
-        users.iter().all(|u| !self.users.contains(&(t, *u)))
+        let free = users.iter().all(|u| !self.users.contains(&(t, *u)))
             && anonymous.iter().all(|a| !self.anonymous.contains(&(t, *a)))
-            && fps.iter().all(|f| !self.fingerprints.contains(&(t, *f)))
-    }
-
-    /// Holds `p`'s keys.
-    fn insert(&mut self, p: &'a Plan<'a>) {
-        let t = p.msg.tenant_id;
-        let (users, anonymous, fps) = Keys::of(p);
+            && fps.iter().all(|f| !self.fingerprints.contains(&(t, *f)));
         self.users.extend(users.into_iter().map(|u| (t, u)));
         self.anonymous.extend(anonymous.into_iter().map(|a| (t, a)));
         self.fingerprints.extend(fps.into_iter().map(|f| (t, f)));
+        free
     }
 }
 

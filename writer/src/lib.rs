@@ -114,10 +114,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Per lane, the channel and the consumer thread's overflow bound the records waiting
     // behind the open batch: one batch's worth each.
     let lanes = config.lanes;
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..lanes)
-        .map(|_| mpsc::channel(config.batch_max_rows.max(1000)))
-        .unzip();
     let max_pending = config.batch_max_rows.max(1000);
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..lanes).map(|_| mpsc::channel(max_pending)).unzip();
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let thread_stop = consumer_stop.clone();
     let consumer_thread = std::thread::Builder::new()
@@ -143,7 +142,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
 
     let store = Arc::new(batch::Store {
-        pool: pool.clone(),
+        pool,
         group: config.group.clone(),
         dlq,
         months,
