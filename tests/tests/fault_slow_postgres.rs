@@ -4,27 +4,18 @@
 //! bounded (resident set sampled every second), its exported lag grows, and once the lock is
 //! released it catches up with nothing lost and nothing stored twice.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sluice_tests::faults::{message_ids_in_table, reconcile, Load};
+use sluice_tests::faults::{message_ids_in_table, reconcile, vm_kib, Load};
 use sluice_tests::ingest::{account, Collector};
 use sluice_tests::private::free_port;
-use sluice_tests::{bin_path, unique_name, Stack, TestDb};
-use tokio::process::Command;
+use sluice_tests::writer::writer_command;
+use sluice_tests::{unique_name, Stack, TestDb};
 
 /// Resident set of `pid`, in MiB.
 fn rss_mib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kb / 1024)
+    vm_kib(pid, "VmRSS").map(|kib| kib / 1024)
 }
 
 /// Sum of `sluice_writer_consumer_lag` over the event topic's partitions.
@@ -51,16 +42,9 @@ async fn a_table_lock_backs_batches_up_with_bounded_memory_and_no_loss() -> Resu
     let collector = Collector::start(config).await?;
     let metrics_port = free_port()?;
     let log = std::env::temp_dir().join(format!("{}writer.log", prefix));
-    let mut writer = Command::new(bin_path("sluice-writer")?)
-        .env("SLUICE_DATABASE_URL", &db.url)
-        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
-        .env("SLUICE_WRITER_GROUP", unique_name("g"))
-        .env("SLUICE_TOPIC_PREFIX", &prefix)
+    let brokers = &Stack::get().kafka_brokers;
+    let mut writer = writer_command(&db.url, brokers, &prefix, &unique_name("g"), &log)?
         .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
-        .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "100")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .kill_on_drop(true)
         .spawn()
         .context("starting sluice-writer (cargo build -p sluice-writer --bins)")?;
     let pid = writer.id().context("writer pid")?;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use chrono::Utc;
 use sluice_tests::private::free_port;
-use sluice_tests::writer::{event, wait_for_count, RunningWriter, WriterEnv};
-use sluice_tests::{bin_path, Stack};
+use sluice_tests::writer::{event, wait_for_count, writer_command, RunningWriter, WriterEnv};
+use sluice_tests::Stack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get(port: u16, path: &str) -> Result<(u16, String)> {
@@ -93,15 +93,11 @@ async fn health_readiness_and_metrics_answer_on_the_metrics_port() -> Result<()>
 async fn sigterm_stores_the_open_batch_and_exits_cleanly() -> Result<()> {
     let env = WriterEnv::new(1).await?;
     let db = env.db.client().await?;
-    let mut child = tokio::process::Command::new(bin_path("sluice-writer")?)
-        .env("SLUICE_DATABASE_URL", &env.db.url)
-        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
-        .env("SLUICE_WRITER_GROUP", &env.group)
-        .env("SLUICE_TOPIC_PREFIX", &env.prefix)
-        .env("SLUICE_METRICS_LISTEN", "127.0.0.1:0")
+    let log = std::env::temp_dir().join(format!("{}writer.log", env.prefix));
+    let brokers = &Stack::get().kafka_brokers;
+    let mut child = writer_command(&env.db.url, brokers, &env.prefix, &env.group, &log)?
         // A batch that waits a minute: only the drain can store it in time.
         .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "60000")
-        .kill_on_drop(true)
         .spawn()?;
     // Let it join the group, then give it messages that sit in its open batch.
     tokio::time::sleep(Duration::from_secs(5)).await;
