@@ -45,6 +45,7 @@ async fn every_acknowledged_event_is_stored_once_and_verify_catches_loss_and_dup
         poll_interval: Duration::from_millis(100),
         timeout: Duration::from_secs(60),
         progress: false,
+        latency_sample: 1,
     };
     let run_config = RunConfig {
         collector_url: format!("http://{}", collector.addr),
@@ -102,6 +103,24 @@ async fn every_acknowledged_event_is_stored_once_and_verify_catches_loss_and_dup
     assert!(
         checked.tenants.iter().all(|t| t.acked <= first.acked),
         "{checked}"
+    );
+
+    // Timing a sample: one event in four is polled for, every event is still audited.
+    let sampled = verify(&VerifyConfig {
+        follow: false,
+        latency_sample: 4,
+        ..verify_config.clone()
+    })
+    .await
+    .unwrap();
+    assert!(sampled.passed, "{sampled}");
+    assert_eq!((sampled.acked, sampled.rows), (checked.acked, checked.rows));
+    assert_eq!(sampled.latency_sample, 4);
+    let timed = sampled.end_to_end.count + sampled.seen_only_in_audit;
+    assert!(
+        timed * 8 > sampled.acked && timed * 8 < sampled.acked * 3,
+        "about a quarter timed: {timed} of {}",
+        sampled.acked
     );
 
     // A lost row: verify must fail and name it.
