@@ -16,6 +16,48 @@ pub const VERSION: u16 = 1;
 /// A JSON object, as kept in `properties`, `context`, `traits` and the JSONB columns.
 pub type JsonObject = Map<String, Value>;
 
+/// A JSON object kept as its text, for a reader that only passes it on: the writer hands
+/// `properties` and `context` to PostgreSQL's `jsonb` as they came, since decoding them into
+/// maps and writing them out again took a large share of its CPU. Deserialising checks that
+/// the text is an object; the JSON syntax is checked by the deserialiser.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct RawObject(Box<serde_json::value::RawValue>);
+
+impl RawObject {
+    /// The object's JSON text, as received.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Default for RawObject {
+    /// `{}`, as a missing field of an [`EventMessage`] means.
+    fn default() -> RawObject {
+        RawObject(serde_json::value::to_raw_value(&JsonObject::new()).unwrap_or_default())
+    }
+}
+
+impl PartialEq for RawObject {
+    fn eq(&self, other: &RawObject) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl<'de> Deserialize<'de> for RawObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawObject, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        if raw.get().trim_start().starts_with('{') {
+            Ok(RawObject(raw))
+        } else {
+            Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Other(raw.get()),
+                &"a JSON object",
+            ))
+        }
+    }
+}
+
 /// What kind of call produced an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -46,8 +88,11 @@ impl EventType {
 }
 
 /// One event, on [`crate::topics::EVENT`]. Becomes one row of the `event` table.
+///
+/// `J` is how `properties` and `context` are held: maps ([`JsonObject`]) where they are built
+/// or read, their text ([`RawObject`]) where they are only passed on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventMessage {
+pub struct EventMessage<J = JsonObject> {
     /// Schema version, [`VERSION`].
     pub v: u16,
     /// Owning tenant (from the authenticated write key, never from the body).
@@ -87,10 +132,10 @@ pub struct EventMessage {
     pub received_at: DateTime<Utc>,
     /// Event properties, including any top-level fields the API does not define.
     #[serde(default)]
-    pub properties: JsonObject,
+    pub properties: J,
     /// Context (page, campaign/UTM, device, library, ...), enriched by the collector.
     #[serde(default)]
-    pub context: JsonObject,
+    pub context: J,
     /// Client IP address (from the socket or a trusted proxy's `X-Forwarded-For`).
     #[serde(default)]
     pub ip: Option<String>,
@@ -281,12 +326,12 @@ pub trait Versioned {
 macro_rules! versioned {
     ($($t:ty),*) => { $(impl Versioned for $t { fn version(&self) -> u16 { self.v } })* };
 }
-versioned!(
-    EventMessage,
-    VisitorMessage,
-    SessionMessage,
-    IdentityMessage
-);
+impl<J> Versioned for EventMessage<J> {
+    fn version(&self) -> u16 {
+        self.v
+    }
+}
+versioned!(VisitorMessage, SessionMessage, IdentityMessage);
 
 /// Reads one Kafka value as message `T`, refusing versions this build does not know.
 pub fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, DecodeError> {
@@ -339,6 +384,34 @@ mod tests {
         let raw: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(raw["v"], 1);
         assert_eq!(raw["type"], "track");
+    }
+
+    #[test]
+    fn an_event_read_with_raw_objects_keeps_their_text_and_refuses_non_objects() {
+        let msg = sample_event();
+        let bytes = serde_json::to_vec(&msg).unwrap();
+        let raw: EventMessage<RawObject> = decode(&bytes).unwrap();
+        assert_eq!(raw.event_id, msg.event_id);
+        assert_eq!(raw.occurred_at, msg.occurred_at);
+        let props: JsonObject = serde_json::from_str(raw.properties.get()).unwrap();
+        assert_eq!(props, msg.properties);
+        assert_eq!(raw.context.get(), "{}");
+        // Serialised again, it is the same message.
+        let again: EventMessage = decode(&serde_json::to_vec(&raw).unwrap()).unwrap();
+        assert_eq!(again, msg);
+
+        let mut value = serde_json::to_value(&msg).unwrap();
+        value.as_object_mut().unwrap().remove("context");
+        let defaulted: EventMessage<RawObject> =
+            decode(&serde_json::to_vec(&value).unwrap()).unwrap();
+        assert_eq!(defaulted.context, RawObject::default());
+        assert_eq!(defaulted.context.get(), "{}");
+        for bad in [json!([1]), json!("x"), json!(null), json!(3)] {
+            value["properties"] = bad.clone();
+            let err = decode::<EventMessage<RawObject>>(&serde_json::to_vec(&value).unwrap())
+                .unwrap_err();
+            assert!(err.to_string().contains("a JSON object"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use sluice_schema::messages::{EventMessage, IdentityMessage, SessionMessage, VisitorMessage};
+use sluice_schema::messages::{
+    EventMessage, IdentityMessage, RawObject, SessionMessage, VisitorMessage,
+};
 use sluice_schema::pii::PiiKeys;
 use tokio::sync::mpsc;
 use tokio_postgres::Transaction;
@@ -126,7 +128,7 @@ pub(crate) async fn run(
 /// A batch's decoded content, indexes pointing back into the batch's records.
 #[derive(Default)]
 struct Prepared<'a> {
-    events: Vec<(usize, &'a EventMessage)>,
+    events: Vec<(usize, &'a EventMessage<RawObject>)>,
     visitors: Vec<(usize, &'a VisitorMessage)>,
     sessions: Vec<(usize, &'a SessionMessage)>,
     identities: Vec<(usize, &'a IdentityMessage)>,
@@ -443,7 +445,8 @@ impl Store {
     ) -> Result<(), tokio_postgres::Error> {
         match step {
             Step::Events => {
-                let rows: Vec<&EventMessage> = idx.iter().map(|&i| p.events[i].1).collect();
+                let rows: Vec<&EventMessage<RawObject>> =
+                    idx.iter().map(|&i| p.events[i].1).collect();
                 let out = copy::events(tx, &rows).await?;
                 stored.events += out.stored;
                 stored.duplicates += out.duplicates;

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use sluice_schema::messages::{
-    self, EventMessage, IdentityMessage, SessionMessage, VisitorMessage,
+    self, EventMessage, IdentityMessage, RawObject, SessionMessage, VisitorMessage,
 };
 
 pub(crate) use sluice_schema::messages::JsonObject;
@@ -26,7 +26,8 @@ pub(crate) enum TopicKind {
 #[derive(Debug)]
 pub(crate) enum Decoded {
     /// An event row.
-    Event(Box<EventMessage>),
+    /// Properties and context stay JSON text: the writer only passes them to `jsonb`.
+    Event(Box<EventMessage<RawObject>>),
     /// A visitor merge.
     Visitor(Box<VisitorMessage>),
     /// A session merge.
