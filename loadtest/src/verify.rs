@@ -25,7 +25,7 @@
 //!    Untimed events may land just after the last timed one: while events are missing and
 //!    the count still falls, the audit is repeated (until `timeout`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,8 +61,8 @@ pub struct VerifyConfig {
 
 /// Events looked up per query at most (bounded statement size).
 const LOOKUP_CHUNK: usize = 5000;
-/// Events looked up by a poll's first query of a tenant.
-const FIRST_CHUNK: usize = 100;
+/// Events of a tenant looked up by a poll's first query.
+const FIRST_CHUNK: usize = 8;
 /// How far before the first and after the last ack an event's `occurred_at` may lie. The
 /// generator stamps events with their send time and the collector corrects for clock skew,
 /// so rows land within seconds of their ack; the margin only bounds the audit's range scan.
@@ -244,53 +244,56 @@ pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
             );
         }
 
-        for (tenant_id, ids) in pending.iter_mut() {
-            let mut visible = Vec::new();
-            // Chunks grow from FIRST_CHUNK to LOOKUP_CHUNK: while the writer is behind, the
-            // oldest pending events are the only ones likely to be visible, so a poll costs a
-            // small probe rather than LOOKUP_CHUNK index look-ups.
-            let (mut start, mut size) = (0, FIRST_CHUNK);
-            while start < ids.len() {
-                let part = &ids[start..ids.len().min(start + size)];
-                start += part.len();
-                size = (size * 2).min(LOOKUP_CHUNK);
-                let found = if use_dedup {
-                    match lookup_dedup(&client, *tenant_id, part).await {
-                        Ok(found) => found,
-                        Err(err) if is_undefined_table(&err) => {
-                            tracing::warn!("no event_dedup table: polling event by time range instead (slower)");
-                            use_dedup = false;
-                            lookup_event(&client, *tenant_id, part, &watched).await?
-                        }
-                        Err(err) => return Err(Error::db("polling event_dedup")(err)),
-                    }
-                } else {
-                    lookup_event(&client, *tenant_id, part, &watched).await?
-                };
-                // The query's snapshot was taken before it returned: what it saw was visible
-                // by now, so `now - ack` bounds the latency from above.
-                let answered = unix_us();
-                let complete = found.len() == part.len();
-                visible.extend(found.into_iter().map(|id| (id, answered)));
-                // Ids are in ack order and rows appear in roughly that order: when part of a
-                // chunk is still missing, later chunks are too, and probing them would only
-                // take CPU from the writer being measured. They are probed next poll.
-                if !complete {
-                    break;
+        // One poll: each tenant's oldest pending events are probed in rounds, one query a
+        // round for all tenants, a tenant's probe doubling from FIRST_CHUNK while it comes back
+        // wholly visible. Ids are in ack order and rows appear in roughly that order, so once
+        // part of a probe is missing the later ones are too: probing them would only take CPU
+        // from the writer being measured. While the writer is behind, a poll costs a few index
+        // look-ups per tenant.
+        let mut probes: Vec<(i64, usize, usize)> = pending
+            .iter()
+            .map(|(tenant, ids)| (*tenant, 0, FIRST_CHUNK.min(ids.len())))
+            .collect();
+        let mut visible: Vec<(Uuid, i64)> = Vec::new();
+        while !probes.is_empty() {
+            let ask: Vec<(i64, Uuid)> = probes
+                .iter()
+                .flat_map(|&(tenant, start, size)| {
+                    pending[&tenant][start..start + size]
+                        .iter()
+                        .map(move |id| (tenant, *id))
+                })
+                .collect();
+            let found = lookup(&client, &ask, &watched, &mut use_dedup).await?;
+            // The query's snapshot was taken before it returned: what it saw was visible by
+            // now, so `now - ack` bounds the latency from above.
+            let answered = unix_us();
+            visible.extend(found.iter().map(|id| (*id, answered)));
+            probes.retain_mut(|(tenant, start, size)| {
+                let ids = &pending[tenant];
+                let complete = ids[*start..*start + *size]
+                    .iter()
+                    .all(|id| found.contains(id));
+                *start += *size;
+                *size = (*size * 2).min(LOOKUP_CHUNK).min(ids.len() - *start);
+                complete && *size > 0
+            });
+        }
+        for (id, answered) in &visible {
+            if let Some(w) = watched.get_mut(id) {
+                if !w.seen {
+                    w.seen = true;
+                    record_us(
+                        &mut latency,
+                        u64::try_from(answered - w.ack_unix_us).unwrap_or(0),
+                    );
                 }
             }
-            for (id, answered) in &visible {
-                if let Some(w) = watched.get_mut(id) {
-                    if !w.seen {
-                        w.seen = true;
-                        record_us(
-                            &mut latency,
-                            u64::try_from(answered - w.ack_unix_us).unwrap_or(0),
-                        );
-                    }
-                }
+        }
+        if !visible.is_empty() {
+            for ids in pending.values_mut() {
+                ids.retain(|id| watched.get(id).is_some_and(|w| !w.seen));
             }
-            ids.retain(|id| watched.get(id).is_some_and(|w| !w.seen));
         }
         pending.retain(|_, ids| !ids.is_empty());
 
@@ -440,15 +443,56 @@ async fn audit(
     })
 }
 
+/// Which of `ask`'s events are visible, in queries of at most LOOKUP_CHUNK events.
+async fn lookup(
+    client: &tokio_postgres::Client,
+    ask: &[(i64, Uuid)],
+    watched: &HashMap<Uuid, Watched>,
+    use_dedup: &mut bool,
+) -> Result<HashSet<Uuid>, Error> {
+    let mut found = HashSet::new();
+    for part in ask.chunks(LOOKUP_CHUNK) {
+        if *use_dedup {
+            match lookup_dedup(client, part).await {
+                Ok(ids) => {
+                    found.extend(ids);
+                    continue;
+                }
+                Err(err) if is_undefined_table(&err) => {
+                    tracing::warn!(
+                        "no event_dedup table: polling event by time range instead (slower)"
+                    );
+                    *use_dedup = false;
+                }
+                Err(err) => return Err(Error::db("polling event_dedup")(err)),
+            }
+        }
+        let mut by_tenant: BTreeMap<i64, Vec<Uuid>> = BTreeMap::new();
+        for (tenant, id) in part {
+            by_tenant.entry(*tenant).or_default().push(*id);
+        }
+        for (tenant, ids) in by_tenant {
+            found.extend(lookup_event(client, tenant, &ids, watched).await?);
+        }
+    }
+    Ok(found)
+}
+
+/// Looks events up by primary key in `event_dedup`, every tenant in one statement. The lateral
+/// subquery with its LIMIT keeps the plan a loop of index probes, whatever the planner guesses
+/// of the arrays' length.
 async fn lookup_dedup(
     client: &tokio_postgres::Client,
-    tenant_id: i64,
-    ids: &[Uuid],
+    ask: &[(i64, Uuid)],
 ) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let tenants: Vec<i64> = ask.iter().map(|(t, _)| *t).collect();
+    let ids: Vec<Uuid> = ask.iter().map(|(_, id)| *id).collect();
     let rows = client
         .query(
-            "SELECT event_id FROM event_dedup WHERE tenant_id = $1 AND event_id = ANY($2)",
-            &[&tenant_id, &ids],
+            "SELECT q.event_id FROM unnest($1::bigint[], $2::uuid[]) AS q(tenant_id, event_id) \
+             CROSS JOIN LATERAL (SELECT 1 FROM event_dedup d \
+               WHERE d.tenant_id = q.tenant_id AND d.event_id = q.event_id LIMIT 1) AS hit",
+            &[&tenants, &ids],
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
