@@ -228,6 +228,13 @@ fn pool(url: &str, lanes: usize) -> Result<Pool, WriterError> {
     })?;
     pg.connect_timeout(Duration::from_secs(5));
     pg.application_name("sluice-writer");
+    // Each batch's `CREATE TEMP TABLE IF NOT EXISTS` draws a NOTICE that tokio-postgres logs
+    // at INFO: two lines per batch in the writer's log, saying nothing. Warnings still come.
+    let options = format!(
+        "{} -c client_min_messages=warning",
+        pg.get_options().unwrap_or_default()
+    );
+    pg.options(options.trim_start());
     let manager = Manager::from_config(
         pg,
         NoTls,
