@@ -14,8 +14,8 @@ use sluice_loadtest::verify::VerifyConfig;
 use sluice_loadtest::Error;
 use sluice_schema::runtime::{init_tracing, shutdown_signal, LogFormat};
 
-// glibc's malloc took more than half of the collector's CPU under load (perf: _int_malloc,
-// malloc_consolidate and free above its own code); mimalloc's thread-local heaps do not.
+// The load generator shares the cores of what it measures: it allocates per request, and
+// glibc's malloc cost the collector, which does the same, over half its CPU (perf).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -5,8 +5,9 @@ use clap::Parser;
 use sluice_schema::runtime;
 use sluice_writer::Config;
 
-// glibc's malloc took more than half of the collector's CPU under load (perf: _int_malloc,
-// malloc_consolidate and free above its own code); mimalloc's thread-local heaps do not.
+// Decoding allocates per message, from the consumer thread and the lanes' workers at once;
+// under glibc's malloc the collector, which does the same, spent over half its CPU in
+// _int_malloc, malloc_consolidate and free (perf). mimalloc's thread-local heaps do not.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
