@@ -188,7 +188,6 @@ pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
     let mut pending: BTreeMap<i64, Vec<Uuid>> = BTreeMap::new();
     let mut latency = new_histogram();
     let mut last_ack_read = std::time::Instant::now();
-    let mut use_dedup = true;
     let mut last_progress = std::time::Instant::now();
 
     loop {
@@ -264,7 +263,7 @@ pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
                         .map(move |id| (tenant, *id))
                 })
                 .collect();
-            let found = lookup(&client, &ask, &watched, &mut use_dedup).await?;
+            let found = lookup(&client, &ask).await?;
             // The query's snapshot was taken before it returned: what it saw was visible by
             // now, so `now - ack` bounds the latency from above.
             let answered = unix_us();
@@ -443,87 +442,31 @@ async fn audit(
     })
 }
 
-/// Which of `ask`'s events are visible, in queries of at most LOOKUP_CHUNK events.
+/// Which of `ask`'s events are visible: looked up by primary key in `event_dedup`, every tenant
+/// in one statement of at most LOOKUP_CHUNK events. The lateral subquery with its LIMIT keeps
+/// the plan a loop of index probes, whatever the planner guesses of the arrays' length.
 async fn lookup(
     client: &tokio_postgres::Client,
     ask: &[(i64, Uuid)],
-    watched: &HashMap<Uuid, Watched>,
-    use_dedup: &mut bool,
 ) -> Result<HashSet<Uuid>, Error> {
     let mut found = HashSet::new();
     for part in ask.chunks(LOOKUP_CHUNK) {
-        if *use_dedup {
-            match lookup_dedup(client, part).await {
-                Ok(ids) => {
-                    found.extend(ids);
-                    continue;
-                }
-                Err(err) if is_undefined_table(&err) => {
-                    tracing::warn!(
-                        "no event_dedup table: polling event by time range instead (slower)"
-                    );
-                    *use_dedup = false;
-                }
-                Err(err) => return Err(Error::db("polling event_dedup")(err)),
-            }
-        }
-        let mut by_tenant: BTreeMap<i64, Vec<Uuid>> = BTreeMap::new();
-        for (tenant, id) in part {
-            by_tenant.entry(*tenant).or_default().push(*id);
-        }
-        for (tenant, ids) in by_tenant {
-            found.extend(lookup_event(client, tenant, &ids, watched).await?);
-        }
+        let tenants: Vec<i64> = part.iter().map(|(t, _)| *t).collect();
+        let ids: Vec<Uuid> = part.iter().map(|(_, id)| *id).collect();
+        let rows = client
+            .query(
+                "SELECT q.event_id FROM unnest($1::bigint[], $2::uuid[]) AS q(tenant_id, event_id) \
+                 CROSS JOIN LATERAL (SELECT 1 FROM event_dedup d \
+                   WHERE d.tenant_id = q.tenant_id AND d.event_id = q.event_id LIMIT 1) AS hit",
+                &[&tenants, &ids],
+            )
+            .await
+            .map_err(Error::db(
+                "polling event_dedup (verify needs the writer's tables: point it at the database the writer stores to, migrated by `sluice-schema migrate up`)",
+            ))?;
+        found.extend(rows.iter().map(|r| r.get::<_, Uuid>(0)));
     }
     Ok(found)
-}
-
-/// Looks events up by primary key in `event_dedup`, every tenant in one statement. The lateral
-/// subquery with its LIMIT keeps the plan a loop of index probes, whatever the planner guesses
-/// of the arrays' length.
-async fn lookup_dedup(
-    client: &tokio_postgres::Client,
-    ask: &[(i64, Uuid)],
-) -> Result<Vec<Uuid>, tokio_postgres::Error> {
-    let tenants: Vec<i64> = ask.iter().map(|(t, _)| *t).collect();
-    let ids: Vec<Uuid> = ask.iter().map(|(_, id)| *id).collect();
-    let rows = client
-        .query(
-            "SELECT q.event_id FROM unnest($1::bigint[], $2::uuid[]) AS q(tenant_id, event_id) \
-             CROSS JOIN LATERAL (SELECT 1 FROM event_dedup d \
-               WHERE d.tenant_id = q.tenant_id AND d.event_id = q.event_id LIMIT 1) AS hit",
-            &[&tenants, &ids],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Fallback without `event_dedup`: the same look-up on `event`, bounded by the acks' times.
-async fn lookup_event(
-    client: &tokio_postgres::Client,
-    tenant_id: i64,
-    ids: &[Uuid],
-    watched: &HashMap<Uuid, Watched>,
-) -> Result<Vec<Uuid>, Error> {
-    let times = ids
-        .iter()
-        .filter_map(|id| watched.get(id))
-        .map(|w| w.ack_unix_us);
-    let (lo, hi) = times.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
-    let from = DateTime::<Utc>::from_timestamp_micros(lo).unwrap_or_default() - AUDIT_MARGIN;
-    let to = DateTime::<Utc>::from_timestamp_micros(hi).unwrap_or_default() + AUDIT_MARGIN;
-    let rows = client
-        .query(
-            "SELECT DISTINCT event_id FROM event WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3 AND event_id = ANY($4)",
-            &[&tenant_id, &from, &to, &ids],
-        )
-        .await
-        .map_err(Error::db("polling event"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-fn is_undefined_table(err: &tokio_postgres::Error) -> bool {
-    err.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
 }
 
 fn unix_us() -> i64 {
