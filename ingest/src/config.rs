@@ -1,5 +1,5 @@
 //! The collector's settings: one typed struct, every field a CLI flag and a `SLUICE_*`
-//! environment variable (DESIGN §8), with the local stack's defaults beside the fields.
+//! environment variable (docs/architecture.md §8.3), with the local stack's defaults beside them.
 
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -34,7 +34,7 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// Prefix before every topic name (empty: the contract's names exactly).
+    /// Prefix before every topic name (empty: docs/architecture.md §3.1's names exactly).
     #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
 
@@ -76,7 +76,7 @@ pub struct Config {
     #[arg(long, env = "SLUICE_PRODUCER_LINGER_MS", default_value_t = 5)]
     pub producer_linger_ms: u32,
 
-    /// Compression of produced batches: `lz4` or `zstd` (DESIGN §3).
+    /// Compression of produced batches: `lz4` or `zstd` (docs/architecture.md §3.4).
     #[arg(long, env = "SLUICE_PRODUCER_COMPRESSION", default_value = "lz4")]
     pub producer_compression: String,
 

@@ -1,4 +1,4 @@
-//! Validated messages to the contract's Kafka messages: receive time, clock-skew-corrected
+//! Validated messages to Kafka messages (docs/architecture.md §3.3): receive time, skew-corrected
 //! `occurred_at`, client IP (trusted proxies only), user agent and bot flag, UTM parameters
 //! from the page URL; and the visitor and session summaries of each request.
 
@@ -246,7 +246,7 @@ fn pick(o: &JsonObject, fields: &[&str]) -> JsonObject {
         .collect()
 }
 
-/// Turns one request's validated messages into the contract's messages.
+/// Turns one request's validated messages into docs/architecture.md §3.3's messages.
 pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
     let tenant_id = facts.principal.tenant_id;
     let workspace_id = facts.principal.workspace_id;

@@ -1,4 +1,4 @@
-//! Every Prometheus metric the collector exports (DESIGN §7 names first), and the recorder.
+//! Every metric the collector exports (docs/architecture.md §7.2, fixed names first), the recorder.
 //! Label values are bounded: endpoints, statuses, types, outcomes and reasons are fixed sets.
 
 use std::sync::OnceLock;

@@ -616,7 +616,7 @@ pub fn validate(
     }
     // A key must never travel on into Kafka or the database.
     m.remove("writeKey");
-    // Leftover top-level fields are kept, never dropped silently (DESIGN §3).
+    // Leftover top-level fields are kept, never dropped silently (docs/architecture.md §4.2).
     for (k, v) in m {
         if ENVELOPE.contains(&k.as_str()) || matches!(kind, Kind::Identify | Kind::Alias) {
             context.entry(k).or_insert(v);

@@ -22,7 +22,7 @@ use crate::enrich::Outgoing;
 use crate::error::IngestError;
 use crate::metrics;
 
-/// Which of the contract's topics a record goes to.
+/// Which of the data topics (docs/architecture.md §3.1) a record goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
     /// `sluice.visitor.v1`.
@@ -145,7 +145,7 @@ pub struct KafkaSink {
     timeout: Duration,
 }
 
-/// The producer settings of DESIGN §3, with the bounds from `config`.
+/// The producer settings of docs/architecture.md §3.4, with the bounds from `config`.
 pub fn producer_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.kafka_brokers)

@@ -1,4 +1,4 @@
-//! The JSON values on sluice's Kafka topics (DESIGN §3): what the collector produces and the
+//! The JSON values on Kafka topics (docs/architecture.md §3.3): what the collector produces and the
 //! writer consumes.
 //!
 //! Every value carries `v`, the schema version. A writer refuses (dead-letters) a version it

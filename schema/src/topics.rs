@@ -1,4 +1,4 @@
-//! Kafka topic names, their creation, and the message key rule (DESIGN §3).
+//! Kafka topic names, their creation, and the message key rule (docs/architecture.md §3).
 
 use std::time::Duration;
 
@@ -40,9 +40,9 @@ pub mod dlq_headers {
     pub const SOURCE_OFFSET: &str = "sluice.source.offset";
 }
 
-/// The topic names one deployment uses: the contract's names behind an optional prefix
+/// The topic names one deployment uses: docs/architecture.md §3.1's names behind a prefix
 /// (`SLUICE_TOPIC_PREFIX`), so that tests, or two pipelines sharing one Kafka cluster, never
-/// meet. The default prefix is empty: the contract's names exactly.
+/// meet. The default prefix is empty: those names exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     /// Topic of [`crate::messages::VisitorMessage`]s.
@@ -58,7 +58,7 @@ pub struct Topics {
 }
 
 impl Topics {
-    /// The contract's names, each behind `prefix` (which may be empty).
+    /// The names of docs/architecture.md §3.1, each behind `prefix` (which may be empty).
     pub fn with_prefix(prefix: &str) -> Topics {
         Topics {
             visitor: format!("{prefix}{VISITOR}"),

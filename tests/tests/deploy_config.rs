@@ -1016,7 +1016,7 @@ fn metrics_defined_in(crate_dir: &str) -> BTreeSet<String> {
     out
 }
 
-/// DESIGN §7's metrics: the dashboard shows each of them.
+/// The fixed metric names of docs/architecture.md §7.1: the dashboard shows each of them.
 const CONTRACT_METRICS: [&str; 9] = [
     "sluice_ingest_requests_total",
     "sluice_ingest_events_total",

@@ -1,4 +1,4 @@
-//! The exactly-once effect (DESIGN §5): Kafka redelivery, writers joining and leaving the
+//! Exactly-once (docs/architecture.md §5.2): Kafka redelivery, writers joining and leaving the
 //! group, and writers killed mid-batch neither lose nor duplicate a row. Each test streams
 //! events *and* visitor messages: a visitor message stored twice would double its count, so
 //! the sums prove the offsets logic, not only the event dedup table.

@@ -1,6 +1,6 @@
 //! Operating the writer: `/healthz`, `/readyz` and `/metrics` answer on the metrics port with
-//! the DESIGN §7 names, and SIGTERM drains the real binary: the open batch is stored and the
-//! process exits 0 promptly.
+//! the names of docs/architecture.md §7.3, and SIGTERM drains the real binary: the open batch is
+//! stored and the process exits 0 promptly.
 
 use std::time::Duration;
 

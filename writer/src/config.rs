@@ -1,5 +1,5 @@
 //! The writer's settings: one typed struct, every field a CLI flag with a `SLUICE_*`
-//! environment variable and a default for the local stack (DESIGN §8).
+//! environment variable and a default for the local stack (docs/architecture.md §8.4).
 
 use std::net::SocketAddr;
 
@@ -34,7 +34,7 @@ pub struct Config {
     #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     pub metrics_listen: SocketAddr,
 
-    /// Prefix of every topic name (empty: the contract's names). Tests use a unique prefix.
+    /// Prefix of every topic name (empty: docs/architecture.md §3.1's). Tests use a unique prefix.
     #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
 

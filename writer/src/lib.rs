@@ -1,5 +1,5 @@
 //! sluice's writer: Kafka -> PostgreSQL, with binary COPY, an exactly-once effect, month
-//! partitions on demand and a dead-letter queue (DESIGN §5).
+//! partitions on demand and a dead-letter queue (docs/architecture.md §5).
 //!
 //! The only entry is [`run`]: it consumes the four data topics in one consumer group and
 //! stores each batch, together with the Kafka offsets it covers, in one PostgreSQL
@@ -252,7 +252,7 @@ fn pool(url: &str, lanes: usize) -> Result<Pool, WriterError> {
         .map_err(|e| WriterError::Pool(e.to_string()))
 }
 
-/// Creates the topics when missing (DESIGN §3); existing ones are left as they are.
+/// Creates the topics when missing (docs/architecture.md §3.1); existing ones are left alone.
 async fn create_topics(config: &Config, topics: &Topics) -> Result<(), WriterError> {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka_brokers);

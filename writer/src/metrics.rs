@@ -1,4 +1,4 @@
-//! Every metric the writer exports (DESIGN §7), named in one place. Emitted once per batch or
+//! The writer's metrics (docs/architecture.md §7.3), named in one place. Emitted once per batch or
 //! per partition, never per message, with bounded label values.
 
 use std::time::Duration;
