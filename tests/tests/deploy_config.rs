@@ -867,12 +867,19 @@ fn runtime_image_has_every_shared_library_the_binaries_link() {
             else {
                 continue;
             };
-            let owner = Command::new("dpkg")
-                .args(["-S", &file])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            // On a merged-/usr system ldd names /lib/... while dpkg may know the file only by
+            // its /usr/lib/... path (libssl3 does), so ask for both.
+            let canonical = std::fs::canonicalize(&file)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| file.clone());
+            let owner = [&file, &canonical].into_iter().find_map(|candidate| {
+                Command::new("dpkg")
+                    .args(["-S", candidate])
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            });
             let Some(owner) = owner else {
                 missing.push(format!("{binary}: {file} (no Debian package owns it)"));
                 continue;
