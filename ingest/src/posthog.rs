@@ -424,6 +424,8 @@ pub fn to_segment(
 /// PostHog's remote config (`/array/<key>/config`) with every remote feature off: no
 /// recording, surveys, heatmaps, autocapture, exception or performance capture, site apps or
 /// feature flags, so posthog-js asks for nothing else; gzip and base64 bodies are taken.
+/// `surveys` is left out rather than `false`: posthog-js 1.449 loads its surveys script
+/// (`/static/surveys.js`, which the collector does not serve) for `false` too.
 pub fn remote_config(token: &str) -> Value {
     json!({
         "token": token,
@@ -440,7 +442,6 @@ pub fn remote_config(token: &str) -> Value {
         "sessionRecording": false,
         "heatmaps": false,
         "conversations": false,
-        "surveys": false,
         "productTours": false,
         "defaultIdentifiedOnly": true,
         "siteApps": [],
@@ -768,13 +769,13 @@ mod tests {
         for off in [
             "sessionRecording",
             "heatmaps",
-            "surveys",
             "hasFeatureFlags",
             "capturePerformance",
         ] {
             assert_eq!(c[off], false, "{off}");
         }
         assert_eq!(c["autocapture_opt_out"], true);
+        assert!(c.get("surveys").is_none());
         let js = remote_config_js("k\"</script>");
         assert!(js.contains(r#"["k\"</script>"]"#), "{js}");
         let f = flags();

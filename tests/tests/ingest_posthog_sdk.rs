@@ -66,13 +66,15 @@ async fn drive(sdk: &Sdk, collector: &Collector, key: &str, scenario: &str) -> V
     let dir = sdk::posthog_dir();
     let mut cmd = match sdk.name {
         "node" => {
-            sdk::npm_ci(&dir).unwrap();
+            sdk::npm_ci(&dir).unwrap_or_else(|e| panic!("{e:#}"));
             let mut cmd = tokio::process::Command::new("node");
             cmd.arg("node-driver.mjs");
             cmd
         }
         _ => {
-            let mut cmd = tokio::process::Command::new(sdk::posthog_python().unwrap());
+            let mut cmd = tokio::process::Command::new(
+                sdk::posthog_python().unwrap_or_else(|e| panic!("{e:#}")),
+            );
             cmd.arg("python-driver.py");
             cmd
         }
@@ -133,7 +135,7 @@ fn uuids(sdk: &Sdk, report: &Value) -> HashMap<&'static str, String> {
     let by_event = |event: &str| -> String {
         let found: Vec<String> = report["requests"]
             .as_array()
-            .unwrap()
+            .expect("the driver's requests")
             .iter()
             .flat_map(|r| r["events"].as_array().cloned().unwrap_or_default())
             .filter(|e| e["event"] == event)
@@ -194,7 +196,7 @@ async fn assert_calls_arrived(
                 !c.value.to_string().contains(&acct.key.plaintext),
                 "the project key never reaches Kafka"
             );
-            let bytes = serde_json::to_vec(&c.value).unwrap();
+            let bytes = serde_json::to_vec(&c.value).expect("a JSON value serialises");
             let m: EventMessage = messages::decode(&bytes).expect("an event message");
             (m.message_id.clone(), (c.key.clone(), m))
         })
@@ -236,7 +238,7 @@ async fn assert_calls_arrived(
     assert_eq!(page.kind, EventType::Page);
     assert!(page.context["page"]["url"]
         .as_str()
-        .unwrap()
+        .expect("a uuid")
         .starts_with("https://shop.example/"));
     let screen = event("screen").1;
     assert_eq!(screen.kind, EventType::Screen);
@@ -253,7 +255,8 @@ async fn assert_calls_arrived(
     let identities: HashMap<String, IdentityMessage> = consumed
         .iter()
         .map(|c| {
-            let m: IdentityMessage = serde_json::from_value(c.value.clone()).unwrap();
+            let m: IdentityMessage =
+                serde_json::from_value(c.value.clone()).expect("an identity message");
             (m.message_id.clone(), m)
         })
         .collect();
@@ -287,7 +290,7 @@ async fn assert_calls_arrived(
         &collector.config.topic_prefix,
         &unique_name("g"),
     ));
-    let client = db.client().await.unwrap();
+    let client = db.client().await.expect("a database connection");
     let event_ids: Vec<String> = ["track", "page", "screen", "group"]
         .iter()
         .map(|k| ids[k].clone())
@@ -301,7 +304,7 @@ async fn assert_calls_arrived(
                 &[&tenant, &event_ids],
             )
             .await
-            .unwrap();
+            .expect("reading event rows");
         if rows.len() >= 4 || tokio::time::Instant::now() > deadline {
             break rows;
         }
@@ -336,7 +339,7 @@ async fn assert_calls_arrived(
                 &[&tenant, &vec![sdk.user, sdk.alias]],
             )
             .await
-            .unwrap();
+            .expect("reading lead rows");
         if let Some(row) = row {
             break row.get(0);
         }
@@ -349,21 +352,23 @@ async fn assert_calls_arrived(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(traits["name"].is_string(), "{traits}");
-    writer.stop().await.unwrap();
+    writer.stop().await.expect("the writer stops cleanly");
 }
 
 async fn run(sdk: &Sdk, scenario: &str) {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let db = TestDb::migrated().await.expect("a test database");
+    let acct = account(&db, "acme").await.expect("an account");
+    let collector = Collector::start(Collector::config(&db))
+        .await
+        .expect("a collector");
     let report = drive(sdk, &collector, &acct.key.plaintext, scenario).await;
     assert_calls_arrived(sdk, &db, &collector, &acct, &report).await;
-    let metrics = collector.metrics().await.unwrap();
+    let metrics = collector.metrics().await.expect("the metrics page");
     assert!(
         metrics.contains("sluice_ingest_requests_total{endpoint=\"posthog\",status=\"200\"}"),
         "{metrics}"
     );
-    collector.stop().await.unwrap();
+    collector.stop().await.expect("the collector stops cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
