@@ -233,7 +233,8 @@ fn id_of(v: Option<&Value>) -> Option<String> {
 ///   `distinct_id`; `distinct_id` is also the `userId` when it is another id than that;
 /// - `uuid` is the `messageId`, `$session_id` the session, `timestamp` and `sent_at` are
 ///   `timestamp` and `sentAt` (so the skew correction is Segment's, which is PostHog's);
-///   without a `timestamp`, `offset` milliseconds before receipt;
+///   without a `timestamp`, `offset` milliseconds before receipt (and `sent_at` is not
+///   applied to that server-clock time);
 /// - every `$`-property, and every top-level field not named here, goes to `context` under
 ///   its own name; the other properties stay properties.
 pub fn to_segment(
@@ -354,6 +355,7 @@ pub fn to_segment(
     if let Some(session) = id_of(props.get("$session_id")) {
         msg.insert("sessionId".into(), Value::String(session));
     }
+    let mut from_offset = false;
     match event.remove("timestamp").filter(|t| !t.is_null()) {
         Some(t) => {
             msg.insert("timestamp".into(), t);
@@ -368,11 +370,15 @@ pub fn to_segment(
                     "timestamp".into(),
                     Value::from(at.to_rfc3339_opts(SecondsFormat::Millis, true)),
                 );
+                from_offset = true;
             }
         }
     }
     event.remove("offset");
-    if let Some(sent) = event.remove("sent_at").filter(|t| !t.is_null()) {
+    let sent = event.remove("sent_at").filter(|t| !t.is_null());
+    // A time from `offset` is already on the server's clock: correcting it by the client's
+    // `sent_at` would apply the skew twice.
+    if let Some(sent) = sent.filter(|_| !from_offset) {
         msg.insert("sentAt".into(), sent);
     }
 
@@ -631,8 +637,11 @@ mod tests {
 
     #[test]
     fn offset_without_timestamp_is_before_receipt() {
-        let m = map(json!({"event": "e", "distinct_id": "d", "offset": 1500}));
+        let m = map(
+            json!({"event": "e", "distinct_id": "d", "offset": 1500, "sent_at": "2026-12-01T13:00:00Z"}),
+        );
         assert_eq!(m["timestamp"], "2026-12-01T11:59:58.500Z");
+        assert!(m.get("sentAt").is_none(), "no second skew correction");
         assert!(m["context"].get("offset").is_none());
         assert_eq!(
             refusal(json!({"event": "e", "distinct_id": "d", "timestamp": null,
