@@ -180,17 +180,20 @@ pub fn parse(
 /// Kafka) and returns the first one found.
 fn take_key(m: &mut Map<String, Value>) -> Option<String> {
     let mut found = None;
-    for field in ["api_key", "token", "$token"] {
-        if let Some(Value::String(key)) = m.remove(field) {
-            found = found.or(Some(key));
+    let mut note = |v: Option<Value>| {
+        if let Some(Value::String(key)) = v {
+            if found.is_none() && !key.is_empty() {
+                found = Some(key);
+            }
         }
+    };
+    for field in ["api_key", "token", "$token"] {
+        note(m.remove(field));
     }
     if let Some(Value::Object(props)) = m.get_mut("properties") {
-        if let Some(Value::String(key)) = props.remove("token") {
-            found = found.or(Some(key));
-        }
+        note(props.remove("token"));
     }
-    found.filter(|k| !k.is_empty())
+    found
 }
 
 /// Records a key an event names: the first is the request's, the others must be of its
@@ -699,7 +702,7 @@ mod tests {
             .contains("phc_2"));
         assert!(!serde_json::to_string(&m.context).unwrap().contains("phc_2"));
         let single = parse_json(
-            json!({"event": "e", "distinct_id": "d", "token": "phc_3"}),
+            json!({"event": "e", "distinct_id": "d", "api_key": "", "token": "phc_3"}),
             "",
         )
         .unwrap();

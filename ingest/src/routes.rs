@@ -192,6 +192,7 @@ async fn posthog_flags<S: Sink, K: KeyStore>(
     Json(posthog::flags()).into_response()
 }
 
+/// Counts a config or flags answer as requests_total counts the others.
 fn count_posthog_answer(endpoint: &'static str) {
     ::metrics::counter!(metrics::REQUESTS_TOTAL, "endpoint" => endpoint, "status" => "200")
         .increment(1);
