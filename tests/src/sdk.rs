@@ -93,11 +93,14 @@ pub fn posthog_python() -> Result<PathBuf> {
 
 fn make_venv() -> Result<PathBuf> {
     tool_version("python3", "python3")?;
-    let cache = std::env::var_os("XDG_CACHE_HOME")
+    // The cache deploy/local/lib.sh uses: SLUICE_CACHE, else XDG_CACHE_HOME/sluice, else
+    // ~/.cache/sluice.
+    let cache = std::env::var_os("SLUICE_CACHE")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .context("neither XDG_CACHE_HOME nor HOME is set")?;
-    let venv = cache.join("sluice/posthog-python");
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("sluice")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sluice")))
+        .context("none of SLUICE_CACHE, XDG_CACHE_HOME and HOME is set")?;
+    let venv = cache.join("posthog-python");
     let python = venv.join("bin/python");
     let wanted = std::fs::read_to_string(posthog_dir().join("requirements.txt"))?;
     let stamp = venv.join("sluice-requirements.txt");
