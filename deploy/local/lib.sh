@@ -120,6 +120,9 @@ install_prereqs() {
   # The Segment SDK compatibility test runs Segment's official Node SDK (npm ci on first use).
   command -v node >/dev/null || missing+=(nodejs)
   command -v npm >/dev/null || missing+=(npm)
+  # The PostHog SDK tests run posthog-python in a venv, the browser test Debian's Chromium.
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  command -v chromium >/dev/null || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} (apt)"
     local sudo=""

@@ -26,7 +26,7 @@ pub enum IngestError {
     #[error("the request body did not arrive within {0} ms; send it at once")]
     BodyTimeout(u64),
     /// No write key in the request.
-    #[error("no write key: send it as the HTTP Basic user name, as a Bearer token, or as writeKey in the body")]
+    #[error("no write key: send it as the HTTP Basic user name, as a Bearer token, or as writeKey in the body (PostHog SDKs: the project key, as api_key or token)")]
     MissingKey,
     /// The key is not known (or not of the key's form).
     #[error("unknown write key: check the key, or create one with `sluice-schema key create`")]
@@ -94,6 +94,31 @@ impl IngestError {
             | IngestError::KafkaConfig(_)
             | IngestError::DatabaseConfig(_)
             | IngestError::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A bounded label of why the request was refused, for metrics: the variant, or the first
+    /// refused message's reason when every message was refused.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IngestError::BadRequest(_) => "malformed",
+            IngestError::AllRejected(rejected) => rejected
+                .first()
+                .map_or("all_rejected", |r| r.reason.as_str()),
+            IngestError::TooLarge { .. } => "too_large",
+            IngestError::BodyTimeout(_) => "body_timeout",
+            IngestError::MissingKey => "missing_key",
+            IngestError::UnknownKey => "unknown_key",
+            IngestError::KeyRevoked => "key_revoked",
+            IngestError::KeyExpired => "key_expired",
+            IngestError::KeyScope => "key_scope",
+            IngestError::WorkspaceMismatch => "workspace_mismatch",
+            IngestError::RateLimited { .. } => "rate_limited",
+            IngestError::Unavailable(..) | IngestError::KeyStoreUnavailable(_) => "unavailable",
+            IngestError::Listen { .. }
+            | IngestError::KafkaConfig(_)
+            | IngestError::DatabaseConfig(_)
+            | IngestError::Metrics(_) => "internal",
         }
     }
 

@@ -11,6 +11,7 @@
 //! - [`routes`]: endpoints, CORS, and the request pipeline.
 //! - [`auth`]: write keys: extraction, cached look-up, constant-time check, `last_used_at`.
 //! - [`payload`]: body decoding (gzip, beacons, forms), simd-json parsing, validation.
+//! - [`posthog`]: PostHog's capture bodies mapped onto Segment messages; its remote config.
 //! - [`enrich`]: receive time, skew-corrected `occurred_at`, IP, user agent, bot flag, UTM;
 //!   visitor and session summaries.
 //! - [`produce`]: records, the [`produce::Sink`] trait, the Kafka sink, topic creation.
@@ -27,6 +28,7 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod payload;
+pub mod posthog;
 pub mod produce;
 pub mod routes;
 

@@ -12,6 +12,10 @@ pub const REQUESTS_TOTAL: &str = "sluice_ingest_requests_total";
 pub const EVENTS_TOTAL: &str = "sluice_ingest_events_total";
 /// Refused messages. Label: `reason` ([`crate::payload::Reason`]).
 pub const REJECTED_TOTAL: &str = "sluice_ingest_rejected_total";
+/// Requests answered with a 4xx: bodies or keys sluice cannot take. Labels: `endpoint` (as in
+/// requests_total), `reason` ([`crate::error::IngestError::reason`]: malformed, too_large,
+/// missing_key, ..., or the message reason when every message was refused).
+pub const REFUSED_REQUESTS_TOTAL: &str = "sluice_ingest_refused_requests_total";
 /// Seconds from request start to answer. Label: `endpoint`.
 pub const REQUEST_DURATION_SECONDS: &str = "sluice_ingest_request_duration_seconds";
 /// Seconds from the first enqueue of a request's messages to the last Kafka acknowledgement.

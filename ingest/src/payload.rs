@@ -67,6 +67,8 @@ pub enum Endpoint {
     Single(Kind),
     /// Segment's pixel form of a single-message call: `GET /v1/pixel/<type>?data=...`.
     SegmentPixel(Kind),
+    /// PostHog's capture API (`/e/`, `/batch/`, ...), decoded by [`crate::posthog`].
+    PostHog,
 }
 
 impl Endpoint {
@@ -90,6 +92,7 @@ impl Endpoint {
             Endpoint::Batch => "batch",
             Endpoint::Single(kind) => kind.as_str(),
             Endpoint::SegmentPixel(_) => "segment_pixel",
+            Endpoint::PostHog => "posthog",
         }
     }
 }
@@ -351,7 +354,7 @@ pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
 /// stack. Also rejects `\u` escapes of lone UTF-16 surrogates, which are not text (a
 /// lenient parser would turn them into replacement characters, silently changing the data).
 /// One pass over the bytes.
-fn check_depth(json: &[u8], max: usize) -> Result<(), IngestError> {
+pub(crate) fn check_depth(json: &[u8], max: usize) -> Result<(), IngestError> {
     let lone = || IngestError::BadRequest("a string holds a lone UTF-16 surrogate escape".into());
     let mut depth = 0usize;
     let mut in_string = false;
@@ -451,6 +454,11 @@ pub fn parse(json: &mut [u8], endpoint: Endpoint, limits: &Limits) -> Result<Par
                     });
                 }
             }
+        }
+        Endpoint::PostHog => {
+            return Err(IngestError::BadRequest(
+                "a PostHog body is parsed by posthog::parse".into(),
+            ))
         }
         Endpoint::Batch => {
             let Some(Value::Array(batch)) = body.remove("batch") else {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,6 +25,7 @@ use crate::health::{healthz, Health};
 use crate::limits::RateLimiter;
 use crate::metrics;
 use crate::payload::{self, Defaults, Endpoint, Kind, Limits, Parsed, Rejected};
+use crate::posthog;
 use crate::produce::{records, Sink};
 
 /// Everything a request handler needs, shared by all requests.
@@ -123,6 +124,7 @@ pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
         .route("/v1/g", post(on::<S, K>(single(Kind::Group))))
         .route("/v1/p.gif", get(on::<S, K>(single(Kind::Pixel))))
         .merge(segment_pixels)
+        .merge(posthog_routes::<S, K>())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S, K>))
         .layer(cors)
@@ -130,6 +132,70 @@ pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
             app.config.max_concurrent_requests.max(1),
         ))
         .with_state(app)
+}
+
+/// PostHog's capture paths (new and old SDKs', with and without the trailing slash, `GET`
+/// with `data=` too), its remote config and its feature flags.
+fn posthog_routes<S: Sink, K: KeyStore>() -> Router<Arc<App<S, K>>> {
+    let capture = |State(app): State<Arc<App<S, K>>>, req: Request| async move {
+        ingest(app, Endpoint::PostHog, req).await
+    };
+    let mut routes = Router::new();
+    for path in ["/e", "/i/v0/e", "/batch", "/capture", "/track", "/engage"] {
+        routes = routes
+            .route(path, get(capture).post(capture))
+            .route(&format!("{path}/"), get(capture).post(capture));
+    }
+    for path in ["/flags", "/decide"] {
+        routes = routes
+            .route(path, get(posthog_flags::<S, K>).post(posthog_flags::<S, K>))
+            .route(
+                &format!("{path}/"),
+                get(posthog_flags::<S, K>).post(posthog_flags::<S, K>),
+            );
+    }
+    routes
+        .route("/array/{token}/config", get(posthog_config))
+        .route("/array/{token}/config.js", get(posthog_config_js))
+}
+
+/// PostHog's remote config: every remote feature off. The key is not checked: the answer is
+/// the same for every key and holds nothing of the project.
+async fn posthog_config(Path(token): Path<String>) -> Response {
+    count_posthog_answer("posthog_config");
+    Json(posthog::remote_config(&token)).into_response()
+}
+
+/// The script form of the remote config, which posthog-js's loader asks for first.
+async fn posthog_config_js(Path(token): Path<String>) -> Response {
+    count_posthog_answer("posthog_config");
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/javascript; charset=utf-8"),
+        )],
+        posthog::remote_config_js(&token),
+    )
+        .into_response()
+}
+
+/// PostHog's feature flags: none is on. The body (bounded) is read and dropped, so the
+/// connection stays usable.
+async fn posthog_flags<S: Sink, K: KeyStore>(
+    State(app): State<Arc<App<S, K>>>,
+    req: Request,
+) -> Response {
+    if let Err(err) = read_body(req.into_body(), app.limits.max_request_bytes).await {
+        return err.into_response();
+    }
+    count_posthog_answer("posthog_flags");
+    Json(posthog::flags()).into_response()
+}
+
+/// Counts a config or flags answer as requests_total counts the others.
+fn count_posthog_answer(endpoint: &'static str) {
+    ::metrics::counter!(metrics::REQUESTS_TOTAL, "endpoint" => endpoint, "status" => "200")
+        .increment(1);
 }
 
 /// `/readyz` of the collector's state.
@@ -176,6 +242,10 @@ async fn ingest<S: Sink, K: KeyStore>(
             )
                 .into_response()
         }
+        // What PostHog's SDKs read as success.
+        Ok((accepted, rejected)) if endpoint == Endpoint::PostHog => {
+            Json(json!({ "status": 1, "accepted": accepted, "rejected": rejected })).into_response()
+        }
         Ok((accepted, rejected)) => (
             StatusCode::OK,
             Json(json!({ "success": true, "accepted": accepted, "rejected": rejected })),
@@ -184,6 +254,9 @@ async fn ingest<S: Sink, K: KeyStore>(
         Err(err) => {
             if err.status().is_server_error() {
                 tracing::warn!(endpoint = label, cause = %err, "request failed");
+            } else if err.status().is_client_error() {
+                ::metrics::counter!(metrics::REFUSED_REQUESTS_TOTAL, "endpoint" => label, "reason" => err.reason())
+                    .increment(1);
             }
             let mut response = err.into_response();
             if !body_read {
@@ -259,20 +332,25 @@ async fn handle<S: Sink, K: KeyStore>(
             .await
             .map_err(|_| IngestError::BodyTimeout(read_timeout))??;
             *body_read = true;
-            let json = payload::decode_body(
-                &raw,
-                headers
-                    .get(header::CONTENT_ENCODING)
-                    .and_then(|v| v.to_str().ok()),
-                headers
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok()),
-                &app.limits,
-            )?;
+            let content_encoding = headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok());
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            let json = if endpoint == Endpoint::PostHog {
+                posthog::decode(&raw, query, content_encoding, content_type, &app.limits)?
+            } else {
+                payload::decode_body(&raw, content_encoding, content_type, &app.limits)?
+            };
             ::metrics::histogram!(metrics::REQUEST_BODY_BYTES).record(json.len() as f64);
             json
         };
-        let mut parsed = payload::parse(&mut json, endpoint, &app.limits)?;
+        let mut parsed = if endpoint == Endpoint::PostHog {
+            posthog::parse(&mut json, query, received_at, &app.limits)?
+        } else {
+            payload::parse(&mut json, endpoint, &app.limits)?
+        };
         let key = parsed.write_key.take();
         (parsed, key)
     };
@@ -353,7 +431,7 @@ async fn handle<S: Sink, K: KeyStore>(
         // A refused message's type may be the very thing wrong with it.
         let kind = match endpoint {
             Endpoint::Single(kind) | Endpoint::SegmentPixel(kind) => kind.as_str(),
-            Endpoint::Batch => "unknown",
+            Endpoint::Batch | Endpoint::PostHog => "unknown",
         };
         ::metrics::counter!(metrics::EVENTS_TOTAL, "type" => kind, "outcome" => "rejected")
             .increment(rejected.len() as u64);
@@ -741,6 +819,149 @@ mod tests {
             StatusCode::NOT_FOUND
         );
         assert!(app.sink.sent.lock().unwrap().is_empty());
+    }
+
+    async fn posthog_post(
+        app: &Arc<App<MemSink, MemStore>>,
+        uri: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Response {
+        let req = Request::post(uri)
+            .header("content-type", content_type)
+            .body(Body::from(body))
+            .unwrap();
+        router(app.clone()).oneshot(req).await.unwrap()
+    }
+
+    fn sent_events(app: &Arc<App<MemSink, MemStore>>) -> Vec<serde_json::Value> {
+        app.sink
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.topic == Topic::Event)
+            .map(|r| serde_json::from_slice(&r.payload).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn posthog_js_gzip_beacon_and_get_bodies_are_stored_and_answered_status_1() {
+        use base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        use std::io::Write;
+        let (app, key) = app(None, false);
+        let event = |id: &str| {
+            json!({"event": "clicked", "uuid": id, "timestamp": "2026-12-01T10:00:00Z",
+                   "properties": {"distinct_id": "dev-1", "$device_id": "dev-1", "token": key,
+                                  "$lib": "web"}})
+        };
+        let body = json!({"api_key": key, "batch": [event("e-gzip")],
+                          "sent_at": "2026-12-01T10:00:01Z"});
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(body.to_string().as_bytes()).unwrap();
+        let resp = posthog_post(
+            &app,
+            "/e/?ip=0&ver=1.449.2",
+            "text/plain",
+            gz.finish().unwrap(),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            serde_json::from_str::<Value>(&text(resp).await).unwrap()["status"],
+            1
+        );
+        let b64 = STANDARD.encode(json!([event("e-beacon")]).to_string());
+        let form = format!(
+            "data={}",
+            url::form_urlencoded::byte_serialize(b64.as_bytes()).collect::<String>()
+        );
+        let resp = posthog_post(
+            &app,
+            "/batch?compression=base64",
+            "application/x-www-form-urlencoded",
+            form.clone().into_bytes(),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let resp = get(&app, &format!("/i/v0/e/?{form}")).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let ids: Vec<Value> = sent_events(&app)
+            .iter()
+            .map(|e| e["message_id"].clone())
+            .collect();
+        assert_eq!(ids, [json!("e-gzip"), json!("e-beacon"), json!("e-beacon")]);
+        for e in sent_events(&app) {
+            assert!(!e.to_string().contains(&key), "keys never reach Kafka");
+            assert_eq!(e["name"], "clicked");
+            assert_eq!(e["context"]["$lib"], "web");
+        }
+    }
+
+    #[tokio::test]
+    async fn posthog_bodies_that_cannot_be_taken_are_4xx_with_the_reason() {
+        let (app, key) = app(None, false);
+        for (uri, body, status, says) in [
+            ("/e/", "not json at all".to_owned(), 400, "neither JSON"),
+            (
+                "/e/",
+                json!({"event": "e", "distinct_id": "d"}).to_string(),
+                401,
+                "no write key",
+            ),
+            (
+                "/capture/",
+                json!({"api_key": key, "batch": [{"distinct_id": "d"}]}).to_string(),
+                400,
+                "needs an",
+            ),
+            (
+                "/track",
+                json!({"api_key": key, "batch": [{"event": "e"}]}).to_string(),
+                400,
+                "distinct_id is required",
+            ),
+            (
+                "/e/",
+                json!({"api_key": "sk_nope", "event": "e", "distinct_id": "d"}).to_string(),
+                401,
+                "unknown write key",
+            ),
+        ] {
+            let resp = posthog_post(&app, uri, "application/json", body.into_bytes()).await;
+            assert_eq!(resp.status().as_u16(), status, "{uri}");
+            let body = text(resp).await;
+            assert!(body.contains(says), "{uri}: {body}");
+        }
+        assert!(app.sink.sent.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn posthog_config_and_flags_answer_with_every_feature_off() {
+        let (app, _) = app(None, false);
+        let config: Value =
+            serde_json::from_str(&text(get(&app, "/array/phc_k/config").await).await).unwrap();
+        assert_eq!(config["sessionRecording"], false);
+        let js = get(&app, "/array/phc_k/config.js").await;
+        assert_eq!(js.status(), StatusCode::OK);
+        assert!(js.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/javascript"));
+        assert!(text(js).await.contains("_POSTHOG_REMOTE_CONFIG[\"phc_k\"]"));
+        for uri in [
+            "/flags/?v=2&config=true",
+            "/flags",
+            "/decide/?v=3",
+            "/decide",
+        ] {
+            let resp = posthog_post(&app, uri, "text/plain", b"\x1f\x8bgarbage".to_vec()).await;
+            assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+            let flags: Value = serde_json::from_str(&text(resp).await).unwrap();
+            assert_eq!(flags["flags"], json!({}), "{uri}");
+            assert_eq!(flags["featureFlags"], json!({}), "{uri}");
+        }
     }
 
     #[tokio::test]

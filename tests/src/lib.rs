@@ -25,6 +25,7 @@ use tokio_postgres::NoTls;
 pub mod faults;
 pub mod ingest;
 pub mod private;
+pub mod sdk;
 pub mod writer;
 
 /// Where the shared broker and database of this test run are.
