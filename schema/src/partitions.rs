@@ -244,7 +244,7 @@ pub async fn prune(
 }
 
 /// True for names of the form `event_yYYYYmMM` (the only names safe to splice into SQL here).
-fn is_month_name(name: &str) -> bool {
+pub fn is_month_name(name: &str) -> bool {
     let Some(rest) = name.strip_prefix("event_y") else {
         return false;
     };

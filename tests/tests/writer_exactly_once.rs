@@ -8,9 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use sluice_tests::kafka_config;
 use sluice_tests::ingest::{account, Collector};
-use sluice_tests::writer::{assert_stored_exactly_once, wait_for_count, RunningWriter, WriterEnv};
+use sluice_tests::kafka_config;
+use sluice_tests::writer::{
+    assert_stored_exactly_once, wait_all_consumed, wait_for_count, RunningWriter, WriterEnv,
+};
 use sluice_tests::{unique_name, Stack, TestDb};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -180,7 +182,8 @@ async fn a_batch_sent_twice_counts_its_events_once_in_visitors_and_sessions() ->
             &[],
         )
         .await?;
-    let got: (i64, i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let got: (i64, i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     assert_eq!(
         got,
         (60, 60, 60, 20, 0),
@@ -200,35 +203,4 @@ async fn a_batch_sent_twice_counts_its_events_once_in_visitors_and_sessions() ->
     assert_eq!(mismatched, 0);
     writer.stop().await?;
     collector.stop().await
-}
-
-/// Waits until `group` has committed the end offset of every partition of the data topics.
-fn wait_all_consumed(group: &str, topics: &sluice_schema::topics::Topics) -> Result<()> {
-    let consumer: BaseConsumer = kafka_config().set("group.id", group).create()?;
-    let t = Duration::from_secs(5);
-    let mut behind = Vec::new();
-    for _ in 0..300 {
-        behind.clear();
-        for topic in topics.data() {
-            let md = consumer.fetch_metadata(Some(topic), t)?;
-            for p in md.topics().iter().flat_map(|x| x.partitions()) {
-                let (_, high) = consumer.fetch_watermarks(topic, p.id(), t)?;
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(topic, p.id());
-                let committed = consumer.committed_offsets(tpl, t)?;
-                let at = match committed.elements()[0].offset() {
-                    Offset::Offset(o) => o,
-                    _ => 0,
-                };
-                if at < high {
-                    behind.push((topic.to_owned(), p.id(), at, high));
-                }
-            }
-        }
-        if behind.is_empty() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    anyhow::bail!("the writer did not consume everything: {behind:?}")
 }
