@@ -414,7 +414,11 @@ async fn publishing_cannot_be_bypassed_by_direct_statements() {
     fewer["steps"].as_array_mut().unwrap().pop();
     let mut renamed = real.clone();
     renamed["steps"][0]["name"] = json!("Anything");
-    for def in [json!({"steps": [{"position": 1, "name": "x", "match": []}]}), fewer, renamed] {
+    for def in [
+        json!({"steps": [{"position": 1, "name": "x", "match": []}]}),
+        fewer,
+        renamed,
+    ] {
         let err = c
             .execute(
                 "INSERT INTO funnel_publication (tenant_id, funnel_id, version, definition) VALUES ($1, $2, 1, $3)",
@@ -438,7 +442,10 @@ async fn publishing_cannot_be_bypassed_by_direct_statements() {
 
     // The publish operation still works, and its snapshot is the real one.
     let def: Value = c
-        .query_one("SELECT funnel_publish($1, $2, 1, 'test')", &[&f.tenant, &f.id])
+        .query_one(
+            "SELECT funnel_publish($1, $2, 1, 'test')",
+            &[&f.tenant, &f.id],
+        )
         .await
         .unwrap()
         .get(0);
@@ -462,7 +469,13 @@ async fn publishing_cannot_be_bypassed_by_direct_statements() {
         )
         .await
         .unwrap_err();
-    assert!(err.as_db_error().unwrap().message().contains("already published"), "{err:?}");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("already published"),
+        "{err:?}"
+    );
 }
 
 /// Migration 0006 rolls back to 0004's behaviour and applies again.
@@ -474,9 +487,12 @@ async fn funnel_publish_guard_rolls_back_and_reapplies() {
     assert_eq!(done[0].version, 6);
     let f = funnel_with_draft(&c).await;
     // 0004's function publishes on its own.
-    c.execute("SELECT funnel_publish($1, $2, 1, 'test')", &[&f.tenant, &f.id])
-        .await
-        .unwrap();
+    c.execute(
+        "SELECT funnel_publish($1, $2, 1, 'test')",
+        &[&f.tenant, &f.id],
+    )
+    .await
+    .unwrap();
     let applied = sluice_schema::migrate::up(&mut c).await.unwrap();
     assert_eq!(applied.iter().map(|m| m.version).collect::<Vec<_>>(), [6]);
     let err = c
@@ -487,5 +503,9 @@ async fn funnel_publish_guard_rolls_back_and_reapplies() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(code(&err), SqlState::INTEGRITY_CONSTRAINT_VIOLATION, "{err:?}");
+    assert_eq!(
+        code(&err),
+        SqlState::INTEGRITY_CONSTRAINT_VIOLATION,
+        "{err:?}"
+    );
 }

@@ -203,6 +203,9 @@ async fn down_n_rolls_back_the_newest_and_up_reapplies_only_those() {
             || format!("{missing:?}").contains("does not exist")
     );
     let up = migrate::up(&mut client).await.unwrap();
-    assert_eq!(up.iter().map(|m| m.version).collect::<Vec<_>>(), [3, 4, 5, 6]);
+    assert_eq!(
+        up.iter().map(|m| m.version).collect::<Vec<_>>(),
+        [3, 4, 5, 6]
+    );
     assert!(migrate::up(&mut client).await.unwrap().is_empty());
 }

@@ -212,7 +212,11 @@ async fn visitor_and_session_merges_hold_across_batches_and_out_of_order() -> Re
         row.get::<_, chrono::DateTime<Utc>>(1).timestamp_micros(),
         (t0 + h(3)).timestamp_micros()
     );
-    assert_eq!(row.get::<_, i64>(2), 0, "pages are counted from stored events");
+    assert_eq!(
+        row.get::<_, i64>(2),
+        0,
+        "pages are counted from stored events"
+    );
     assert_eq!(row.get::<_, String>(3), "first");
     assert_eq!(
         row.get::<_, Option<String>>(4).as_deref(),

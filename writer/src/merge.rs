@@ -246,7 +246,10 @@ impl<'a> Tally<'a> {
         self.last = self.last.max(e.occurred_at);
         self.events += 1;
         // As the collector counts a session's pages: page, screen and pixel views.
-        if matches!(e.kind, EventType::Page | EventType::Screen | EventType::Pixel) {
+        if matches!(
+            e.kind,
+            EventType::Page | EventType::Screen | EventType::Pixel
+        ) {
             self.pages += 1;
         }
         self.bot |= e.bot;
@@ -264,10 +267,16 @@ pub(crate) async fn count_claimed<J>(
     for e in claimed {
         // An empty id names no row (the tables refuse it); the collector sends none.
         if let Some(a) = e.anonymous_id.as_deref().filter(|a| !a.is_empty()) {
-            visitors.entry((e.tenant_id, a)).or_insert_with(|| Tally::new(e)).add(e);
+            visitors
+                .entry((e.tenant_id, a))
+                .or_insert_with(|| Tally::new(e))
+                .add(e);
         }
         if let Some(s) = e.session_id.as_deref().filter(|s| !s.is_empty()) {
-            sessions.entry((e.tenant_id, s)).or_insert_with(|| Tally::new(e)).add(e);
+            sessions
+                .entry((e.tenant_id, s))
+                .or_insert_with(|| Tally::new(e))
+                .add(e);
         }
     }
     let visits = async {
@@ -275,8 +284,17 @@ pub(crate) async fn count_claimed<J>(
             return Ok(0);
         }
         let n = visitors.len();
-        let (mut t, mut a, mut w) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut f, mut l, mut c, mut b) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut t, mut a, mut w) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut f, mut l, mut c, mut b) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for ((tenant, anon), x) in &visitors {
             t.push(*tenant);
             a.push(*anon);
@@ -286,15 +304,26 @@ pub(crate) async fn count_claimed<J>(
             c.push(x.events);
             b.push(x.bot);
         }
-        tx.execute(COUNT_VISITORS, &[&t, &a, &w, &f, &l, &c, &b]).await
+        tx.execute(COUNT_VISITORS, &[&t, &a, &w, &f, &l, &c, &b])
+            .await
     };
     let sess = async {
         if sessions.is_empty() {
             return Ok(0);
         }
         let n = sessions.len();
-        let (mut t, mut s, mut w, mut a) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut f, mut l, mut c, mut p) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut t, mut s, mut w, mut a) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut f, mut l, mut c, mut p) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for ((tenant, sid), x) in &sessions {
             t.push(*tenant);
             s.push(*sid);
@@ -305,7 +334,8 @@ pub(crate) async fn count_claimed<J>(
             c.push(x.events);
             p.push(x.pages);
         }
-        tx.execute(COUNT_SESSIONS, &[&t, &s, &w, &a, &f, &l, &c, &p]).await
+        tx.execute(COUNT_SESSIONS, &[&t, &s, &w, &a, &f, &l, &c, &p])
+            .await
     };
     futures::try_join!(visits, sess)?;
     Ok(())
