@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const WAIT: Duration = Duration::from_secs(120);
 
 fn day(y: i32, m: u32, d: u32) -> NaiveDate {
-    NaiveDate::from_ymd_opt(y, m, d).unwrap()
+    NaiveDate::from_ymd_opt(y, m, d).expect("a valid date")
 }
 
 async fn scrape(port: u16) -> Result<String> {
@@ -43,7 +43,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 async fn old_months(c: &tokio_postgres::Client, months: &[NaiveDate]) -> Result<()> {
     for &m in months {
         partitions::ensure_month(c, m, 2).await?;
-        let at = Utc.from_utc_datetime(&m.and_hms_opt(12, 0, 0).unwrap());
+        let at = Utc.from_utc_datetime(&m.and_hms_opt(12, 0, 0).expect("noon exists"));
         c.execute(
             "INSERT INTO event (tenant_id, occurred_at, event_id, workspace_id, type, message_id, received_at) \
              VALUES (1, $1, gen_random_uuid(), 10, 'track', 'old', $1)",

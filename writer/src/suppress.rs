@@ -20,6 +20,9 @@ use tokio_postgres::Transaction;
 
 use crate::metrics;
 
+/// What a message is matched on: suppression kinds and fingerprints.
+type Fingerprints = Vec<(SuppressionKind, [u8; 32])>;
+
 /// The identifiers of one message that a suppression row can match.
 #[derive(Debug, Default)]
 pub(crate) struct Subject<'a> {
@@ -49,7 +52,7 @@ impl<'a> Subject<'a> {
     }
 
     /// Every fingerprint of the subject, as stored in the list.
-    fn fingerprints(&self, keys: Option<&PiiKeys>) -> Vec<(SuppressionKind, [u8; 32])> {
+    fn fingerprints(&self, keys: Option<&PiiKeys>) -> Fingerprints {
         let mut out = Vec::with_capacity(4);
         for (kind, ids) in [
             (SuppressionKind::UserId, &self.user_ids),
@@ -175,7 +178,7 @@ impl Suppression {
         self.refresh(tx).await?;
         let mut out = vec![false; subjects.len()];
         // Subjects to ask the database about (overflow only): index, fingerprints.
-        let mut ask: Vec<(usize, Vec<(SuppressionKind, [u8; 32])>)> = Vec::new();
+        let mut ask: Vec<(usize, Fingerprints)> = Vec::new();
         {
             let s = self.lock();
             if s.tenants.is_empty() {
