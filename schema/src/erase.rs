@@ -167,6 +167,16 @@ pub async fn delete_tenant(
     Ok(out)
 }
 
+const LEAD_BY_USER_ID: &str = "SELECT id, user_id, email_fingerprint, phone_fingerprint \
+    FROM lead WHERE tenant_id = $1 AND user_id = $2";
+const LEAD_BY_EMAIL: &str = "SELECT id, user_id, email_fingerprint, phone_fingerprint \
+    FROM lead WHERE tenant_id = $1 AND email_fingerprint = $2";
+/// The leads an anonymous id is linked to, or its visitor row points at.
+const LEAD_BY_ANONYMOUS_ID: &str = "SELECT id, user_id, email_fingerprint, phone_fingerprint \
+    FROM lead WHERE tenant_id = $1 AND id IN (SELECT lead_id FROM identity_link \
+      WHERE tenant_id = $1 AND anonymous_id = $2 UNION SELECT lead_id FROM visitor \
+      WHERE tenant_id = $1 AND anonymous_id = $2 AND lead_id IS NOT NULL)";
+
 /// Erases one person of `tenant_id`: the lead `who` names (if any), its identity links, the
 /// visitors linked to it (or named), and their events and sessions. Every identifier found
 /// (user ids, anonymous ids, email and phone fingerprints) is suppressed first, so writers
@@ -182,14 +192,10 @@ pub async fn erase_person(
     let mut anons: Vec<String> = Vec::new();
     let mut emails: Vec<Vec<u8>> = Vec::new();
     let mut phones: Vec<Vec<u8>> = Vec::new();
-    let lead_query = "SELECT id, user_id, email_fingerprint, phone_fingerprint FROM lead \
-                      WHERE tenant_id = $1 AND ";
     let rows = match who {
         Person::UserId(u) => {
             users.push(u.clone());
-            client
-                .query(&format!("{lead_query} user_id = $2"), &[&tenant_id, u])
-                .await
+            client.query(LEAD_BY_USER_ID, &[&tenant_id, u]).await
         }
         Person::Email(e) => {
             let keys = keys.ok_or_else(|| {
@@ -203,24 +209,12 @@ pub async fn erase_person(
             })?;
             emails.push(fp.to_vec());
             client
-                .query(
-                    &format!("{lead_query} email_fingerprint = $2"),
-                    &[&tenant_id, &fp.as_slice()],
-                )
+                .query(LEAD_BY_EMAIL, &[&tenant_id, &fp.as_slice()])
                 .await
         }
         Person::AnonymousId(a) => {
             anons.push(a.clone());
-            client
-                .query(
-                    &format!(
-                        "{lead_query} id IN (SELECT lead_id FROM identity_link WHERE tenant_id = $1 \
-                         AND anonymous_id = $2 UNION SELECT lead_id FROM visitor \
-                         WHERE tenant_id = $1 AND anonymous_id = $2 AND lead_id IS NOT NULL)"
-                    ),
-                    &[&tenant_id, a],
-                )
-                .await
+            client.query(LEAD_BY_ANONYMOUS_ID, &[&tenant_id, a]).await
         }
     }
     .map_err(SchemaError::db("finding the person's lead"))?;

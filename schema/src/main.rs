@@ -183,6 +183,8 @@ enum PartitionAction {
         hash_modulus: u32,
     },
     /// Detach and drop months older than the newest N (the current month counts as one).
+    /// Detaches concurrently, so writers are not held up; an interrupted prune is finished by
+    /// the next one.
     Prune {
         /// Months to keep, the current one included.
         #[arg(long)]
