@@ -97,6 +97,15 @@ async fn tenant_delete_removes_every_row_of_the_tenant_in_every_partition_and_no
          SELECT tenant_id, event_id, received_at FROM event",
     )
     .await?;
+    // Enough events that the delete takes several batches.
+    sluice_schema::partitions::ensure_month(&c, Utc::now().date_naive(), 8).await?;
+    c.execute(
+        "INSERT INTO event (tenant_id, occurred_at, event_id, workspace_id, type, message_id, received_at) \
+         SELECT $1, now() - make_interval(secs => i), gen_random_uuid(), 1, 'track', 'bulk-' || i, now() \
+         FROM generate_series(1, 30000) AS i",
+        &[&gone],
+    )
+    .await?;
     let before_gone = rows_of(&c, gone).await?;
     let before_kept = rows_of(&c, kept).await?;
     for (table, n) in &before_gone {
@@ -112,16 +121,41 @@ async fn tenant_delete_removes_every_row_of_the_tenant_in_every_partition_and_no
     assert!(months >= 2, "events in several month partitions");
 
     let tnt = ids::encode(Kind::Tenant, gone);
-    let out = schema_cli(&db.url, &["tenant", "delete", &tnt])?;
+    let (url, arg) = (db.url.clone(), tnt.clone());
+    let delete = tokio::task::spawn_blocking(move || schema_cli(&url, &["tenant", "delete", &arg]));
+    // Meanwhile another tenant's writes commit as usual: the delete holds row locks only.
+    let mut worst = Duration::ZERO;
+    let mut probes = 0;
+    while !delete.is_finished() {
+        let t = std::time::Instant::now();
+        c.execute(
+            "INSERT INTO event (tenant_id, occurred_at, event_id, workspace_id, type, message_id, received_at) \
+             VALUES (424242, now(), gen_random_uuid(), 1, 'track', 'probe', now())",
+            &[],
+        )
+        .await?;
+        worst = worst.max(t.elapsed());
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = delete.await??;
+    eprintln!("{probes} inserts of another tenant during the delete, the slowest {worst:?}");
+    assert!(worst < Duration::from_secs(1), "an insert waited {worst:?}");
+    c.execute("DELETE FROM event WHERE tenant_id = 424242", &[])
+        .await?;
     assert_eq!(
         last_line(&out),
         tnt,
         "the deleted tenant's id on the last line"
     );
     let progress = String::from_utf8_lossy(&out.stderr);
+    let event_batches = progress
+        .lines()
+        .filter(|l| l.contains(": event (event_y") && l.ends_with("rows deleted"))
+        .count();
     assert!(
-        progress.contains("event (event_y") && progress.contains("rows deleted"),
-        "progress on stderr: {progress}"
+        event_batches >= 6,
+        "30,000+ events deleted in batches of 5,000, each shown on stderr: {progress}"
     );
 
     let after_gone = rows_of(&c, gone).await?;
