@@ -365,3 +365,98 @@ async fn erase_removes_the_person_and_the_writer_drops_their_later_messages() ->
     erase_and_send_again(&["--email", "pat@example.com"], 1_000_000).await?;
     erase_and_send_again(&["--user-id", "p-user"], 1).await
 }
+
+/// By anonymous id, on seeded data: the visitor's lead is found through its link, and every
+/// identifier of that person (the lead's user id and fingerprints, its anonymous ids) is put on
+/// the suppression list, hashed; nothing of the person is left, everyone else is.
+#[tokio::test]
+async fn erase_by_anonymous_id_finds_the_lead_and_suppresses_every_identifier_hashed() -> Result<()>
+{
+    let db = TestDb::migrated().await?;
+    let mut c = db.client().await?;
+    let keys = PiiKeys::from_env_strings(KEYS, "t1")?;
+    let report = seed::run(&mut c, &keys, Utc::now(), &SeedConfig::default()).await?;
+    let tenant = report.tenants[0];
+    let row = c
+        .query_one(
+            "SELECT v.anonymous_id, l.id, l.user_id, l.email_fingerprint FROM visitor v \
+             JOIN lead l ON l.tenant_id = v.tenant_id AND l.id = v.lead_id \
+             WHERE v.tenant_id = $1 ORDER BY v.anonymous_id LIMIT 1",
+            &[&tenant],
+        )
+        .await?;
+    let (anon, lead, user, email_fp): (String, i64, String, Vec<u8>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let count = |sql: &'static str| {
+        let c = &c;
+        let (anon, user) = (anon.clone(), user.clone());
+        async move {
+            let n: i64 = c
+                .query_one(sql, &[&tenant, &anon, &user, &lead])
+                .await?
+                .get(0);
+            anyhow::Ok(n)
+        }
+    };
+    let person = "SELECT (SELECT count(*) FROM event WHERE tenant_id = $1 AND (anonymous_id = $2 OR user_id = $3)) \
+                  + (SELECT count(*) FROM session WHERE tenant_id = $1 AND (anonymous_id = $2 OR user_id = $3)) \
+                  + (SELECT count(*) FROM visitor WHERE tenant_id = $1 AND (anonymous_id = $2 OR lead_id = $4)) \
+                  + (SELECT count(*) FROM identity_link WHERE tenant_id = $1 AND lead_id = $4) \
+                  + (SELECT count(*) FROM lead WHERE tenant_id = $1 AND id = $4)";
+    // Every row of those tables; `count` binds the person's values, unused here.
+    let everyone = "SELECT (SELECT count(*) FROM event) + (SELECT count(*) FROM session) \
+                    + (SELECT count(*) FROM visitor) + (SELECT count(*) FROM identity_link) \
+                    + (SELECT count(*) FROM lead) + $1::bigint * 0 + length($2) * 0 + length($3) * 0 \
+                    + $4::bigint * 0";
+    let before = count(person).await?;
+    let all_before = count(everyone).await?;
+    assert!(before >= 4, "the seeded person has rows: {before}");
+
+    let out = schema_cli(
+        &db.url,
+        &[
+            "erase",
+            "--tenant",
+            &ids::encode(Kind::Tenant, tenant),
+            "--anonymous-id",
+            &anon,
+        ],
+    )?;
+    assert_eq!(last_line(&out).parse::<i64>()?, before, "the total deleted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&ids::encode(Kind::Lead, lead)));
+    assert_eq!(count(person).await?, 0, "nothing of the person is left");
+    assert_eq!(
+        count(everyone).await?,
+        all_before - before,
+        "no one else was touched"
+    );
+
+    let entries: Vec<(String, Vec<u8>)> = c
+        .query(
+            "SELECT kind, fingerprint FROM erasure_suppression WHERE tenant_id = $1 ORDER BY kind",
+            &[&tenant],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    use sluice_schema::erase::{id_fingerprint, SuppressionKind};
+    let has = |kind: &str, fp: &[u8]| entries.iter().any(|(k, f)| k == kind && f == fp);
+    assert!(has(
+        "anonymous_id",
+        &id_fingerprint(SuppressionKind::AnonymousId, &anon)
+    ));
+    assert!(has(
+        "user_id",
+        &id_fingerprint(SuppressionKind::UserId, &user)
+    ));
+    assert!(has("email", &email_fp));
+    assert!(entries.iter().any(|(k, _)| k == "phone"), "{entries:?}");
+    // No plaintext: no stored value contains the ids.
+    for (_, f) in &entries {
+        assert_eq!(f.len(), 32);
+        let text = String::from_utf8_lossy(f);
+        assert!(!text.contains(&anon) && !text.contains(&user));
+    }
+    Ok(())
+}
