@@ -77,6 +77,12 @@ pub enum SchemaError {
     /// A ciphertext could not be decrypted.
     #[error("cannot decrypt PII: {0}")]
     PiiDecrypt(String),
+    /// Another `partitions prune` holds the prune lock.
+    #[error("another partitions prune is running (it holds the prune lock); wait for it to finish, then run this one again")]
+    PruneRunning,
+    /// An erasure could not make sure every writer sees the suppression list.
+    #[error("{0}; a writer batch cannot take that long: check the writers (a stuck one holds its transaction), then run the command again")]
+    WritersBusy(String),
 }
 
 impl SchemaError {

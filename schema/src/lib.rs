@@ -10,6 +10,7 @@
 //! - [`ids`]: BIGINT keys as checked, prefixed external ids (`tnt_`, `ws_`, `key_`, ...).
 //! - [`pii`]: AES-256-GCM sealing and HMAC fingerprints of email and phone; key rotation.
 //! - [`control`]: tenants, workspaces, write keys (create, revoke).
+//! - [`erase`]: deleting a tenant or one person everywhere; the writers' suppression list.
 //! - [`seed`]: development data: two tenants, two months of events, a funnel.
 //! - [`error`]: [`SchemaError`], the library's one error type.
 
@@ -17,6 +18,7 @@
 
 pub mod apikey;
 pub mod control;
+pub mod erase;
 pub mod error;
 pub mod ids;
 pub mod messages;

@@ -12,7 +12,7 @@ use sluice_schema::ids::{self, Kind};
 use sluice_schema::partitions::{self, PartitionConfig};
 use sluice_schema::pii::PiiKeys;
 use sluice_schema::seed::{self, SeedConfig};
-use sluice_schema::{control, migrate, runtime};
+use sluice_schema::{control, erase, migrate, runtime};
 use tokio_postgres::{Client, NoTls};
 
 #[derive(Parser, Debug)]
@@ -70,6 +70,30 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// Erase one person of a tenant: the lead, its identity links, its visitors and their
+    /// events and sessions; writers drop later messages for them (suppression list). Prints
+    /// the rows deleted per table, then their total alone on the last line.
+    #[command(group(clap::ArgGroup::new("who").required(true).args(["user_id", "email", "anonymous_id"])))]
+    Erase {
+        /// The tenant (tnt_...).
+        #[arg(long)]
+        tenant: String,
+        /// The person's user id.
+        #[arg(long)]
+        user_id: Option<String>,
+        /// The person's email (matched by fingerprint: needs SLUICE_PII_KEYS).
+        #[arg(long)]
+        email: Option<String>,
+        /// One of the person's anonymous ids.
+        #[arg(long)]
+        anonymous_id: Option<String>,
+        /// PII keys, `id=base64,...`: the first one keys the email fingerprints.
+        #[arg(long, env = "SLUICE_PII_KEYS", hide_env_values = true)]
+        pii_keys: Option<String>,
+        /// Id of the active PII key.
+        #[arg(long, env = "SLUICE_PII_ACTIVE_KEY")]
+        pii_active_key: Option<String>,
+    },
     /// Fill a migrated database with development data (two tenants, two months of events,
     /// a funnel); prints the demo write key alone on the last line.
     Seed {
@@ -92,6 +116,13 @@ enum TenantAction {
     Create {
         /// Display name.
         name: String,
+    },
+    /// Delete a tenant and every row it owns, in every table and partition, in small
+    /// batches (writers carry on); its keys are revoked and writers drop its later
+    /// messages. Progress on stderr; prints the tenant's id alone on the last line.
+    Delete {
+        /// The tenant (tnt_...).
+        tenant_id: String,
     },
 }
 
@@ -152,6 +183,8 @@ enum PartitionAction {
         hash_modulus: u32,
     },
     /// Detach and drop months older than the newest N (the current month counts as one).
+    /// Detaches concurrently, so writers are not held up; an interrupted prune is finished by
+    /// the next one.
     Prune {
         /// Months to keep, the current one included.
         #[arg(long)]
@@ -224,6 +257,67 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let id = control::create_tenant(&client, &name).await?;
             println!("{}", ids::encode(Kind::Tenant, id));
+            Ok(())
+        }
+        Command::Tenant {
+            action: TenantAction::Delete { tenant_id },
+        } => {
+            let id = ids::decode(Kind::Tenant, &tenant_id)?;
+            let deleted = erase::delete_tenant(&client, id, |table, total| {
+                eprintln!("{tenant_id}: {table}: {total} rows deleted");
+            })
+            .await?;
+            for d in &deleted {
+                println!("{} {}", d.table, d.rows);
+            }
+            println!("{tenant_id}");
+            Ok(())
+        }
+        Command::Erase {
+            tenant,
+            user_id,
+            email,
+            anonymous_id,
+            pii_keys,
+            pii_active_key,
+        } => {
+            let tenant_id = ids::decode(Kind::Tenant, &tenant)?;
+            let who = match (user_id, email, anonymous_id) {
+                (Some(u), _, _) => erase::Person::UserId(u),
+                (_, Some(e), _) => erase::Person::Email(e),
+                (_, _, Some(a)) => erase::Person::AnonymousId(a),
+                _ => anyhow::bail!("name the person: --user-id, --email or --anonymous-id"),
+            };
+            let keys = match pii_keys.as_deref().map(str::trim) {
+                Some(k) if !k.is_empty() => Some(PiiKeys::from_env_strings(
+                    k,
+                    pii_active_key.as_deref().unwrap_or_default(),
+                )?),
+                _ => None,
+            };
+            let erased =
+                erase::erase_person(&client, tenant_id, &who, keys.as_ref(), |table, total| {
+                    eprintln!("{tenant}: {table}: {total} rows deleted");
+                })
+                .await?;
+            let leads: Vec<String> = erased
+                .leads
+                .iter()
+                .map(|l| ids::encode(Kind::Lead, *l))
+                .collect();
+            eprintln!(
+                "leads erased: {}; identifiers suppressed: {}",
+                if leads.is_empty() {
+                    "none".to_owned()
+                } else {
+                    leads.join(", ")
+                },
+                erased.suppressed
+            );
+            for d in &erased.deleted {
+                println!("{} {}", d.table, d.rows);
+            }
+            println!("{}", erased.deleted.iter().map(|d| d.rows).sum::<u64>());
             Ok(())
         }
         Command::Workspace {

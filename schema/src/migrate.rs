@@ -53,6 +53,8 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(2, "identity", "0002_identity"),
     migration!(3, "events", "0003_events"),
     migration!(4, "funnels", "0004_funnels"),
+    migration!(5, "erasure", "0005_erasure"),
+    migration!(6, "funnel_publish_only", "0006_funnel_publish_only"),
 ];
 
 /// Where a migration stands in a database.

@@ -191,8 +191,17 @@ pub async fn list(client: &Client) -> Result<Vec<MonthInfo>, SchemaError> {
 
 /// Detaches and drops every month that ends before the start of the month `keep_months - 1`
 /// months before `now`'s month: `keep_months = 1` keeps only the current month. Returns the
-/// dropped tables. Each month goes in its own short transaction; `lock_timeout` keeps a
-/// prune that waits on a long query from stalling the writers queued behind it.
+/// dropped tables.
+///
+/// Writers are never locked out: each month is detached with `DETACH PARTITION ...
+/// CONCURRENTLY`, which takes only a SHARE UPDATE EXCLUSIVE lock on `event` (COPYs go on) and
+/// then waits for the transactions that may still use the month; a plain `DETACH` would take
+/// ACCESS EXCLUSIVE on `event` and, queued behind one long query, stall every COPY behind
+/// it. It cannot run in a transaction block, so each month is its own statement. A detach
+/// interrupted in its second phase (prune killed, connection lost) leaves the month "detach
+/// pending"; the next prune finishes it with `DETACH PARTITION ... FINALIZE`. With a DEFAULT
+/// partition on `event` (sluice makes none; PostgreSQL refuses the concurrent form then)
+/// the plain form is used under a 10 s `lock_timeout`. Only one prune runs at a time.
 pub async fn prune(
     client: &mut Client,
     now: DateTime<Utc>,
@@ -211,40 +220,95 @@ pub async fn prune(
             ))
         })?;
     let cutoff = month_table_name(oldest_kept);
+    let locked: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended('sluice.event_prune', 0))",
+            &[],
+        )
+        .await
+        .map_err(SchemaError::db("taking the prune lock"))?
+        .get(0);
+    if !locked {
+        return Err(SchemaError::PruneRunning);
+    }
+    let result = prune_locked(client, &cutoff).await;
+    // The lock is the session's: released here, or when the connection ends.
+    let _ = client
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended('sluice.event_prune', 0))",
+            &[],
+        )
+        .await;
+    result
+}
+
+async fn prune_locked(client: &mut Client, cutoff: &str) -> Result<Vec<String>, SchemaError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT partdefid <> 0 FROM pg_partitioned_table WHERE partrelid = 'event'::regclass),
+                    ARRAY(SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                           WHERE i.inhparent = 'event'::regclass AND i.inhdetachpending)",
+            &[],
+        )
+        .await
+        .map_err(SchemaError::db("reading event's partitions"))?;
+    let has_default: bool = row.get::<_, Option<bool>>(0).unwrap_or(false);
+    let pending: Vec<String> = row.get(1);
     let mut dropped = Vec::new();
     // Month tables sort by name in date order; anything named below the cutoff is older.
     for month in list(client).await? {
-        if month.table.as_str() >= cutoff.as_str() || !is_month_name(&month.table) {
+        let t = month.table;
+        if t.as_str() >= cutoff || !is_month_name(&t) {
             continue;
         }
-        let tx = client
-            .transaction()
+        let (how, sql) = if pending.contains(&t) {
+            (
+                "finalize",
+                format!("ALTER TABLE event DETACH PARTITION {t} FINALIZE"),
+            )
+        } else if has_default {
+            (
+                "plain",
+                format!(
+                    "BEGIN; SET LOCAL lock_timeout = '10s'; ALTER TABLE event DETACH PARTITION {t}; COMMIT"
+                ),
+            )
+        } else {
+            (
+                "concurrent",
+                format!("ALTER TABLE event DETACH PARTITION {t} CONCURRENTLY"),
+            )
+        };
+        if how == "plain" {
+            tracing::warn!(table = %t, "event has a DEFAULT partition: detaching with a lock on all of event");
+        }
+        if let Err(err) = client.batch_execute(&sql).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(SchemaError::db(format!(
+                "detaching partition {t} ({how}; run the prune again: an interrupted detach is finished then)"
+            ))(err));
+        }
+        // Detached, the month is a table of its own that no writer reads: dropping it locks
+        // only itself.
+        if let Err(err) = client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '10s'; DROP TABLE {t}; COMMIT"
+            ))
             .await
-            .map_err(SchemaError::db("starting a prune transaction"))?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '10s';
-             SELECT pg_advisory_xact_lock(hashtextextended('sluice.event_partitions', 0));
-             ALTER TABLE event DETACH PARTITION {t};
-             DROP TABLE {t};",
-            t = month.table
-        ))
-        .await
-        .map_err(SchemaError::db(format!(
-            "dropping partition {} (retry later if a lock timed out)",
-            month.table
-        )))?;
-        tx.commit().await.map_err(SchemaError::db(format!(
-            "committing the drop of {}",
-            month.table
-        )))?;
-        tracing::info!(table = %month.table, "event month partition dropped");
-        dropped.push(month.table);
+        {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(SchemaError::db(format!(
+                "dropping the detached table {t} (drop it by hand: it is no longer part of event)"
+            ))(err));
+        }
+        tracing::info!(table = %t, how, "event month partition detached and dropped");
+        dropped.push(t);
     }
     Ok(dropped)
 }
 
 /// True for names of the form `event_yYYYYmMM` (the only names safe to splice into SQL here).
-fn is_month_name(name: &str) -> bool {
+pub fn is_month_name(name: &str) -> bool {
     let Some(rest) = name.strip_prefix("event_y") else {
         return false;
     };

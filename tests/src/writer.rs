@@ -491,3 +491,38 @@ impl WriterEnv {
         Ok(out)
     }
 }
+
+/// Waits until `group` has committed the end offset of every partition of the data topics.
+///
+/// Blocking (librdkafka calls): run it with `spawn_blocking`.
+pub fn wait_all_consumed(group: &str, topics: &Topics) -> Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = kafka_config().set("group.id", group).create()?;
+    let t = Duration::from_secs(5);
+    let mut behind = Vec::new();
+    for _ in 0..300 {
+        behind.clear();
+        for topic in topics.data() {
+            let md = consumer.fetch_metadata(Some(topic), t)?;
+            for p in md.topics().iter().flat_map(|x| x.partitions()) {
+                let (_, high) = consumer.fetch_watermarks(topic, p.id(), t)?;
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, p.id());
+                let committed = consumer.committed_offsets(tpl, t)?;
+                let at = match committed.elements()[0].offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                if at < high {
+                    behind.push((topic.to_owned(), p.id(), at, high));
+                }
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("the writer did not consume everything: {behind:?}")
+}

@@ -38,12 +38,12 @@ fn last_line(out: &Output) -> String {
 #[tokio::test]
 async fn commands_print_what_they_made_on_the_last_line() {
     let db = TestDb::new().await.unwrap();
-    assert_eq!(last_line(&run(&db, &["migrate", "up"], false)), "0004");
-    assert_eq!(last_line(&run(&db, &["migrate", "up"], false)), "0004");
+    assert_eq!(last_line(&run(&db, &["migrate", "up"], false)), "0006");
+    assert_eq!(last_line(&run(&db, &["migrate", "up"], false)), "0006");
     let status = String::from_utf8(run(&db, &["migrate", "status"], false).stdout).unwrap();
     assert_eq!(
         status.lines().filter(|l| l.contains("applied")).count(),
-        4,
+        6,
         "{status}"
     );
 

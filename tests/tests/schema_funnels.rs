@@ -303,7 +303,7 @@ async fn match_rules_of_a_bad_shape_are_refused() {
         .unwrap_err();
     assert_eq!(code(&err), SqlState::FOREIGN_KEY_VIOLATION);
     let err = c
-        .execute("INSERT INTO funnel_version (tenant_id, funnel_id, version, status) VALUES ($1, $2, 5, 'published')", &[&f.tenant, &f.id])
+        .execute("INSERT INTO funnel_version (tenant_id, funnel_id, version, published_at) VALUES ($1, $2, 5, now())", &[&f.tenant, &f.id])
         .await
         .unwrap_err();
     assert_eq!(
@@ -369,4 +369,143 @@ async fn funnel_foreign_keys_refuse_orphans_and_other_tenants() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0);
+}
+
+/// Publishing cannot be bypassed (issue 13): a version leaves draft only through
+/// funnel_publish, and a publication is always the snapshot of its version's steps.
+#[tokio::test]
+async fn publishing_cannot_be_bypassed_by_direct_statements() {
+    let db = TestDb::migrated().await.unwrap();
+    let c = db.client().await.unwrap();
+    let f = funnel_with_draft(&c).await;
+    let refused = |err: tokio_postgres::Error, what: &str| {
+        assert_eq!(
+            code(&err),
+            SqlState::INTEGRITY_CONSTRAINT_VIOLATION,
+            "{what}: {err:?}"
+        );
+        let db = err.as_db_error().unwrap();
+        assert!(
+            db.hint().unwrap_or_default().contains("funnel_publish"),
+            "{what}: the hint names the way to publish: {db:?}"
+        );
+    };
+    // 1. The status of a draft set by hand: a published version without a snapshot.
+    for sql in [
+        "UPDATE funnel_version SET status = 'published', published_at = now()",
+        "UPDATE funnel_version SET status = 'archived', published_at = now()",
+    ] {
+        refused(c.batch_execute(sql).await.unwrap_err(), sql);
+    }
+    // Nor created published.
+    let sql = format!(
+        "INSERT INTO funnel_version (tenant_id, funnel_id, version, status, published_at) VALUES ({}, {}, 2, 'published', now())",
+        f.tenant, f.id
+    );
+    refused(c.batch_execute(&sql).await.unwrap_err(), &sql);
+
+    // 2. Publications of any definition: made up, with fewer steps, or another version's.
+    let real: Value = c
+        .query_one("SELECT funnel_definition($1, $2, 1)", &[&f.tenant, &f.id])
+        .await
+        .unwrap()
+        .get(0);
+    let mut fewer = real.clone();
+    fewer["steps"].as_array_mut().unwrap().pop();
+    let mut renamed = real.clone();
+    renamed["steps"][0]["name"] = json!("Anything");
+    for def in [
+        json!({"steps": [{"position": 1, "name": "x", "match": []}]}),
+        fewer,
+        renamed,
+    ] {
+        let err = c
+            .execute(
+                "INSERT INTO funnel_publication (tenant_id, funnel_id, version, definition) VALUES ($1, $2, 1, $3)",
+                &[&f.tenant, &f.id, &def],
+            )
+            .await
+            .unwrap_err();
+        refused(err, &def.to_string());
+    }
+    let counts: (i64, String) = {
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM funnel_publication), (SELECT status FROM funnel_version)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(counts, (0, "draft".to_owned()), "nothing was published");
+
+    // The publish operation still works, and its snapshot is the real one.
+    let def: Value = c
+        .query_one(
+            "SELECT funnel_publish($1, $2, 1, 'test')",
+            &[&f.tenant, &f.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(def, real);
+    let row = c
+        .query_one(
+            "SELECT v.status, v.published_at = p.published_at, p.definition FROM funnel_version v \
+             JOIN funnel_publication p USING (tenant_id, funnel_id, version)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "published");
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, Value>(2), real);
+    // A second publication of the same version is refused as before.
+    let err = c
+        .execute(
+            "INSERT INTO funnel_publication (tenant_id, funnel_id, version, definition) VALUES ($1, $2, 1, $3)",
+            &[&f.tenant, &f.id, &real],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("already published"),
+        "{err:?}"
+    );
+}
+
+/// Migration 0006 rolls back to 0004's behaviour and applies again.
+#[tokio::test]
+async fn funnel_publish_guard_rolls_back_and_reapplies() {
+    let db = TestDb::migrated().await.unwrap();
+    let mut c = db.client().await.unwrap();
+    let done = sluice_schema::migrate::down(&mut c, 1).await.unwrap();
+    assert_eq!(done[0].version, 6);
+    let f = funnel_with_draft(&c).await;
+    // 0004's function publishes on its own.
+    c.execute(
+        "SELECT funnel_publish($1, $2, 1, 'test')",
+        &[&f.tenant, &f.id],
+    )
+    .await
+    .unwrap();
+    let applied = sluice_schema::migrate::up(&mut c).await.unwrap();
+    assert_eq!(applied.iter().map(|m| m.version).collect::<Vec<_>>(), [6]);
+    let err = c
+        .batch_execute(&format!(
+            "INSERT INTO funnel_version (tenant_id, funnel_id, version) VALUES ({}, {}, 2); \
+             UPDATE funnel_version SET status = 'published', published_at = now() WHERE version = 2",
+            f.tenant, f.id
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code(&err),
+        SqlState::INTEGRITY_CONSTRAINT_VIOLATION,
+        "{err:?}"
+    );
 }

@@ -182,15 +182,18 @@ async fn concurrent_migrators_apply_each_migration_exactly_once() {
 async fn down_n_rolls_back_the_newest_and_up_reapplies_only_those() {
     let db = TestDb::migrated().await.unwrap();
     let mut client = db.client().await.unwrap();
-    let down = migrate::down(&mut client, 2).await.unwrap();
-    assert_eq!(down.iter().map(|m| m.version).collect::<Vec<_>>(), [4, 3]);
+    let down = migrate::down(&mut client, 4).await.unwrap();
+    assert_eq!(
+        down.iter().map(|m| m.version).collect::<Vec<_>>(),
+        [6, 5, 4, 3]
+    );
     let status = migrate::status(&mut client).await.unwrap();
     let pending: Vec<i32> = status
         .iter()
         .filter(|s| s.applied_at.is_none())
         .map(|s| s.version)
         .collect();
-    assert_eq!(pending, [3, 4]);
+    assert_eq!(pending, [3, 4, 5, 6]);
     let missing = client
         .execute("SELECT 1 FROM event", &[])
         .await
@@ -200,6 +203,9 @@ async fn down_n_rolls_back_the_newest_and_up_reapplies_only_those() {
             || format!("{missing:?}").contains("does not exist")
     );
     let up = migrate::up(&mut client).await.unwrap();
-    assert_eq!(up.iter().map(|m| m.version).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(
+        up.iter().map(|m| m.version).collect::<Vec<_>>(),
+        [3, 4, 5, 6]
+    );
     assert!(migrate::up(&mut client).await.unwrap().is_empty());
 }

@@ -5,9 +5,11 @@
 //!    stored position (redeliveries drop out here);
 //! 2. decode; undecodable or invalid messages become dead letters;
 //! 3. ensure the events' months exist (DDL on its own connection, outside the transaction);
-//! 4. in the transaction: move each partition's `writer_offset` conditionally, claim event ids
-//!    and COPY the events, merge visitors and sessions, apply identities (each step under a
-//!    savepoint: a row PostgreSQL refuses is found by splitting and dead-lettered alone);
+//! 4. in the transaction: move each partition's `writer_offset` conditionally, drop messages
+//!    of erased people and deleted tenants (the suppression list), claim event ids and COPY
+//!    the events (counting them into their visitors and sessions), merge visitors and
+//!    sessions, apply identities (each step under a savepoint: a row PostgreSQL refuses is
+//!    found by splitting and dead-lettered alone);
 //! 5. produce the dead letters and wait for Kafka's acknowledgement;
 //! 6. commit; then advance the in-memory positions and commit the offsets to Kafka.
 //!
@@ -36,6 +38,7 @@ use crate::dlq::{DeadLetter, Dlq};
 use crate::error::{is_concurrent_lead_insert, is_data_error, render_pg, StoreError};
 use crate::offsets::{self, Assignments, Tp};
 use crate::partitions::Months;
+use crate::suppress::{Subject, Suppression};
 use crate::{copy, identity, merge, metrics};
 
 /// Limits and timings of the pipeline, from [`crate::Config`].
@@ -63,6 +66,8 @@ pub(crate) struct Store {
     pub months: Arc<Months>,
     /// PII keys, when configured.
     pub keys: Option<PiiKeys>,
+    /// Erased people and deleted tenants, whose messages are dropped.
+    pub suppression: Suppression,
     /// Owned partitions and positions.
     pub assignments: Arc<Assignments>,
     /// Requests to the consumer thread.
@@ -167,6 +172,8 @@ struct Stored {
     waves: u64,
     reach_time: Duration,
     copy_time: Duration,
+    /// Messages dropped by the suppression list: events, visitors, sessions, identities.
+    suppressed: [u64; 4],
 }
 
 impl Store {
@@ -300,8 +307,11 @@ impl Store {
         for m in moves {
             offsets::advance_in(&tx, &self.group, &m.tp, m.expected, m.next).await?;
         }
+        let mut prepared = prepared;
+        let suppressed = self.suppress(&tx, &mut prepared).await?;
         let mut stored = Stored {
             duplicates: prepared.in_batch_duplicates,
+            suppressed,
             ..Stored::default()
         };
         let mut refused: Vec<(usize, Rejection)> = Vec::new();
@@ -372,6 +382,72 @@ impl Store {
             "batch timings"
         );
         Ok(stored)
+    }
+
+    /// Drops the prepared messages the suppression list names (read in `tx`); returns how
+    /// many of each kind.
+    async fn suppress(
+        &self,
+        tx: &Transaction<'_>,
+        p: &mut Prepared<'_>,
+    ) -> Result<[u64; 4], tokio_postgres::Error> {
+        let mut subjects: Vec<Subject<'_>> = Vec::with_capacity(
+            p.events.len() + p.visitors.len() + p.sessions.len() + p.identities.len(),
+        );
+        for (_, e) in &p.events {
+            subjects.push(Subject {
+                tenant: e.tenant_id,
+                user_ids: [e.user_id.as_deref(), None],
+                anonymous_ids: [e.anonymous_id.as_deref(), None],
+                ..Subject::default()
+            });
+        }
+        for (_, v) in &p.visitors {
+            subjects.push(Subject {
+                tenant: v.tenant_id,
+                user_ids: [v.user_id.as_deref(), None],
+                anonymous_ids: [Some(v.anonymous_id.as_str()), None],
+                ..Subject::default()
+            });
+        }
+        for (_, m) in &p.sessions {
+            subjects.push(Subject {
+                tenant: m.tenant_id,
+                user_ids: [m.user_id.as_deref(), None],
+                anonymous_ids: [m.anonymous_id.as_deref(), None],
+                ..Subject::default()
+            });
+        }
+        for (_, m) in &p.identities {
+            // An alias's previous id is a user id or an anonymous id: either erased one counts.
+            let previous = m.previous_id.as_deref();
+            subjects.push(
+                Subject {
+                    tenant: m.tenant_id,
+                    user_ids: [m.user_id.as_deref(), previous],
+                    anonymous_ids: [m.anonymous_id.as_deref(), previous],
+                    ..Subject::default()
+                }
+                .with_traits(&m.traits),
+            );
+        }
+        let verdicts = self
+            .suppression
+            .check(tx, &subjects, self.keys.as_ref())
+            .await?;
+        drop(subjects);
+        let mut verdicts = verdicts.into_iter();
+        let mut dropped = [0u64; 4];
+        let mut keep = |k: usize| {
+            let suppressed = verdicts.next().unwrap_or(false);
+            dropped[k] += u64::from(suppressed);
+            !suppressed
+        };
+        p.events.retain(|_| keep(0));
+        p.visitors.retain(|_| keep(1));
+        p.sessions.retain(|_| keep(2));
+        p.identities.retain(|_| keep(3));
+        Ok(dropped)
     }
 
     /// Runs one step over all its items under a savepoint; when PostgreSQL refuses the data,
@@ -483,6 +559,14 @@ impl Store {
         metrics::rows("session", stored.sessions);
         metrics::rows("lead", stored.leads);
         metrics::rows("identity_link", stored.links);
+        for (kind, n) in ["event", "visitor", "session", "identity"]
+            .into_iter()
+            .zip(stored.suppressed)
+        {
+            if n > 0 {
+                ::metrics::counter!(metrics::SUPPRESSED_TOTAL, "kind" => kind).increment(n);
+            }
+        }
         if stored.duplicates > 0 {
             ::metrics::counter!(metrics::DUPLICATES_TOTAL).increment(stored.duplicates);
         }

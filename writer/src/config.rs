@@ -88,6 +88,15 @@ pub struct Config {
     #[arg(long, env = "SLUICE_WRITER_DEDUP_WINDOW_DAYS", default_value_t = 7)]
     pub dedup_window_days: u32,
 
+    /// Most entries of the erasure suppression list kept in memory. Past it, each batch asks
+    /// the database about its messages of tenants with erasures (one more statement).
+    #[arg(
+        long,
+        env = "SLUICE_WRITER_SUPPRESSION_CACHE_MAX_ENTRIES",
+        default_value_t = 1_000_000
+    )]
+    pub suppression_cache_max_entries: usize,
+
     /// Month partitions created ahead of the current month.
     #[arg(long, env = "SLUICE_PARTITION_MONTHS_AHEAD", default_value_t = 3)]
     pub partition_months_ahead: u32,
@@ -130,6 +139,7 @@ impl Config {
             flush_interval_ms: 200,
             retention_days: 400,
             dedup_window_days: 7,
+            suppression_cache_max_entries: 1_000_000,
             partition_months_ahead: 3,
             partition_hash_modulus: 8,
             retry_max_ms: 2_000,

@@ -206,8 +206,9 @@ pub(crate) struct EventsStored {
     pub duplicates: u64,
 }
 
-/// Claims the events' ids in `event_dedup` and copies the newly claimed ones into `event`.
-/// The caller has removed duplicates inside the batch.
+/// Claims the events' ids in `event_dedup`, copies the newly claimed ones into `event` and
+/// adds them, and only them, to their visitor's and session's counters. The caller has
+/// removed duplicates inside the batch.
 ///
 /// The claim is first a binary `COPY` into `event_dedup` under a savepoint: the usual case,
 /// since client retries and redeliveries are rare, and about a quarter less of the
@@ -228,6 +229,7 @@ pub(crate) async fn events(
             encode_event(&mut enc, e);
         }
         let stored = send(tx, COPY_EVENT, enc.finish()).await?;
+        crate::merge::count_claimed(tx, events).await?;
         return Ok(EventsStored {
             stored,
             duplicates: 0,
@@ -247,10 +249,12 @@ pub(crate) async fn events(
         .into_iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    for e in events
+    let fresh: Vec<&EventMessage<RawObject>> = events
         .iter()
         .filter(|e| claimed.contains(&(e.tenant_id, e.event_id)))
-    {
+        .copied()
+        .collect();
+    for e in &fresh {
         encode_event(&mut enc, e);
     }
     let duplicates = events.len() as u64 - enc.rows;
@@ -259,6 +263,7 @@ pub(crate) async fn events(
     } else {
         0
     };
+    crate::merge::count_claimed(tx, &fresh).await?;
     Ok(EventsStored { stored, duplicates })
 }
 

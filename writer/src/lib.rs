@@ -17,6 +17,7 @@
 //! - `identity`: identify/alias -> lead (PII sealed) and identity_link.
 //! - `offsets`: `writer_offset` reads and conditional moves; owned partitions.
 //! - `partitions`: month partitions ahead, on a timer and on demand.
+//! - `suppress`: the erasure suppression list: messages of erased people are dropped.
 //! - `dlq`: the dead-letter producer.
 //! - [`metrics`]: metric names.
 //! - `health`: `/metrics`, `/healthz`, `/readyz`.
@@ -48,6 +49,7 @@ mod merge;
 pub mod metrics;
 mod offsets;
 mod partitions;
+mod suppress;
 
 pub use config::Config;
 pub use error::WriterError;
@@ -147,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dlq,
         months,
         keys,
+        suppression: suppress::Suppression::new(config.suppression_cache_max_entries),
         assignments,
         commands: cmd_tx,
         limits: batch::BatchLimits {
@@ -267,7 +270,8 @@ async fn create_topics(config: &Config, topics: &Topics) -> Result<(), WriterErr
     .map_err(WriterError::schema("creating topics"))
 }
 
-/// Off the hot path: months ahead every hour, expired dedup claims every ten minutes.
+/// Off the hot path: expired dedup claims at start-up and every ten minutes, months ahead
+/// every hour.
 async fn maintenance(
     pool: Pool,
     months: Arc<partitions::Months>,
@@ -275,7 +279,6 @@ async fn maintenance(
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
-    tick.tick().await;
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
@@ -286,29 +289,43 @@ async fn maintenance(
         let Ok(client) = pool.get().await else {
             continue;
         };
+        // Start-up ensured the months already; then hourly.
         if ticks % 6 == 0 {
             if let Err(err) = months.ensure_ahead(&client, chrono::Utc::now()).await {
                 tracing::warn!(cause = %err, "cannot create month partitions ahead; retrying later");
             }
         }
-        // Small deletes: each is a short transaction that never holds many row locks.
-        let days = i32::try_from(dedup_days).unwrap_or(i32::MAX);
-        loop {
-            let deleted = client
-                .execute(
-                    "DELETE FROM event_dedup WHERE ctid = ANY (ARRAY(SELECT ctid FROM event_dedup \
-                     WHERE received_at < now() - make_interval(days => $1) LIMIT 10000))",
-                    &[&days],
-                )
-                .await;
-            match deleted {
-                Ok(n) if n >= 10_000 => continue,
-                Ok(_) => break,
-                Err(err) => {
-                    tracing::warn!(cause = %crate::error::render_pg(&err), "cannot prune event_dedup; retrying later");
-                    break;
-                }
-            }
+        if let Err(err) = prune_dedup(&client, dedup_days).await {
+            tracing::warn!(cause = %crate::error::render_pg(&err), "cannot prune event_dedup; retrying later");
+        }
+    }
+}
+
+/// Claims deleted per statement: each delete is a short transaction that never holds many
+/// row locks, so it does not hold up a batch claiming ids.
+const DEDUP_PRUNE_BATCH: i64 = 10_000;
+
+/// Deletes the `event_dedup` claims whose event was received more than `window_days` days
+/// ago: a client retry of such an event is stored again. Claims inside the window stay, so
+/// retries within it are dropped as duplicates (docs/writer.md). Returns the claims deleted.
+pub async fn prune_dedup(
+    client: &tokio_postgres::Client,
+    window_days: u32,
+) -> Result<u64, tokio_postgres::Error> {
+    let days = i32::try_from(window_days).unwrap_or(i32::MAX);
+    let mut total = 0;
+    loop {
+        let deleted = client
+            .execute(
+                "DELETE FROM event_dedup WHERE ctid = ANY (ARRAY(SELECT ctid FROM event_dedup \
+                 WHERE received_at < now() - make_interval(days => $1) LIMIT $2))",
+                &[&days, &DEDUP_PRUNE_BATCH],
+            )
+            .await?;
+        total += deleted;
+        ::metrics::counter!(metrics::DEDUP_PRUNED_TOTAL).increment(deleted);
+        if deleted < DEDUP_PRUNE_BATCH as u64 {
+            return Ok(total);
         }
     }
 }

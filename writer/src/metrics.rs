@@ -23,6 +23,17 @@ pub const RETRIES_TOTAL: &str = "sluice_writer_retries_total";
 /// Counter, events dropped because their event id was already claimed (client retries,
 /// redelivery). No labels.
 pub const DUPLICATES_TOTAL: &str = "sluice_writer_duplicate_events_total";
+/// Counter, messages dropped because they belong to an erased person or a deleted tenant
+/// (the suppression list). Labels: `kind` (event, visitor, session, identity).
+pub const SUPPRESSED_TOTAL: &str = "sluice_writer_suppressed_messages_total";
+/// Gauge, person entries of the suppression list held in memory (bounded by
+/// `SLUICE_WRITER_SUPPRESSION_CACHE_MAX_ENTRIES`). No labels.
+pub const SUPPRESSION_CACHE_ENTRIES: &str = "sluice_writer_suppression_cache_entries";
+/// Gauge, 1 once the suppression list outgrew its bound and batches ask the database. No
+/// labels.
+pub const SUPPRESSION_CACHE_OVERFLOW: &str = "sluice_writer_suppression_cache_overflow";
+/// Counter, expired `event_dedup` claims deleted (older than the dedup window). No labels.
+pub const DEDUP_PRUNED_TOTAL: &str = "sluice_writer_dedup_pruned_total";
 /// Counter, month partitions created by the writer. No labels.
 pub const PARTITIONS_CREATED: &str = "sluice_writer_partitions_created_total";
 /// Gauge, messages in a lane's open batch, not yet stored. Labels: `lane` (0 to lanes - 1).
