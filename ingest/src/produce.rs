@@ -176,6 +176,7 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         // the collector answering 503 for 6-10 s after a network cut healed).
         .set("reconnect.backoff.max.ms", "1000")
         .set("client.id", "sluice-ingest");
+    config.kafka.apply(&mut c);
     c
 }
 
@@ -184,7 +185,7 @@ impl KafkaSink {
     pub fn new(config: &Config) -> Result<KafkaSink, IngestError> {
         let producer: FutureProducer = producer_config(config)
             .create()
-            .map_err(IngestError::KafkaConfig)?;
+            .map_err(|e| IngestError::KafkaConfig(sluice_schema::kafka::describe_error(&e)))?;
         Ok(KafkaSink {
             producer,
             topics: config.topics(),
@@ -252,7 +253,7 @@ impl Sink for KafkaSink {
         match result {
             Ok(0) => Err("no brokers in metadata".into()),
             Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(sluice_schema::kafka::describe_error(&e)),
         }
     }
 
@@ -273,6 +274,7 @@ pub async fn ensure_topics(config: &Config) -> Result<(), String> {
     client
         .set("bootstrap.servers", &config.kafka_brokers)
         .set("socket.timeout.ms", "5000");
+    config.kafka.apply(&mut client);
     topics::create_missing(
         &client,
         &config.topics().all(),

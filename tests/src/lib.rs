@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
-use tokio_postgres::NoTls;
 
 pub mod faults;
 pub mod ingest;
@@ -135,17 +134,10 @@ impl TestDb {
     }
 }
 
-/// Connects to PostgreSQL, driving the connection on a background task.
+/// Connects to PostgreSQL through the services' own connector (TLS parameters of the URL
+/// apply), driving the connection on a background task.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    tokio::spawn(async move {
-        if let Err(err) = conn.await {
-            eprintln!("postgres connection ended: {err}");
-        }
-    });
-    Ok(client)
+    Ok(sluice_schema::db::connect(url).await?)
 }
 
 /// `url` with its database path replaced by `name`.

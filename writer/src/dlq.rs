@@ -9,6 +9,7 @@ use futures::future::try_join_all;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use sluice_schema::kafka::KafkaProperties;
 use sluice_schema::topics::dlq_headers;
 
 use crate::error::WriterError;
@@ -41,15 +42,22 @@ pub(crate) struct Dlq {
 }
 
 impl Dlq {
-    pub fn new(brokers: &str, topic: String) -> Result<Dlq, WriterError> {
-        let producer: FutureProducer = ClientConfig::new()
+    pub fn new(
+        brokers: &str,
+        properties: &KafkaProperties,
+        topic: String,
+    ) -> Result<Dlq, WriterError> {
+        let mut client = ClientConfig::new();
+        client
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "zstd")
             .set("linger.ms", "5")
             // Bounded wait: a DLQ outage fails the batch (retried) instead of hanging it.
-            .set("message.timeout.ms", "30000")
+            .set("message.timeout.ms", "30000");
+        properties.apply(&mut client);
+        let producer: FutureProducer = client
             .create()
             .map_err(WriterError::kafka("creating the DLQ producer"))?;
         Ok(Dlq { producer, topic })

@@ -110,7 +110,11 @@ async fn metrics_text() -> impl IntoResponse {
 async fn readyz(State(deps): State<Deps>) -> impl IntoResponse {
     let started = Instant::now();
     let pg = tokio::time::timeout(Duration::from_secs(2), async {
-        let client = deps.pool.get().await.map_err(|e| e.to_string())?;
+        let client = deps
+            .pool
+            .get()
+            .await
+            .map_err(|e| sluice_schema::db::describe_pool(&e))?;
         client
             .simple_query("SELECT 1")
             .await
@@ -129,7 +133,7 @@ async fn readyz(State(deps): State<Deps>) -> impl IntoResponse {
             .client()
             .fetch_metadata(Some(&topic), Duration::from_secs(2))
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| sluice_schema::kafka::describe_error(&e))
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));
