@@ -240,6 +240,11 @@ async fn background<S: Sink, K: KeyStore>(app: Arc<App<S, K>>, stop: Cancellatio
                     match produce::ensure_topics(&app.config).await {
                         Ok(()) => topics_ready = true,
                         Err(err) => {
+                            // The admin call only times out; the producer's client knows why.
+                            let err = match app.sink.client_error() {
+                                Some(cause) => format!("{err}; Kafka client error: {cause}"),
+                                None => err,
+                            };
                             tracing::warn!(cause = %err, "cannot create topics yet; retrying");
                             topics_error = Some(format!("creating topics: {err}"));
                         }

@@ -4,8 +4,12 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::SchemaError;
 
@@ -154,35 +158,109 @@ impl fmt::Debug for KafkaProperties {
     }
 }
 
+/// The last client-wide error of a Kafka client (refused SASL credentials, a failed TLS
+/// handshake), kept for readiness answers: a request that fails for those reasons fails
+/// only with "broker transport failure" or a timeout, saying nothing of why.
+#[derive(Clone, Default)]
+pub struct ErrorTap {
+    last: Arc<Mutex<Option<(Instant, String)>>>,
+}
+
+impl ErrorTap {
+    /// How long an error counts as the current one. librdkafka suppresses repeats of an
+    /// identical error for about 30 s, so a persisting failure is reported at least this often.
+    pub const FRESH: Duration = Duration::from_secs(60);
+
+    fn record(&self, error: &KafkaError, reason: &str) -> bool {
+        let text = describe_reason(error.rdkafka_error_code(), reason);
+        let Ok(mut last) = self.last.lock() else {
+            return false;
+        };
+        let repeat = last
+            .as_ref()
+            .is_some_and(|(at, prev)| *prev == text && at.elapsed() < Self::FRESH);
+        *last = Some((Instant::now(), text));
+        !repeat
+    }
+
+    /// The last error of the past [`ErrorTap::FRESH`], described with what to fix.
+    pub fn recent(&self) -> Option<String> {
+        let last = self.last.lock().ok()?;
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < Self::FRESH)
+            .map(|(_, text)| text.clone())
+    }
+}
+
+/// A client context that keeps client-wide errors in an [`ErrorTap`] and logs each new
+/// one once (librdkafka's own log line says the same again on every retry).
+#[derive(Clone, Default)]
+pub struct TapContext {
+    /// Where the errors go.
+    pub tap: ErrorTap,
+}
+
+impl ClientContext for TapContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if self.tap.record(&error, reason) {
+            tracing::error!(cause = %describe_reason(error.rdkafka_error_code(), reason), "Kafka client error");
+        }
+    }
+}
+
+/// A failed request's error, or the client-wide error behind it when there is a fresh one
+/// (a metadata timeout caused by refused credentials is reported as the refusal).
+pub fn describe_with_tap(err: &KafkaError, tap: &ErrorTap) -> String {
+    match err.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::BrokerTransportFailure)
+        | Some(RDKafkaErrorCode::AllBrokersDown)
+        | Some(RDKafkaErrorCode::OperationTimedOut)
+        | Some(RDKafkaErrorCode::RequestTimedOut) => match tap.recent() {
+            Some(cause) => format!("{}: {cause}", err),
+            None => describe_error(err),
+        },
+        _ => describe_error(err),
+    }
+}
+
+fn describe_reason(code: Option<RDKafkaErrorCode>, reason: &str) -> String {
+    match fix_for(code) {
+        Some(fix) => format!("{reason}; {fix}"),
+        None => reason.to_owned(),
+    }
+}
+
+fn fix_for(code: Option<RDKafkaErrorCode>) -> Option<&'static str> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    Some(match code? {
+        Code::Authentication | Code::SaslAuthenticationFailed => {
+            "the broker refused the credentials: check sasl.mechanism, sasl.username and \
+             sasl.password in SLUICE_KAFKA_PROPERTIES / SLUICE_KAFKA_PROPERTIES_FILE"
+        }
+        Code::SSL => {
+            "TLS to the broker failed: check security.protocol and ssl.ca.location (the CA \
+             that signed the broker's certificate) in SLUICE_KAFKA_PROPERTIES"
+        }
+        Code::BrokerTransportFailure | Code::AllBrokersDown => {
+            "check SLUICE_KAFKA_BROKERS, and that security.protocol in SLUICE_KAFKA_PROPERTIES \
+             matches the broker's listener"
+        }
+        _ => return None,
+    })
+}
+
 /// A librdkafka error as one line, without the value of a secret property it complains
 /// about (librdkafka's configuration errors quote the value), and with the setting to fix
 /// when the cause is one an operator can fix.
-pub fn describe_error(err: &rdkafka::error::KafkaError) -> String {
-    use rdkafka::types::RDKafkaErrorCode as Code;
-    if let rdkafka::error::KafkaError::ClientConfig(_, _, key, _) = err {
+pub fn describe_error(err: &KafkaError) -> String {
+    if let KafkaError::ClientConfig(_, _, key, _) = err {
         if is_secret(key) {
             return format!(
                 "Client config error: the value of {key} is invalid (not shown: it is a secret)"
             );
         }
     }
-    let text = err.to_string();
-    let fix = match err.rdkafka_error_code() {
-        Some(Code::Authentication) | Some(Code::SaslAuthenticationFailed) => {
-            "the broker refused the credentials: check sasl.mechanism, sasl.username and \
-             sasl.password in SLUICE_KAFKA_PROPERTIES / SLUICE_KAFKA_PROPERTIES_FILE"
-        }
-        Some(Code::SSL) => {
-            "TLS to the broker failed: check security.protocol and ssl.ca.location (the CA \
-             that signed the broker's certificate) in SLUICE_KAFKA_PROPERTIES"
-        }
-        Some(Code::BrokerTransportFailure) | Some(Code::AllBrokersDown) => {
-            "check SLUICE_KAFKA_BROKERS, and that security.protocol in SLUICE_KAFKA_PROPERTIES \
-             matches the broker's listener"
-        }
-        _ => return text,
-    };
-    format!("{text}; {fix}")
+    describe_reason(err.rdkafka_error_code(), &err.to_string())
 }
 
 fn parse_lines(text: &str, path: &Path) -> Result<Vec<(String, String)>, SchemaError> {

@@ -12,6 +12,7 @@
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
+//! - [`tls`]: certificates made with `openssl` for TLS-only instances.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,6 +25,7 @@ use rdkafka::config::ClientConfig;
 pub mod faults;
 pub mod ingest;
 pub mod private;
+pub mod tls;
 pub mod writer;
 
 /// Where the shared broker and database of this test run are.

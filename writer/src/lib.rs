@@ -99,7 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     health::serve(
         config.metrics_listen,
         pool.clone(),
-        dlq.producer(),
+        (dlq.producer(), dlq.tap()),
         topics.dlq.clone(),
         consumer_stop.clone(),
     )
@@ -115,6 +115,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         match start_up_checks(&pool, &months, &config, &kafka, &topics).await {
             Ok(()) => break,
             Err(err) => {
+                // An admin call that times out does not say why; the DLQ producer's client,
+                // connected to the same brokers with the same settings, does.
+                let err = match (&err, dlq.tap().recent()) {
+                    (WriterError::Schema { .. }, Some(cause)) => {
+                        format!("{err}; Kafka client error: {cause}")
+                    }
+                    _ => err.to_string(),
+                };
                 tracing::error!(cause = %err, retry_in = ?backoff, "writer not ready");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
