@@ -32,11 +32,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---- runtime -----------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
 # Shared libraries the binaries link dynamically beyond libc6 and libgcc-s1 (in every Debian
-# image): librdkafka needs zlib, OpenSSL and libcurl are compiled in or unused. Nothing else:
+# image): librdkafka needs zlib; librdkafka and the PostgreSQL connector share the system's
+# OpenSSL (libssl3), and ca-certificates is the OS store behind `sslrootcert=system` and
+# librdkafka's default CA paths (managed Kafka and PostgreSQL with public CAs). Nothing else:
 # no shell tools are needed by the services. tests/tests/deploy_config.rs runs `ldd` on the
 # built binaries and fails when one needs a library this list does not bring.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends zlib1g \
+ && apt-get install -y --no-install-recommends zlib1g libssl3 ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 sluice \
  && useradd --system --uid 10001 --gid sluice --no-create-home --shell /usr/sbin/nologin sluice

@@ -124,6 +124,8 @@ install_prereqs() {
   # librdkafka's CMake build (rdkafka-sys) compiles its OIDC support against libcurl.
   [ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -f /usr/include/curl/curl.h ] || missing+=(libcurl4-openssl-dev)
   [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  # The connectivity tests make their CA and certificates with the openssl CLI.
+  command -v openssl >/dev/null || missing+=(openssl)
   command -v curl >/dev/null || missing+=(curl)
   # The test suite: promtool checks the Prometheus files, deploy/local/prometheus runs the
   # server, and the runbook's DLQ replay uses kcat and jq.

@@ -133,18 +133,16 @@ impl DbTarget {
             (None, _) => SslMode::Prefer,
             (Some(m), _) => m,
         };
-        if mode == SslMode::VerifyCa || mode == SslMode::VerifyFull {
-            if root_cert.is_none() {
-                return Err(url_error(format!(
-                    "sslmode={} needs sslrootcert: the CA file that signed the server's \
-                     certificate, or sslrootcert=system for the operating system's store",
-                    if mode == SslMode::VerifyCa {
-                        "verify-ca"
-                    } else {
-                        "verify-full"
-                    }
-                )));
-            }
+        if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
+            let name = if mode == SslMode::VerifyCa {
+                "verify-ca"
+            } else {
+                "verify-full"
+            };
+            return Err(url_error(format!(
+                "sslmode={name} needs sslrootcert: the CA file that signed the server's \
+                 certificate, or sslrootcert=system for the operating system's store"
+            )));
         }
         let client_cert = match (cert, key) {
             (Some(c), Some(k)) => Some((c, k)),

@@ -231,6 +231,43 @@ async fn tls_only_postgres_takes_verify_full_and_refuses_an_unknown_ca_plain_tcp
         );
         assert_no_secret("sluice-schema", &format!("{stdout}{stderr}"), &secrets);
     }
+
+    // --help shows no value of a secret variable.
+    let env = [
+        (
+            "SLUICE_DATABASE_URL",
+            pg_url(&pg, PG_PASSWORD, "verify-full", &ca),
+        ),
+        (
+            "SLUICE_KAFKA_PROPERTIES",
+            format!("sasl.password={WRONG_PG_PASSWORD}"),
+        ),
+        ("SLUICE_PII_KEYS", format!("k1={WRONG_PG_PASSWORD}")),
+    ];
+    for bin in ["sluice-writer", "sluice-ingest", "sluice-schema"] {
+        let (ok, stdout, stderr) = run(bin, &["--help"], &env).await?;
+        assert!(
+            ok && stdout.contains("SLUICE_DATABASE_URL"),
+            "{bin}: {stderr}"
+        );
+        assert_no_secret(bin, &format!("{stdout}{stderr}"), &secrets);
+    }
+    // A property the writer's guarantees rest on is refused at start-up, in one line.
+    let (ok, _, stderr) = run(
+        "sluice-writer",
+        &[],
+        &[
+            ("SLUICE_DATABASE_URL_FILE", url_file.display().to_string()),
+            (
+                "SLUICE_KAFKA_PROPERTIES",
+                format!("sasl.password={PG_PASSWORD},enable.auto.commit=true"),
+            ),
+        ],
+    )
+    .await?;
+    assert!(!ok);
+    assert_one_error_line(&stderr, "enable.auto.commit cannot be set");
+    assert_no_secret("sluice-writer", &stderr, &secrets);
     Ok(())
 }
 
