@@ -213,6 +213,14 @@ CONF
 hostssl all all 127.0.0.1/32 scram-sha-256
 hostssl all all ::1/128 scram-sha-256
 HBA
+      if [ -f "$PG_SSL_DIR/ca.crt" ]; then
+        # Client certificates signed by this CA are checked; database sluice_certauth takes
+        # nothing else (the certificate's CN is the user name), for the client-certificate test.
+        install -m 644 "$PG_SSL_DIR/ca.crt" "$PG_DATA/ca.crt"
+        [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DATA/ca.crt"
+        echo "ssl_ca_file = 'ca.crt'" >>"$PG_DATA/postgresql.conf"
+        sed -i '1a hostssl sluice_certauth all 127.0.0.1/32 cert' "$PG_DATA/pg_hba.conf"
+      fi
     fi
   fi
   [ "$(id -u)" = 0 ] && chown postgres:postgres "$SLUICE_STATE" && touch "$PG_LOG" && chown postgres:postgres "$PG_LOG"

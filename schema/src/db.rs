@@ -535,6 +535,10 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
                 "the server accepts only encrypted connections: set sslmode=verify-full (or \
                  require) in SLUICE_DATABASE_URL",
             ),
+            "28000" if msg.contains("certificate") => Some(
+                "the server wants a client certificate: give sslcert and sslkey (signed by the \
+                 CA the server trusts, its CN the user name) in SLUICE_DATABASE_URL",
+            ),
             "28000" => Some("the server's pg_hba.conf refuses this user, database or address"),
             // invalid_catalog_name
             "3D000" => Some("check the database name in SLUICE_DATABASE_URL"),

@@ -232,6 +232,34 @@ async fn tls_only_postgres_takes_verify_full_and_refuses_an_unknown_ca_plain_tcp
         assert_no_secret("sluice-schema", &format!("{stdout}{stderr}"), &secrets);
     }
 
+    // A client certificate (sslcert + sslkey) is what database sluice_certauth takes.
+    let admin = sluice_schema::db::connect(&pg_url(&pg, PG_PASSWORD, "verify-full", &ca)).await?;
+    admin
+        .batch_execute("CREATE DATABASE sluice_certauth")
+        .await?;
+    let cert_url = format!(
+        "postgres://sluice@localhost:{}/sluice_certauth?sslmode=verify-full&sslrootcert={}",
+        pg.port(),
+        ca.display()
+    );
+    let with_cert = format!(
+        "{cert_url}&sslcert={}&sslkey={}",
+        certs.path("client.crt").display(),
+        certs.path("client.key").display()
+    );
+    let client = sluice_schema::db::connect(&with_cert).await?;
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await?
+        .get(0);
+    assert_eq!(user, "sluice");
+    let err = sluice_schema::db::connect(&cert_url)
+        .await
+        .err()
+        .context("connected without a client certificate")?
+        .to_string();
+    assert!(err.contains("give sslcert and sslkey"), "{err}");
+
     // --help shows no value of a secret variable.
     let env = [
         (
