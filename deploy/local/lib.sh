@@ -61,6 +61,10 @@ KAFKA_SASL_SSL_PORT=${SLUICE_KAFKA_SASL_SSL_PORT:-}
 KAFKA_SSL_KEYSTORE_PEM=${SLUICE_KAFKA_SSL_KEYSTORE_PEM:-}
 KAFKA_PLAIN_USERS=${SLUICE_KAFKA_PLAIN_USERS:-}
 KAFKA_SCRAM_USERS=${SLUICE_KAFKA_SCRAM_USERS:-}
+# With it, also an SSL listener that requires client certificates signed by the CA in
+# SLUICE_KAFKA_SSL_TRUSTSTORE_PEM (mutual TLS, same keystore).
+KAFKA_SSL_PORT=${SLUICE_KAFKA_SSL_PORT:-}
+KAFKA_SSL_TRUSTSTORE_PEM=${SLUICE_KAFKA_SSL_TRUSTSTORE_PEM:-}
 
 INGEST_PORT=${SLUICE_INGEST_PORT:-$_ingest}
 INGEST_METRICS_PORT=${SLUICE_INGEST_METRICS_PORT:-$_ingest_m}
@@ -276,6 +280,13 @@ start_kafka() {
     advertised="$advertised,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT"
     protocol="$protocol,SASL_SSL:SASL_SSL"
   fi
+  if [ -n "$KAFKA_SSL_PORT" ]; then
+    [ -n "$KAFKA_SSL_KEYSTORE_PEM" ] && [ -n "$KAFKA_SSL_TRUSTSTORE_PEM" ] \
+      || die "SLUICE_KAFKA_SSL_PORT needs SLUICE_KAFKA_SSL_KEYSTORE_PEM and SLUICE_KAFKA_SSL_TRUSTSTORE_PEM"
+    listener="$listener,SSL://127.0.0.1:$KAFKA_SSL_PORT"
+    advertised="$advertised,SSL://127.0.0.1:$KAFKA_SSL_PORT"
+    protocol="$protocol,SSL:SSL"
+  fi
   sed -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
     -e "s|@DATA@|$KAFKA_DIR/data|g" \
     -e "/^listeners=/s|\$|$listener|" -e "/^advertised.listeners=/s|\$|$advertised|" \
@@ -293,6 +304,15 @@ listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.se
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 PROPS
     chmod 600 "$KAFKA_DIR/server.properties"
+  fi
+  if [ -n "$KAFKA_SSL_PORT" ]; then
+    cat >>"$KAFKA_DIR/server.properties" <<PROPS
+listener.name.ssl.ssl.keystore.type=PEM
+listener.name.ssl.ssl.keystore.location=$KAFKA_SSL_KEYSTORE_PEM
+listener.name.ssl.ssl.truststore.type=PEM
+listener.name.ssl.ssl.truststore.location=$KAFKA_SSL_TRUSTSTORE_PEM
+listener.name.ssl.ssl.client.auth=required
+PROPS
   fi
   if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
     local cluster_id scram=() user

@@ -84,6 +84,7 @@ pub struct PrivateKafka {
     inner: Private,
     port: u16,
     sasl_ssl_port: Option<u16>,
+    ssl_port: Option<u16>,
 }
 
 impl PrivateKafka {
@@ -109,9 +110,10 @@ impl PrivateKafka {
         Ok((kafka, proxy))
     }
 
-    /// Formats and starts a fresh broker with a second, SASL_SSL listener (TLS from `certs`'
-    /// PEM keystore; PLAIN users `plain` and SCRAM users `scram` as (mechanism, name,
-    /// password)), reached at [`PrivateKafka::sasl_ssl_brokers`]. [`PrivateKafka::brokers`]
+    /// Formats and starts a fresh broker with a SASL_SSL listener (TLS from `certs`' PEM
+    /// keystore; PLAIN users `plain` and SCRAM users `scram` as (mechanism, name, password)),
+    /// reached at [`PrivateKafka::sasl_ssl_brokers`], and an SSL listener that requires
+    /// client certificates, at [`PrivateKafka::ssl_brokers`]. [`PrivateKafka::brokers`]
     /// stays plain, for the test's own set-up.
     pub async fn start_sasl_ssl(
         certs: &crate::tls::Certs,
@@ -119,6 +121,7 @@ impl PrivateKafka {
         scram: &[(&str, &str, &str)],
     ) -> Result<PrivateKafka> {
         let sasl_port = free_port()?;
+        let ssl_port = free_port()?;
         let plain_users: Vec<String> = plain
             .iter()
             .map(|(name, password)| format!("user_{name}=\"{password}\""))
@@ -137,10 +140,22 @@ impl PrivateKafka {
             ),
             ("SLUICE_KAFKA_PLAIN_USERS", plain_users.join(" ")),
             ("SLUICE_KAFKA_SCRAM_USERS", scram_users.join(" ")),
+            ("SLUICE_KAFKA_SSL_PORT", ssl_port.to_string()),
+            (
+                "SLUICE_KAFKA_SSL_TRUSTSTORE_PEM",
+                certs.path("ca.crt").display().to_string(),
+            ),
         ])
         .await?;
         kafka.sasl_ssl_port = Some(sasl_port);
+        kafka.ssl_port = Some(ssl_port);
         Ok(kafka)
+    }
+
+    /// The mutual-TLS listener's bootstrap server (client certificates signed by the test
+    /// CA required), when started by [`PrivateKafka::start_sasl_ssl`].
+    pub fn ssl_brokers(&self) -> Option<String> {
+        self.ssl_port.map(|port| format!("127.0.0.1:{port}"))
     }
 
     /// The SASL_SSL listener's bootstrap server, when started with one.
@@ -163,6 +178,7 @@ impl PrivateKafka {
             inner,
             port,
             sasl_ssl_port: None,
+            ssl_port: None,
         })
     }
 

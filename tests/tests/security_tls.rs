@@ -436,6 +436,50 @@ async fn collector_and_writer_store_exact_counts_through_tls_postgres_and_sasl_s
         .get(0);
     assert_eq!(events, 500, "exactly the events sent, once each");
 
+    // Mutual TLS (security.protocol=SSL with a client certificate), through the properties
+    // parser the services use; without the certificate the broker refuses the handshake.
+    let ssl_brokers = kafka.ssl_brokers().context("no SSL listener")?;
+    let mtls = |with_cert: bool| -> Result<rdkafka::ClientConfig> {
+        let mut items = vec!["security.protocol=SSL".to_owned(), ca_location.clone()];
+        if with_cert {
+            items.push(format!(
+                "ssl.certificate.location={}",
+                certs.path("client.crt").display()
+            ));
+            items.push(format!(
+                "ssl.key.location={}",
+                certs.path("client.key").display()
+            ));
+        }
+        let props = sluice_schema::kafka::KafkaProperties::load(&items, None)?;
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &ssl_brokers);
+        props.apply(&mut config);
+        Ok(config)
+    };
+    let mtls_topic = format!("{prefix}mtls");
+    sluice_schema::topics::create_missing(
+        &mtls(true)?,
+        &[&mtls_topic],
+        1,
+        1,
+        Duration::from_secs(20),
+    )
+    .await
+    .context("creating a topic over mutual TLS")?;
+    let refused_mtls = sluice_schema::topics::create_missing(
+        &mtls(false)?,
+        &[&format!("{prefix}mtls2")],
+        1,
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        refused_mtls.is_err(),
+        "the broker took a client without a certificate"
+    );
+
     // Refused credentials and an unknown CA: the services stay up, /readyz says what to fix.
     let refused = Service::start(
         "sluice-writer",
