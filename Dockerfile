@@ -32,9 +32,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---- runtime -----------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
 # Shared libraries the binaries link dynamically beyond libc6 and libgcc-s1 (in every Debian
-# image): librdkafka needs zlib, and OpenSSL (libssl3) serves TLS to Kafka and PostgreSQL;
-# libcurl is compiled in or unused; ca-certificates is the OS trust store behind
-# `sslrootcert=system` and librdkafka's default CA. Nothing else: no shell tools are needed. tests/tests/deploy_config.rs runs `ldd` on the
+# image): librdkafka needs zlib; librdkafka and the PostgreSQL connector share the system's
+# OpenSSL (libssl3), and ca-certificates is the OS store behind `sslrootcert=system` and
+# librdkafka's default CA paths (managed Kafka and PostgreSQL with public CAs). Nothing else:
+# no shell tools are needed by the services. tests/tests/deploy_config.rs runs `ldd` on the
 # built binaries and fails when one needs a library this list does not bring.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends zlib1g libssl3 ca-certificates \

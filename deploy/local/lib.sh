@@ -30,6 +30,11 @@ PG_DATA=$SLUICE_STATE/postgres
 PG_LOG=$SLUICE_STATE/postgres.log
 PG_USER=sluice
 PG_DB=sluice
+# Optional TLS-only PostgreSQL (the connectivity tests): a folder holding server.crt and
+# server.key, and the password of user sluice. With them the cluster has ssl=on, pg_hba
+# allows only hostssl with SCRAM passwords, and plain TCP is refused.
+PG_SSL_DIR=${SLUICE_PG_SSL_DIR:-}
+PG_PASSWORD=${SLUICE_PG_PASSWORD:-}
 
 KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$DEPLOY_LOCAL/pom.xml")
 KAFKA_HOME=$SLUICE_CACHE/kafka-$KAFKA_VERSION
@@ -48,6 +53,18 @@ KAFKA_PID=$SLUICE_STATE/kafka.pid
 # proxy cuts only the clients behind it.
 KAFKA_PROXIED_PORT=${SLUICE_KAFKA_PROXIED_PORT:-}
 KAFKA_PROXIED_ADVERTISED=${SLUICE_KAFKA_PROXIED_ADVERTISED:-}
+# An optional SASL_SSL client listener (the connectivity tests): its port, a PEM file with the
+# broker's unencrypted PKCS#8 key and certificate chain, PLAIN users as a JAAS fragment
+# (`user_NAME="PASSWORD" ...`), and SCRAM users for the storage format, each an --add-scram
+# argument (`SCRAM-SHA-256=[name=NAME,password=PASSWORD]`), separated by spaces.
+KAFKA_SASL_SSL_PORT=${SLUICE_KAFKA_SASL_SSL_PORT:-}
+KAFKA_SSL_KEYSTORE_PEM=${SLUICE_KAFKA_SSL_KEYSTORE_PEM:-}
+KAFKA_PLAIN_USERS=${SLUICE_KAFKA_PLAIN_USERS:-}
+KAFKA_SCRAM_USERS=${SLUICE_KAFKA_SCRAM_USERS:-}
+# With it, also an SSL listener that requires client certificates signed by the CA in
+# SLUICE_KAFKA_SSL_TRUSTSTORE_PEM (mutual TLS, same keystore).
+KAFKA_SSL_PORT=${SLUICE_KAFKA_SSL_PORT:-}
+KAFKA_SSL_TRUSTSTORE_PEM=${SLUICE_KAFKA_SSL_TRUSTSTORE_PEM:-}
 
 INGEST_PORT=${SLUICE_INGEST_PORT:-$_ingest}
 INGEST_METRICS_PORT=${SLUICE_INGEST_METRICS_PORT:-$_ingest_m}
@@ -111,6 +128,8 @@ install_prereqs() {
   # librdkafka's CMake build (rdkafka-sys) compiles its OIDC support against libcurl.
   [ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -f /usr/include/curl/curl.h ] || missing+=(libcurl4-openssl-dev)
   [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  # The connectivity tests make their CA and certificates with the openssl CLI.
+  command -v openssl >/dev/null || missing+=(openssl)
   command -v curl >/dev/null || missing+=(curl)
   # The test suite: promtool checks the Prometheus files, deploy/local/prometheus runs the
   # server, and the runbook's DLQ replay uses kcat and jq.
@@ -161,8 +180,16 @@ start_postgres() {
   if [ ! -f "$PG_DATA/PG_VERSION" ]; then
     mkdir -p "$PG_DATA"
     [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DATA" "$SLUICE_STATE"
-    as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$PG_LOG" 2>&1 \
+    local auth=(--auth=trust)
+    if [ -n "$PG_SSL_DIR" ]; then
+      [ -n "$PG_PASSWORD" ] || die "SLUICE_PG_SSL_DIR needs SLUICE_PG_PASSWORD"
+      printf '%s\n' "$PG_PASSWORD" >"$SLUICE_STATE/pgpass.init"
+      [ "$(id -u)" = 0 ] && chown postgres:postgres "$SLUICE_STATE/pgpass.init"
+      auth=(--auth=scram-sha-256 "--pwfile=$SLUICE_STATE/pgpass.init")
+    fi
+    as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" "${auth[@]}" --encoding=UTF8 --locale=C.UTF-8 >"$PG_LOG" 2>&1 \
       || { tail -n 20 "$PG_LOG" >&2; die "initdb failed"; }
+    rm -f "$SLUICE_STATE/pgpass.init"
     cat >>"$PG_DATA/postgresql.conf" <<CONF
 # sluice local stack: loopback TCP only, sized for a small shared machine.
 listen_addresses = '127.0.0.1'
@@ -177,13 +204,39 @@ checkpoint_timeout = 15min
 wal_compression = lz4
 max_locks_per_transaction = 256
 CONF
+    if [ -n "$PG_SSL_DIR" ]; then
+      # The server reads its key only when owned by it and private.
+      install -m 600 "$PG_SSL_DIR/server.key" "$PG_DATA/server.key"
+      install -m 644 "$PG_SSL_DIR/server.crt" "$PG_DATA/server.crt"
+      [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DATA/server.key" "$PG_DATA/server.crt"
+      cat >>"$PG_DATA/postgresql.conf" <<CONF
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+password_encryption = 'scram-sha-256'
+CONF
+      cat >"$PG_DATA/pg_hba.conf" <<HBA
+# sluice, TLS only: encrypted TCP with SCRAM passwords; nothing else is allowed.
+hostssl all all 127.0.0.1/32 scram-sha-256
+hostssl all all ::1/128 scram-sha-256
+HBA
+      if [ -f "$PG_SSL_DIR/ca.crt" ]; then
+        # Client certificates signed by this CA are checked; database sluice_certauth takes
+        # nothing else (the certificate's CN is the user name), for the client-certificate test.
+        install -m 644 "$PG_SSL_DIR/ca.crt" "$PG_DATA/ca.crt"
+        [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DATA/ca.crt"
+        echo "ssl_ca_file = 'ca.crt'" >>"$PG_DATA/postgresql.conf"
+        sed -i '1a hostssl sluice_certauth all 127.0.0.1/32 cert' "$PG_DATA/pg_hba.conf"
+      fi
+    fi
   fi
   [ "$(id -u)" = 0 ] && chown postgres:postgres "$SLUICE_STATE" && touch "$PG_LOG" && chown postgres:postgres "$PG_LOG"
   as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 start >/dev/null \
     || { tail -n 20 "$PG_LOG" >&2; die "PostgreSQL did not start (log above: $PG_LOG)"; }
-  "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
+  # psql and createdb take the password (TLS-only clusters) from the environment, not argv.
+  PGPASSWORD=$PG_PASSWORD "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
     "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" | grep -q 1 \
-    || "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$PG_DB"
+    || PGPASSWORD=$PG_PASSWORD "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$PG_DB"
   say "postgres   started          127.0.0.1:$PG_PORT  ($PG_DATA)"
 }
 
@@ -224,15 +277,51 @@ start_kafka() {
     advertised=",PROXIED://$KAFKA_PROXIED_ADVERTISED"
     protocol=",PROXIED:PLAINTEXT"
   fi
+  if [ -n "$KAFKA_SASL_SSL_PORT" ]; then
+    [ -n "$KAFKA_SSL_KEYSTORE_PEM" ] || die "SLUICE_KAFKA_SASL_SSL_PORT needs SLUICE_KAFKA_SSL_KEYSTORE_PEM"
+    listener="$listener,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT"
+    advertised="$advertised,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT"
+    protocol="$protocol,SASL_SSL:SASL_SSL"
+  fi
+  if [ -n "$KAFKA_SSL_PORT" ]; then
+    [ -n "$KAFKA_SSL_KEYSTORE_PEM" ] && [ -n "$KAFKA_SSL_TRUSTSTORE_PEM" ] \
+      || die "SLUICE_KAFKA_SSL_PORT needs SLUICE_KAFKA_SSL_KEYSTORE_PEM and SLUICE_KAFKA_SSL_TRUSTSTORE_PEM"
+    listener="$listener,SSL://127.0.0.1:$KAFKA_SSL_PORT"
+    advertised="$advertised,SSL://127.0.0.1:$KAFKA_SSL_PORT"
+    protocol="$protocol,SSL:SSL"
+  fi
   sed -e "s|@PORT@|$KAFKA_PORT|g" -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
     -e "s|@DATA@|$KAFKA_DIR/data|g" \
     -e "/^listeners=/s|\$|$listener|" -e "/^advertised.listeners=/s|\$|$advertised|" \
     -e "/^listener.security.protocol.map=/s|\$|$protocol|" \
     "$DEPLOY_LOCAL/server.properties" >"$KAFKA_DIR/server.properties"
+  if [ -n "$KAFKA_SASL_SSL_PORT" ]; then
+    # The broker's own traffic stays on PLAINTEXT; clients of this listener need TLS and one
+    # of the three mechanisms. SCRAM credentials live in the metadata log (format below).
+    cat >>"$KAFKA_DIR/server.properties" <<PROPS
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$KAFKA_SSL_KEYSTORE_PEM
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required $KAFKA_PLAIN_USERS;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+PROPS
+    chmod 600 "$KAFKA_DIR/server.properties"
+  fi
+  if [ -n "$KAFKA_SSL_PORT" ]; then
+    cat >>"$KAFKA_DIR/server.properties" <<PROPS
+listener.name.ssl.ssl.keystore.type=PEM
+listener.name.ssl.ssl.keystore.location=$KAFKA_SSL_KEYSTORE_PEM
+listener.name.ssl.ssl.truststore.type=PEM
+listener.name.ssl.ssl.truststore.location=$KAFKA_SSL_TRUSTSTORE_PEM
+listener.name.ssl.ssl.client.auth=required
+PROPS
+  fi
   if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
-    local cluster_id
+    local cluster_id scram=() user
+    for user in $KAFKA_SCRAM_USERS; do scram+=(--add-scram "$user"); done
     cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
-    "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 \
+    "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" "${scram[@]}" >>"$KAFKA_LOG" 2>&1 \
       || { tail -n 20 "$KAFKA_LOG" >&2; die "Kafka storage format failed (log above: $KAFKA_LOG)"; }
   fi
   daemon "$KAFKA_PID" "$KAFKA_LOG" "${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_DIR/server.properties"

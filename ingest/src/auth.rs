@@ -82,7 +82,7 @@ impl KeyStore for PgKeyStore {
             .pool
             .get()
             .await
-            .map_err(|e| StoreError(e.to_string()))?;
+            .map_err(|e| StoreError(sluice_schema::db::describe_pool(&e)))?;
         let row = client
             .query_opt(
                 "SELECT id, tenant_id, workspace_id, hash, scopes, expires_at, revoked_at \
@@ -90,7 +90,7 @@ impl KeyStore for PgKeyStore {
                 &[&prefix],
             )
             .await
-            .map_err(|e| StoreError(e.to_string()))?;
+            .map_err(|e| StoreError(sluice_schema::db::describe(&e)))?;
         row.map(|row| {
             Ok(KeyRow {
                 id: row.try_get(0)?,
@@ -111,23 +111,27 @@ impl KeyStore for PgKeyStore {
             .pool
             .get()
             .await
-            .map_err(|e| StoreError(e.to_string()))?;
+            .map_err(|e| StoreError(sluice_schema::db::describe_pool(&e)))?;
         client
             .execute(
                 "UPDATE api_key SET last_used_at = now() WHERE id = ANY($1)",
                 &[&ids],
             )
             .await
-            .map_err(|e| StoreError(e.to_string()))?;
+            .map_err(|e| StoreError(sluice_schema::db::describe(&e)))?;
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), String> {
-        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| sluice_schema::db::describe_pool(&e))?;
         client
             .simple_query("SELECT 1")
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| sluice_schema::db::describe(&e))?;
         Ok(())
     }
 }

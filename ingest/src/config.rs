@@ -2,10 +2,12 @@
 //! environment variable (docs/architecture.md §8.3), with the local stack's defaults beside them.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
+use sluice_schema::kafka::KafkaProperties;
 use sluice_schema::runtime::LogFormat;
 use sluice_schema::topics::Topics;
 
@@ -26,13 +28,39 @@ pub struct Config {
     #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
     pub kafka_brokers: String,
 
-    /// PostgreSQL URL, for API key look-ups only.
+    /// librdkafka property `key=value` for the collector's Kafka clients (TLS, SASL);
+    /// repeatable, or comma-separated in the variable. Properties the delivery guarantee
+    /// rests on (idempotence, acks, message timeout) are refused.
+    #[arg(
+        long = "kafka-property",
+        env = "SLUICE_KAFKA_PROPERTIES",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub kafka_properties: Vec<String>,
+
+    /// File of librdkafka properties, one `key=value` a line, `#` comments (a mounted
+    /// Secret); read after SLUICE_KAFKA_PROPERTIES.
+    #[arg(long, env = "SLUICE_KAFKA_PROPERTIES_FILE")]
+    pub kafka_properties_file: Option<PathBuf>,
+
+    /// The Kafka properties as loaded by [`Config::load_files`] (not a flag).
+    #[arg(skip)]
+    pub kafka: KafkaProperties,
+
+    /// PostgreSQL URL, for API key look-ups only; libpq style (`sslmode`, `sslrootcert`,
+    /// `sslcert`, `sslkey` apply).
     #[arg(
         long,
         env = "SLUICE_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://sluice@127.0.0.1:54320/sluice"
     )]
     pub database_url: String,
+
+    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
+    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
 
     /// Prefix before every topic name (empty: docs/architecture.md §3.1's names exactly).
     #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "")]
@@ -199,6 +227,22 @@ impl Config {
         // variables aside), which are all valid, so this cannot fail in practice; fall back
         // to clap's own error exit if it ever did.
         Config::try_parse_from(["sluice-ingest"]).unwrap_or_else(|err| err.exit())
+    }
+
+    /// Reads what the settings name in files (`SLUICE_DATABASE_URL_FILE`,
+    /// `SLUICE_KAFKA_PROPERTIES_FILE`) and checks the Kafka properties: done once by
+    /// [`crate::serve_on`], so a bad file stops the collector at start-up.
+    pub fn load_files(mut self) -> Result<Config, sluice_schema::SchemaError> {
+        self.database_url = sluice_schema::secrets::value_or_file(
+            &self.database_url,
+            self.database_url_file.as_deref(),
+            "SLUICE_DATABASE_URL_FILE",
+        )?;
+        self.kafka = KafkaProperties::load(
+            &self.kafka_properties,
+            self.kafka_properties_file.as_deref(),
+        )?;
+        Ok(self)
     }
 
     /// The topic names this collector produces to.

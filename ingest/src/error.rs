@@ -64,8 +64,11 @@ pub enum IngestError {
         source: std::io::Error,
     },
     /// The Kafka producer could not be made from the configuration.
-    #[error("invalid Kafka producer configuration: {0}; check SLUICE_KAFKA_BROKERS and SLUICE_PRODUCER_*")]
-    KafkaConfig(#[source] rdkafka::error::KafkaError),
+    #[error("invalid Kafka producer configuration: {0}; check SLUICE_KAFKA_BROKERS, SLUICE_KAFKA_PROPERTIES and SLUICE_PRODUCER_*")]
+    KafkaConfig(String),
+    /// A setting, or a file a setting names, is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// The database URL or pool is invalid.
     #[error("invalid database configuration: {0}; check SLUICE_DATABASE_URL")]
     DatabaseConfig(String),
@@ -92,6 +95,7 @@ impl IngestError {
             }
             IngestError::Listen { .. }
             | IngestError::KafkaConfig(_)
+            | IngestError::Config(_)
             | IngestError::DatabaseConfig(_)
             | IngestError::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -117,6 +121,7 @@ impl IngestError {
             IngestError::Unavailable(..) | IngestError::KeyStoreUnavailable(_) => "unavailable",
             IngestError::Listen { .. }
             | IngestError::KafkaConfig(_)
+            | IngestError::Config(_)
             | IngestError::DatabaseConfig(_)
             | IngestError::Metrics(_) => "internal",
         }

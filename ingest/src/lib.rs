@@ -33,7 +33,6 @@ pub mod produce;
 pub mod routes;
 
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +74,9 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), IngestError> {
     let prometheus = metrics::handle().map_err(IngestError::Metrics)?;
+    let config = config
+        .load_files()
+        .map_err(|e| IngestError::Config(e.to_string()))?;
     let sink = KafkaSink::new(&config)?;
     let pool = database_pool(&config)?;
     let app = Arc::new(App::new(config, sink, PgKeyStore::new(pool)));
@@ -199,9 +201,12 @@ async fn accept_loop(
 
 /// A small pool for key look-ups, with short timeouts so a dead database makes a fast 503.
 fn database_pool(config: &Config) -> Result<deadpool_postgres::Pool, IngestError> {
-    let pg = tokio_postgres::Config::from_str(&config.database_url)
+    let target = sluice_schema::db::DbTarget::parse(&config.database_url)
         .map_err(|e| IngestError::DatabaseConfig(e.to_string()))?;
-    let manager = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
+    tracing::info!(database = %target.redacted, kafka_properties = %config.kafka, "connecting");
+    let manager = target
+        .manager(deadpool_postgres::ManagerConfig::default())
+        .map_err(|e| IngestError::DatabaseConfig(e.to_string()))?;
     let timeout = Some(Duration::from_secs(2));
     deadpool_postgres::Pool::builder(manager)
         .max_size(config.database_pool_size.max(1))
@@ -237,6 +242,11 @@ async fn background<S: Sink, K: KeyStore>(app: Arc<App<S, K>>, stop: Cancellatio
                     match produce::ensure_topics(&app.config).await {
                         Ok(()) => topics_ready = true,
                         Err(err) => {
+                            // The admin call only times out; the producer's client knows why.
+                            let err = match app.sink.client_error() {
+                                Some(cause) => format!("{err}; Kafka client error: {cause}"),
+                                None => err,
+                            };
                             tracing::warn!(cause = %err, "cannot create topics yet; retrying");
                             topics_error = Some(format!("creating topics: {err}"));
                         }

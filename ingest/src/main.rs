@@ -1,5 +1,7 @@
 //! `sluice-ingest`: parses flags, starts logs, binds, and runs the collector until SIGTERM.
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
 use sluice_ingest::Config;
@@ -11,7 +13,18 @@ use sluice_schema::runtime;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    // One line, no backtrace: the messages say what to fix.
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = Config::parse();
     runtime::init_tracing(config.log_format);
     let listener = tokio::net::TcpListener::bind(config.listen)

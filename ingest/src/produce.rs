@@ -14,6 +14,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Serialize;
+use sluice_schema::kafka::{ErrorTap, TapContext};
 use sluice_schema::topics;
 use sluice_schema::topics::{message_key, Topics};
 
@@ -133,12 +134,19 @@ pub trait Sink: Send + Sync + 'static {
     fn probe(&self, timeout: Duration) -> impl Future<Output = Result<(), String>> + Send;
     /// Waits up to `timeout` for everything in flight (drain).
     fn flush(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+    /// The backend client's last connection-level error (refused credentials, TLS), when
+    /// fresh: what a timed-out request does not say.
+    fn client_error(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The Kafka [`Sink`].
 pub struct KafkaSink {
     /// The shared producer; rdkafka batches across requests inside it.
-    producer: FutureProducer,
+    producer: FutureProducer<TapContext>,
+    /// The producer's last client-wide error (refused credentials, TLS), for `/readyz`.
+    tap: ErrorTap,
     /// Topic names.
     topics: Topics,
     /// How long a send waits for acknowledgements.
@@ -176,17 +184,21 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         // the collector answering 503 for 6-10 s after a network cut healed).
         .set("reconnect.backoff.max.ms", "1000")
         .set("client.id", "sluice-ingest");
+    config.kafka.apply(&mut c);
     c
 }
 
 impl KafkaSink {
     /// A sink producing to `config`'s brokers and topics.
     pub fn new(config: &Config) -> Result<KafkaSink, IngestError> {
-        let producer: FutureProducer = producer_config(config)
-            .create()
-            .map_err(IngestError::KafkaConfig)?;
+        let context = TapContext::default();
+        let tap = context.tap.clone();
+        let producer: FutureProducer<TapContext> = producer_config(config)
+            .create_with_context(context)
+            .map_err(|e| IngestError::KafkaConfig(sluice_schema::kafka::describe_error(&e)))?;
         Ok(KafkaSink {
             producer,
+            tap,
             topics: config.topics(),
             timeout: config.produce_timeout(),
         })
@@ -194,6 +206,10 @@ impl KafkaSink {
 }
 
 impl Sink for KafkaSink {
+    fn client_error(&self) -> Option<String> {
+        self.tap.recent()
+    }
+
     async fn send(&self, records: Vec<Record>) -> Result<(), ProduceError> {
         let started = Instant::now();
         let mut pending = Vec::with_capacity(records.len());
@@ -252,7 +268,7 @@ impl Sink for KafkaSink {
         match result {
             Ok(0) => Err("no brokers in metadata".into()),
             Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(sluice_schema::kafka::describe_with_tap(&e, &self.tap)),
         }
     }
 
@@ -273,6 +289,7 @@ pub async fn ensure_topics(config: &Config) -> Result<(), String> {
     client
         .set("bootstrap.servers", &config.kafka_brokers)
         .set("socket.timeout.ms", "5000");
+    config.kafka.apply(&mut client);
     topics::create_missing(
         &client,
         &config.topics().all(),

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 
 use sluice_schema::{apikey, control};
-use tokio_postgres::NoTls;
 
 use crate::acks::KeyRecord;
 use crate::Error;
@@ -78,16 +77,11 @@ pub async fn create_tenants(
 }
 
 /// Connects to PostgreSQL, driving the connection on a background task.
+/// TLS settings in the URL (`sslmode`, `sslrootcert`, ...) apply, as for the services.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, Error> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
+    sluice_schema::db::connect(url)
         .await
-        .map_err(Error::db("connecting"))?;
-    tokio::spawn(async move {
-        if let Err(err) = conn.await {
-            tracing::warn!(cause = %err, "PostgreSQL connection ended");
-        }
-    });
-    Ok(client)
+        .map_err(|e| Error::Connect(e.to_string()))
 }
 
 /// The tenants of the keys with these lookup prefixes; a prefix not in `api_key` is an error.

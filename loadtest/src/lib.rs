@@ -72,6 +72,9 @@ pub enum Error {
         /// The key's lookup prefix.
         prefix: String,
     },
+    /// No connection to PostgreSQL; the message names the setting to fix.
+    #[error("{0}")]
+    Connect(String),
     /// Making tenants, workspaces or keys failed.
     #[error("cannot create load-test tenants: {0}; check SLUICE_DATABASE_URL and that `sluice-schema migrate up` was applied")]
     Control(String),

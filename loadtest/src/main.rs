@@ -71,9 +71,13 @@ struct RunArgs {
     #[arg(
         long,
         env = "SLUICE_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://sluice@127.0.0.1:54320/sluice"
     )]
     database_url: String,
+    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
+    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
     /// Open loop: requests per second, sent on schedule whatever the answers do.
     #[arg(
         long,
@@ -143,9 +147,13 @@ struct VerifyArgs {
     #[arg(
         long,
         env = "SLUICE_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://sluice@127.0.0.1:54320/sluice"
     )]
     database_url: String,
+    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
+    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
     /// Follow the ack file while `run` is still writing it (for true ack -> visible latency).
     #[arg(long)]
     follow: bool,
@@ -196,7 +204,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let run_id = args.run_id.unwrap_or_else(new_run_id);
     let collector_url = args.collector_url;
     if args.create_tenants > 0 {
-        let client = sluice_loadtest::keys::connect(&args.database_url).await?;
+        let url = sluice_schema::secrets::value_or_file(
+            &args.database_url,
+            args.database_url_file.as_deref(),
+            "SLUICE_DATABASE_URL_FILE",
+        )?;
+        let client = sluice_loadtest::keys::connect(&url).await?;
         let name_prefix = format!("loadtest-{run_id}");
         let made =
             sluice_loadtest::keys::create_tenants(&client, args.create_tenants, &name_prefix)
@@ -256,7 +269,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let config = VerifyConfig {
         ack_file: args.ack_file,
-        database_url: args.database_url,
+        database_url: sluice_schema::secrets::value_or_file(
+            &args.database_url,
+            args.database_url_file.as_deref(),
+            "SLUICE_DATABASE_URL_FILE",
+        )?,
         follow: args.follow,
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(1)),
         timeout: Duration::from_secs(args.timeout_s),

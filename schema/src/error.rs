@@ -43,7 +43,7 @@ pub enum SchemaError {
     },
     /// Kafka refused, or did not answer, a request to create topics.
     #[error(
-        "{context}: {cause}; check that SLUICE_KAFKA_BROKERS reaches the cluster, or create the \
+        "{context}: {cause}; check that SLUICE_KAFKA_BROKERS reaches the cluster (and SLUICE_KAFKA_PROPERTIES its security settings), or create the \
          topics by hand / fix SLUICE_TOPIC_PARTITIONS and SLUICE_TOPIC_REPLICATION"
     )]
     Kafka {
@@ -51,6 +51,34 @@ pub enum SchemaError {
         context: String,
         /// Kafka's error.
         cause: String,
+    },
+    /// The database URL is malformed or its TLS parameters do not fit together.
+    #[error("SLUICE_DATABASE_URL: {0}")]
+    DatabaseUrl(String),
+    /// A certificate or key file named by the database URL cannot be used.
+    #[error("PostgreSQL TLS: {0}")]
+    DatabaseTls(String),
+    /// A connection to PostgreSQL failed; `cause` says why and what to fix (see
+    /// [`crate::db::describe`]), `target` is the redacted URL.
+    #[error("cannot connect to PostgreSQL at {target}: {cause}")]
+    Connect {
+        /// The URL, password redacted.
+        target: String,
+        /// What went wrong and which setting to fix.
+        cause: String,
+    },
+    /// An operator-given Kafka property is malformed or not allowed.
+    #[error("Kafka properties: {0}")]
+    KafkaProperty(String),
+    /// A secret file (`SLUICE_*_FILE`) cannot be read.
+    #[error("{setting} {path}: {reason}")]
+    SecretFile {
+        /// The variable naming the file.
+        setting: &'static str,
+        /// The file.
+        path: String,
+        /// Why it cannot be used.
+        reason: String,
     },
     /// A month partition setting is out of range.
     #[error("invalid partition setting: {0}")]

@@ -5,6 +5,10 @@
 //! - [`topics`]: Kafka topic names and the message key rule.
 //! - [`messages`]: the JSON values the collector produces and the writer consumes.
 //! - [`runtime`]: what every sluice binary does at start-up (logs, metrics recorder, signals).
+//! - [`db`]: the PostgreSQL connector: libpq TLS parameters, OpenSSL, redacted URLs, errors
+//!   that name the setting to fix.
+//! - [`kafka`]: operator-given librdkafka properties (TLS, SASL), with sluice's own refused.
+//! - [`secrets`]: settings read from files (`SLUICE_DATABASE_URL_FILE`, ...).
 //! - [`migrate`]: the numbered SQL migrations of `schema/migrations/` and their runner.
 //! - [`partitions`]: month and tenant-hash partitions of `event`: create ahead, list, prune.
 //! - [`ids`]: BIGINT keys as checked, prefixed external ids (`tnt_`, `ws_`, `key_`, ...).
@@ -18,14 +22,17 @@
 
 pub mod apikey;
 pub mod control;
+pub mod db;
 pub mod erase;
 pub mod error;
 pub mod ids;
+pub mod kafka;
 pub mod messages;
 pub mod migrate;
 pub mod partitions;
 pub mod pii;
 pub mod runtime;
+pub mod secrets;
 pub mod seed;
 pub mod topics;
 

@@ -3,6 +3,7 @@
 //! Every command that makes something prints its id (or key) alone on the last line of
 //! stdout, so scripts can take it with `| tail -n1`; logs go to stderr.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -12,8 +13,8 @@ use sluice_schema::ids::{self, Kind};
 use sluice_schema::partitions::{self, PartitionConfig};
 use sluice_schema::pii::PiiKeys;
 use sluice_schema::seed::{self, SeedConfig};
-use sluice_schema::{control, erase, migrate, runtime};
-use tokio_postgres::{Client, NoTls};
+use sluice_schema::{control, db, erase, migrate, runtime, secrets};
+use tokio_postgres::Client;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,14 +23,18 @@ use tokio_postgres::{Client, NoTls};
     about = "sluice's database: migrations, partitions, tenants, keys, seed data"
 )]
 struct Cli {
-    /// PostgreSQL URL.
+    /// PostgreSQL URL, libpq style: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` apply.
     #[arg(
         long,
         global = true,
         env = "SLUICE_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://sluice@127.0.0.1:54320/sluice"
     )]
     database_url: String,
+    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
+    #[arg(long, global = true, env = "SLUICE_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(
         long,
@@ -100,6 +105,9 @@ enum Command {
         /// PII keys, `id=base64,...` (32 bytes each), to seal the seeded emails and phones.
         #[arg(long, env = "SLUICE_PII_KEYS", hide_env_values = true)]
         pii_keys: Option<String>,
+        /// File holding the PII keys (a mounted Secret); wins over --pii-keys.
+        #[arg(long, env = "SLUICE_PII_KEYS_FILE")]
+        pii_keys_file: Option<PathBuf>,
         /// Id of the key new PII is sealed with.
         #[arg(long, env = "SLUICE_PII_ACTIVE_KEY")]
         pii_active_key: Option<String>,
@@ -210,19 +218,30 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let mut client = connect(&cli.database_url).await?;
+    let url = secrets::value_or_file(
+        &cli.database_url,
+        cli.database_url_file.as_deref(),
+        "SLUICE_DATABASE_URL_FILE",
+    )?;
+    let mut client = db::connect(&url).await?;
     match cli.command {
         Command::Migrate { action } => run_migrate(&mut client, action).await,
         Command::Partitions { action } => run_partitions(&mut client, action).await,
         Command::Seed {
             pii_keys,
+            pii_keys_file,
             pii_active_key,
             visitors,
         } => {
+            let pii_keys = secrets::value_or_file(
+                pii_keys.as_deref().unwrap_or_default(),
+                pii_keys_file.as_deref(),
+                "SLUICE_PII_KEYS_FILE",
+            )?;
             // Missing settings go through the same check as malformed ones, whose message
             // says how to make keys.
             let keys = PiiKeys::from_env_strings(
-                pii_keys.as_deref().unwrap_or_default(),
+                &pii_keys,
                 pii_active_key.as_deref().unwrap_or_default(),
             )?;
             let cfg = SeedConfig {
@@ -349,18 +368,6 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-async fn connect(url: &str) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.with_context(|| {
-        format!("cannot connect to PostgreSQL at {url}: is it running? (set SLUICE_DATABASE_URL or --database-url)")
-    })?;
-    tokio::spawn(async move {
-        if let Err(err) = conn.await {
-            tracing::error!(cause = %err, "PostgreSQL connection ended");
-        }
-    });
-    Ok(client)
 }
 
 async fn run_migrate(client: &mut Client, action: MigrateAction) -> Result<()> {

@@ -106,7 +106,7 @@ pub async fn create_missing(
         let context = context.to_owned();
         move |err: rdkafka::error::KafkaError| SchemaError::Kafka {
             context,
-            cause: err.to_string(),
+            cause: crate::kafka::describe_error(&err),
         }
     };
     let admin: AdminClient<DefaultClientContext> = client

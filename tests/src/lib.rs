@@ -12,6 +12,7 @@
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
+//! - [`tls`]: certificates made with `openssl` for TLS-only instances.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,12 +21,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
-use tokio_postgres::NoTls;
 
 pub mod faults;
 pub mod ingest;
 pub mod private;
 pub mod sdk;
+pub mod tls;
 pub mod writer;
 
 /// Where the shared broker and database of this test run are.
@@ -136,17 +137,10 @@ impl TestDb {
     }
 }
 
-/// Connects to PostgreSQL, driving the connection on a background task.
+/// Connects to PostgreSQL through the services' own connector (TLS parameters of the URL
+/// apply), driving the connection on a background task.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    tokio::spawn(async move {
-        if let Err(err) = conn.await {
-            eprintln!("postgres connection ended: {err}");
-        }
-    });
-    Ok(client)
+    Ok(sluice_schema::db::connect(url).await?)
 }
 
 /// `url` with its database path replaced by `name`.

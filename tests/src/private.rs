@@ -83,6 +83,8 @@ impl Private {
 pub struct PrivateKafka {
     inner: Private,
     port: u16,
+    sasl_ssl_port: Option<u16>,
+    ssl_port: Option<u16>,
 }
 
 impl PrivateKafka {
@@ -108,6 +110,59 @@ impl PrivateKafka {
         Ok((kafka, proxy))
     }
 
+    /// Formats and starts a fresh broker with a SASL_SSL listener (TLS from `certs`' PEM
+    /// keystore; PLAIN users `plain` and SCRAM users `scram` as (mechanism, name, password)),
+    /// reached at [`PrivateKafka::sasl_ssl_brokers`], and an SSL listener that requires
+    /// client certificates, at [`PrivateKafka::ssl_brokers`]. [`PrivateKafka::brokers`]
+    /// stays plain, for the test's own set-up.
+    pub async fn start_sasl_ssl(
+        certs: &crate::tls::Certs,
+        plain: &[(&str, &str)],
+        scram: &[(&str, &str, &str)],
+    ) -> Result<PrivateKafka> {
+        let sasl_port = free_port()?;
+        let ssl_port = free_port()?;
+        let plain_users: Vec<String> = plain
+            .iter()
+            .map(|(name, password)| format!("user_{name}=\"{password}\""))
+            .collect();
+        let scram_users: Vec<String> = scram
+            .iter()
+            .map(|(mechanism, name, password)| {
+                format!("{mechanism}=[name={name},password={password}]")
+            })
+            .collect();
+        let mut kafka = PrivateKafka::start_with(vec![
+            ("SLUICE_KAFKA_SASL_SSL_PORT", sasl_port.to_string()),
+            (
+                "SLUICE_KAFKA_SSL_KEYSTORE_PEM",
+                certs.path("server-keystore.pem").display().to_string(),
+            ),
+            ("SLUICE_KAFKA_PLAIN_USERS", plain_users.join(" ")),
+            ("SLUICE_KAFKA_SCRAM_USERS", scram_users.join(" ")),
+            ("SLUICE_KAFKA_SSL_PORT", ssl_port.to_string()),
+            (
+                "SLUICE_KAFKA_SSL_TRUSTSTORE_PEM",
+                certs.path("ca.crt").display().to_string(),
+            ),
+        ])
+        .await?;
+        kafka.sasl_ssl_port = Some(sasl_port);
+        kafka.ssl_port = Some(ssl_port);
+        Ok(kafka)
+    }
+
+    /// The mutual-TLS listener's bootstrap server (client certificates signed by the test
+    /// CA required), when started by [`PrivateKafka::start_sasl_ssl`].
+    pub fn ssl_brokers(&self) -> Option<String> {
+        self.ssl_port.map(|port| format!("127.0.0.1:{port}"))
+    }
+
+    /// The SASL_SSL listener's bootstrap server, when started with one.
+    pub fn sasl_ssl_brokers(&self) -> Option<String> {
+        self.sasl_ssl_port.map(|port| format!("127.0.0.1:{port}"))
+    }
+
     async fn start_with(extra: Vec<(&'static str, String)>) -> Result<PrivateKafka> {
         let port = free_port()?;
         let controller = free_port()?;
@@ -119,7 +174,12 @@ impl PrivateKafka {
         env.extend(extra);
         let inner = Private::new(env);
         inner.run("start_kafka").await?;
-        Ok(PrivateKafka { inner, port })
+        Ok(PrivateKafka {
+            inner,
+            port,
+            sasl_ssl_port: None,
+            ssl_port: None,
+        })
     }
 
     /// Bootstrap servers, `127.0.0.1:port`.
@@ -155,6 +215,19 @@ impl PrivatePostgres {
     pub async fn start() -> Result<PrivatePostgres> {
         let port = free_port()?;
         let inner = Private::new(vec![("SLUICE_PG_PORT", port.to_string())]);
+        inner.run("start_postgres").await?;
+        Ok(PrivatePostgres { inner, port })
+    }
+
+    /// Creates and starts a fresh TLS-only cluster: `ssl=on` with `certs`' server
+    /// certificate, `hostssl`-only pg_hba with SCRAM, user `sluice` with `password`.
+    pub async fn start_tls(certs: &crate::tls::Certs, password: &str) -> Result<PrivatePostgres> {
+        let port = free_port()?;
+        let inner = Private::new(vec![
+            ("SLUICE_PG_PORT", port.to_string()),
+            ("SLUICE_PG_SSL_DIR", certs.dir.display().to_string()),
+            ("SLUICE_PG_PASSWORD", password.to_owned()),
+        ]);
         inner.run("start_postgres").await?;
         Ok(PrivatePostgres { inner, port })
     }

@@ -256,19 +256,37 @@ fn compose_ports_and_scrape_targets_match_the_services() {
         writer_exposed.contains(&writer_metrics),
         "writer metrics port {writer_metrics} is not exposed"
     );
-    for var in [
-        "SLUICE_PII_KEYS",
-        "SLUICE_PII_ACTIVE_KEY",
-        "SLUICE_WRITER_GROUP",
-    ] {
+    for var in ["SLUICE_PII_ACTIVE_KEY", "SLUICE_WRITER_GROUP"] {
         assert!(writer.contains_key(var), "compose writer sets no {var}");
     }
+    // The keys come from a compose secret (a file under /run/secrets/), or the variable.
+    let pii_keys = match writer.get("SLUICE_PII_KEYS_FILE") {
+        Some(path) => {
+            let name = path
+                .strip_prefix("/run/secrets/")
+                .unwrap_or_else(|| panic!("SLUICE_PII_KEYS_FILE={path} is not a compose secret"));
+            assert!(
+                items(&svc("writer")["secrets"])
+                    .iter()
+                    .filter_map(scalar)
+                    .any(|s| s == name),
+                "compose writer does not mount the secret {name}"
+            );
+            let source = scalar(&file["secrets"][name]["file"])
+                .unwrap_or_else(|| panic!("compose defines no secret {name} with a file"));
+            read(&format!("deploy/compose/{source}"))
+        }
+        None => writer
+            .get("SLUICE_PII_KEYS")
+            .cloned()
+            .expect("compose writer sets neither SLUICE_PII_KEYS nor SLUICE_PII_KEYS_FILE"),
+    };
     let active = &writer["SLUICE_PII_ACTIVE_KEY"];
     assert!(
-        writer["SLUICE_PII_KEYS"]
+        pii_keys
             .split(',')
             .any(|entry| entry.trim().starts_with(&format!("{active}="))),
-        "the active PII key {active} is not among SLUICE_PII_KEYS"
+        "the active PII key {active} is not among the writer's PII keys"
     );
 
     // Prometheus finds each service by its compose name, on its metrics port.
@@ -867,14 +885,13 @@ fn runtime_image_has_every_shared_library_the_binaries_link() {
             else {
                 continue;
             };
-            // On a merged-/usr system ldd names /lib/... while dpkg may know the file only by
-            // its /usr/lib/... path (libssl3 does), so ask for both.
+            // With merged /usr, ldd names /lib/... while the package lists /usr/lib/...
             let canonical = std::fs::canonicalize(&file)
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|_| file.clone());
-            let owner = [&file, &canonical].into_iter().find_map(|candidate| {
+            let owner = [&file, &canonical].into_iter().find_map(|path| {
                 Command::new("dpkg")
-                    .args(["-S", candidate])
+                    .args(["-S", path])
                     .output()
                     .ok()
                     .filter(|o| o.status.success())

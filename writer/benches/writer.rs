@@ -21,12 +21,13 @@ use anyhow::{Context, Result};
 use chrono::Utc;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use sluice_schema::kafka::KafkaProperties;
 use sluice_schema::messages::{self, EventMessage, EventType, JsonObject};
 use sluice_schema::topics::{message_key, Topics};
 use sluice_writer::copy;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
@@ -36,21 +37,29 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", Utc::now().timestamp_micros())
 }
 
+/// The services' own connector, so a TLS URL (`sslmode=verify-full&sslrootcert=...`) works.
 async fn connect(url: &str) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    Ok(sluice_schema::db::connect(url).await?)
 }
 
+/// `url` with its database replaced, the query (TLS parameters) kept.
 fn with_db(url: &str, db: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((url, query)) => (url, format!("?{query}")),
+        None => (url, String::new()),
+    };
     match url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => url.to_owned(),
+        Some((base, _)) => format!("{base}/{db}{query}"),
+        None => format!("{url}{query}"),
     }
+}
+
+/// `SLUICE_KAFKA_PROPERTIES` (TLS, SASL), as the services read it.
+fn kafka_properties() -> Result<KafkaProperties> {
+    Ok(KafkaProperties::parse_list(&env(
+        "SLUICE_KAFKA_PROPERTIES",
+        "",
+    ))?)
 }
 
 /// A fresh migrated database with the current month's partition; returns its URL.
@@ -332,18 +341,22 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize) -> Result<()> {
     let client = connect(&url).await?;
     let prefix = format!("{}.", unique("bench"));
     let topics = Topics::with_prefix(&prefix);
-    let producer: FutureProducer = ClientConfig::new()
+    let props = kafka_properties()?;
+    let mut producer = ClientConfig::new();
+    producer
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "20")
-        .set("compression.type", "lz4")
-        .create()?;
+        .set("compression.type", "lz4");
+    props.apply(&mut producer);
+    let producer: FutureProducer = producer.create()?;
     // Topics with the writer's defaults, created by a writer-like admin call.
+    let mut admin = ClientConfig::new();
+    admin.set("bootstrap.servers", brokers);
+    props.apply(&mut admin);
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()?;
+        admin.create()?;
     let new: Vec<_> = topics
         .all()
         .iter()
@@ -386,6 +399,10 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize) -> Result<()> {
     config.batch_max_rows = 20_000;
     config.flush_interval_ms = 500;
     config.lanes = env("SLUICE_WRITER_LANES", "2").parse()?;
+    config.kafka_properties = env("SLUICE_KAFKA_PROPERTIES", "")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     println!("e2e: writer with {} lanes", config.lanes);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();

@@ -2,6 +2,7 @@
 //! environment variable and a default for the local stack (docs/architecture.md §8.4).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use sluice_schema::runtime::LogFormat;
 
@@ -14,17 +15,39 @@ use sluice_schema::runtime::LogFormat;
     version
 )]
 pub struct Config {
-    /// PostgreSQL URL (the database holding `event`, `visitor`, ... and `writer_offset`).
+    /// PostgreSQL URL (the database holding `event`, `visitor`, ... and `writer_offset`),
+    /// libpq style: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` apply.
     #[arg(
         long,
         env = "SLUICE_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://sluice@127.0.0.1:54320/sluice"
     )]
     pub database_url: String,
 
+    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
+    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
     #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
     pub kafka_brokers: String,
+
+    /// librdkafka property `key=value` for every Kafka client of the writer (TLS, SASL);
+    /// repeatable, or comma-separated in the variable. Properties the writer's guarantees
+    /// rest on (group, commits, isolation, idempotence, acks) are refused.
+    #[arg(
+        long = "kafka-property",
+        env = "SLUICE_KAFKA_PROPERTIES",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub kafka_properties: Vec<String>,
+
+    /// File of librdkafka properties, one `key=value` a line, `#` comments (a mounted
+    /// Secret); read after SLUICE_KAFKA_PROPERTIES.
+    #[arg(long, env = "SLUICE_KAFKA_PROPERTIES_FILE")]
+    pub kafka_properties_file: Option<PathBuf>,
 
     /// Consumer group of every writer instance of one pipeline.
     #[arg(long, env = "SLUICE_WRITER_GROUP", default_value = "sluice-writer")]
@@ -47,6 +70,10 @@ pub struct Config {
         hide_env_values = true
     )]
     pub pii_keys: String,
+
+    /// File holding the PII keys (a mounted Secret); wins over --pii-keys.
+    #[arg(long, env = "SLUICE_PII_KEYS_FILE")]
+    pub pii_keys_file: Option<PathBuf>,
 
     /// Id of the PII key new ciphertexts are sealed with (one of `SLUICE_PII_KEYS`).
     #[arg(long, env = "SLUICE_PII_ACTIVE_KEY", default_value = "")]
@@ -125,11 +152,15 @@ impl Config {
     ) -> Config {
         Config {
             database_url: database_url.to_owned(),
+            database_url_file: None,
             kafka_brokers: kafka_brokers.to_owned(),
+            kafka_properties: Vec::new(),
+            kafka_properties_file: None,
             group: group.to_owned(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             topic_prefix: topic_prefix.to_owned(),
             pii_keys: String::new(),
+            pii_keys_file: None,
             pii_active_key: String::new(),
             topic_partitions: 4,
             topic_replication: 1,

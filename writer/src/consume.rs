@@ -23,6 +23,7 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext};
+use sluice_schema::kafka::KafkaProperties;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -226,6 +227,7 @@ impl WriterContext {
 /// Creates the consumer and subscribes it to the data topics.
 pub(crate) fn create(
     brokers: &str,
+    properties: &KafkaProperties,
     group: &str,
     topics: &TopicMap,
     assignments: Arc<Assignments>,
@@ -239,7 +241,8 @@ pub(crate) fn create(
         group: group.to_owned(),
         stop,
     };
-    let consumer: BaseConsumer<WriterContext> = ClientConfig::new()
+    let mut client = ClientConfig::new();
+    client
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("partition.assignment.strategy", "cooperative-sticky")
@@ -251,7 +254,9 @@ pub(crate) fn create(
         // Bounds librdkafka's prefetch per partition (the default is 64 MB).
         .set("queued.max.messages.kbytes", "16384")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000")
+        .set("heartbeat.interval.ms", "2000");
+    properties.apply(&mut client);
+    let consumer: BaseConsumer<WriterContext> = client
         .create_with_context(context)
         .map_err(WriterError::kafka("creating the consumer"))?;
     consumer

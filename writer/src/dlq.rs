@@ -9,6 +9,7 @@ use futures::future::try_join_all;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use sluice_schema::kafka::{ErrorTap, KafkaProperties, TapContext};
 use sluice_schema::topics::dlq_headers;
 
 use crate::error::WriterError;
@@ -34,29 +35,49 @@ pub(crate) struct DeadLetter<'a> {
 
 /// Producer of the DLQ topic.
 pub(crate) struct Dlq {
-    /// Idempotent, acks=all producer.
-    producer: FutureProducer,
+    /// Idempotent, acks=all producer; its client-wide errors feed `/readyz`.
+    producer: FutureProducer<TapContext>,
+    /// The producer's last client-wide error.
+    tap: ErrorTap,
     /// The DLQ topic name (with the deployment's prefix).
     topic: String,
 }
 
 impl Dlq {
-    pub fn new(brokers: &str, topic: String) -> Result<Dlq, WriterError> {
-        let producer: FutureProducer = ClientConfig::new()
+    pub fn new(
+        brokers: &str,
+        properties: &KafkaProperties,
+        topic: String,
+    ) -> Result<Dlq, WriterError> {
+        let mut client = ClientConfig::new();
+        client
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "zstd")
             .set("linger.ms", "5")
             // Bounded wait: a DLQ outage fails the batch (retried) instead of hanging it.
-            .set("message.timeout.ms", "30000")
-            .create()
+            .set("message.timeout.ms", "30000");
+        properties.apply(&mut client);
+        let context = TapContext::default();
+        let tap = context.tap.clone();
+        let producer: FutureProducer<TapContext> = client
+            .create_with_context(context)
             .map_err(WriterError::kafka("creating the DLQ producer"))?;
-        Ok(Dlq { producer, topic })
+        Ok(Dlq {
+            producer,
+            tap,
+            topic,
+        })
     }
 
     /// A handle on the producer (cheap clone), for the readiness check.
-    pub fn producer(&self) -> FutureProducer {
+    /// The producer's client-wide errors, for the readiness check.
+    pub fn tap(&self) -> ErrorTap {
+        self.tap.clone()
+    }
+
+    pub fn producer(&self) -> FutureProducer<TapContext> {
         self.producer.clone()
     }
 

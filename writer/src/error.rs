@@ -10,16 +10,15 @@ pub enum WriterError {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// PostgreSQL could not be reached or refused a start-up step.
-    #[error("PostgreSQL failed while {context}: {source}; check SLUICE_DATABASE_URL and that the server is up and migrated (`sluice-schema migrate up`)")]
+    #[error("PostgreSQL failed while {context}: {}; check SLUICE_DATABASE_URL and that the server is up and migrated (`sluice-schema migrate up`)", sluice_schema::db::describe(.source))]
     Postgres {
         /// What the writer was doing.
         context: &'static str,
-        /// The driver's error.
-        #[source]
+        /// The driver's error (rendered with its causes in the message, so not a `source`).
         source: tokio_postgres::Error,
     },
     /// No pooled PostgreSQL connection could be had.
-    #[error("cannot get a PostgreSQL connection: {0}; check SLUICE_DATABASE_URL and that the server is up")]
+    #[error("cannot get a PostgreSQL connection: {0}")]
     Pool(String),
     /// The schema crate refused an operation (migrations missing, partition DDL failed).
     #[error("schema operation failed while {context}: {message}; run `sluice-schema migrate up`")]
@@ -30,13 +29,12 @@ pub enum WriterError {
         message: String,
     },
     /// Kafka refused a client or an operation.
-    #[error("Kafka failed while {context}: {source}; check SLUICE_KAFKA_BROKERS and that the broker is up")]
+    #[error("Kafka failed while {context}: {message}; check SLUICE_KAFKA_BROKERS, SLUICE_KAFKA_PROPERTIES and that the broker is up")]
     Kafka {
         /// What the writer was doing.
         context: &'static str,
-        /// The client's error.
-        #[source]
-        source: KafkaError,
+        /// The client's error, secrets left out ([`sluice_schema::kafka::describe_error`]).
+        message: String,
     },
     /// The metrics/health listener could not be bound.
     #[error("cannot listen on {addr} for metrics and health: {source}; choose another SLUICE_METRICS_LISTEN")]
@@ -60,7 +58,10 @@ impl WriterError {
 
     /// Wraps a Kafka error with what the writer was doing.
     pub(crate) fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> WriterError {
-        move |source| WriterError::Kafka { context, source }
+        move |err| WriterError::Kafka {
+            context,
+            message: sluice_schema::kafka::describe_error(&err),
+        }
     }
 
     /// Wraps a schema-crate error with what the writer was doing.
@@ -105,7 +106,7 @@ impl From<tokio_postgres::Error> for StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        StoreError::Transient(err.to_string())
+        StoreError::Transient(sluice_schema::db::describe_pool(&err))
     }
 }
 
@@ -114,7 +115,8 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 pub(crate) fn render_pg(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => err.to_string(),
+        // Connection failures: the cause chain and which setting to fix.
+        None => sluice_schema::db::describe(err),
     }
 }
 

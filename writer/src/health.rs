@@ -14,6 +14,7 @@ use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::json;
+use sluice_schema::kafka::{ErrorTap, TapContext};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +61,8 @@ fn builder() -> Result<PrometheusBuilder, BuildError> {
 #[derive(Clone)]
 struct Deps {
     pool: Pool,
-    producer: FutureProducer,
+    producer: FutureProducer<TapContext>,
+    tap: ErrorTap,
     topic: String,
 }
 
@@ -68,7 +70,7 @@ struct Deps {
 pub(crate) async fn serve(
     addr: SocketAddr,
     pool: Pool,
-    producer: FutureProducer,
+    (producer, tap): (FutureProducer<TapContext>, ErrorTap),
     topic: String,
     stop: CancellationToken,
 ) -> Result<SocketAddr, WriterError> {
@@ -86,6 +88,7 @@ pub(crate) async fn serve(
         .with_state(Deps {
             pool,
             producer,
+            tap,
             topic,
         });
     tokio::spawn(async move {
@@ -110,7 +113,11 @@ async fn metrics_text() -> impl IntoResponse {
 async fn readyz(State(deps): State<Deps>) -> impl IntoResponse {
     let started = Instant::now();
     let pg = tokio::time::timeout(Duration::from_secs(2), async {
-        let client = deps.pool.get().await.map_err(|e| e.to_string())?;
+        let client = deps
+            .pool
+            .get()
+            .await
+            .map_err(|e| sluice_schema::db::describe_pool(&e))?;
         client
             .simple_query("SELECT 1")
             .await
@@ -123,13 +130,14 @@ async fn readyz(State(deps): State<Deps>) -> impl IntoResponse {
 
     let started = Instant::now();
     let producer = deps.producer.clone();
+    let tap = deps.tap.clone();
     let topic = deps.topic.clone();
     let kafka = tokio::task::spawn_blocking(move || {
         producer
             .client()
             .fetch_metadata(Some(&topic), Duration::from_secs(2))
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| sluice_schema::kafka::describe_with_tap(&e, &tap))
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));

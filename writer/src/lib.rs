@@ -27,13 +27,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 use rdkafka::ClientConfig;
+use sluice_schema::db::DbTarget;
+use sluice_schema::kafka::KafkaProperties;
 use sluice_schema::partitions::PartitionConfig;
 use sluice_schema::pii::PiiKeys;
+use sluice_schema::secrets;
 use sluice_schema::topics::Topics;
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 mod batch;
@@ -60,7 +62,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     check(&config)?;
     health::install();
     let topics = Topics::with_prefix(&config.topic_prefix);
-    let keys = match config.pii_keys.trim() {
+    let config_err = |e: sluice_schema::SchemaError| WriterError::Config(e.to_string());
+    let database_url = secrets::value_or_file(
+        &config.database_url,
+        config.database_url_file.as_deref(),
+        "SLUICE_DATABASE_URL_FILE",
+    )
+    .map_err(config_err)?;
+    let pii_keys = secrets::value_or_file(
+        &config.pii_keys,
+        config.pii_keys_file.as_deref(),
+        "SLUICE_PII_KEYS_FILE",
+    )
+    .map_err(config_err)?;
+    let kafka = KafkaProperties::load(
+        &config.kafka_properties,
+        config.kafka_properties_file.as_deref(),
+    )
+    .map_err(config_err)?;
+    let keys = match pii_keys.trim() {
         "" => None,
         keys => Some(
             PiiKeys::from_env_strings(keys, &config.pii_active_key).map_err(|e| {
@@ -68,45 +88,62 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             })?,
         ),
     };
-    let pool = pool(&config.database_url, config.lanes)?;
-
-    // Start-up checks: the database is reachable and migrated, months exist ahead.
-    let months = Arc::new(partitions::Months::new(PartitionConfig {
-        hash_modulus: config.partition_hash_modulus,
-        months_ahead: config.partition_months_ahead,
-    }));
-    {
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| WriterError::Pool(e.to_string()))?;
-        client
-            .simple_query("SELECT 1 FROM writer_offset LIMIT 0")
-            .await
-            .map_err(WriterError::pg("checking that migrations are applied"))?;
-        months
-            .ensure_ahead(&client, chrono::Utc::now())
-            .await
-            .map_err(WriterError::schema("creating month partitions ahead"))?;
-    }
-    create_topics(&config, &topics).await?;
+    let target = DbTarget::parse(&database_url).map_err(config_err)?;
+    let pool = pool(&target, config.lanes)?;
+    tracing::info!(database = %target.redacted, kafka_properties = %kafka, "connecting");
 
     let stop = CancellationToken::new();
     let consumer_stop = CancellationToken::new();
-    let dlq = dlq::Dlq::new(&config.kafka_brokers, topics.dlq.clone())?;
+    let dlq = dlq::Dlq::new(&config.kafka_brokers, &kafka, topics.dlq.clone())?;
+    // Health first, so that while the start-up checks below fail (wrong password, unknown CA,
+    // refused SASL credentials, no migrations) /readyz says why, and the writer keeps trying
+    // instead of exiting into a crash loop.
     health::serve(
         config.metrics_listen,
         pool.clone(),
-        dlq.producer(),
+        (dlq.producer(), dlq.tap()),
         topics.dlq.clone(),
         consumer_stop.clone(),
     )
     .await?;
 
+    let months = Arc::new(partitions::Months::new(PartitionConfig {
+        hash_modulus: config.partition_hash_modulus,
+        months_ahead: config.partition_months_ahead,
+    }));
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match start_up_checks(&pool, &months, &config, &kafka, &topics).await {
+            Ok(()) => break,
+            Err(err) => {
+                // An admin call that times out does not say why; the DLQ producer's client,
+                // connected to the same brokers with the same settings, does.
+                let err = match (&err, dlq.tap().recent()) {
+                    (WriterError::Schema { .. }, Some(cause)) => {
+                        format!("{err}; Kafka client error: {cause}")
+                    }
+                    _ => err.to_string(),
+                };
+                tracing::error!(cause = %err, retry_in = ?backoff, "writer not ready");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut shutdown => {
+                        consumer_stop.cancel();
+                        tracing::info!("shutdown requested before the writer was ready");
+                        return Ok(());
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+
     let assignments = Arc::new(offsets::Assignments::default());
     let topic_map = consume::TopicMap::new(&topics);
     let consumer = consume::create(
         &config.kafka_brokers,
+        &kafka,
         &config.group,
         &topic_map,
         assignments.clone(),
@@ -168,7 +205,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map(|(lane, rx)| tokio::spawn(batch::run(store.clone(), lane, rx, stop.clone()))),
     );
     tokio::pin!(pipeline);
-    tokio::pin!(shutdown);
     let mut shutting_down = false;
     loop {
         tokio::select! {
@@ -222,13 +258,34 @@ fn check(config: &Config) -> Result<(), WriterError> {
     Ok(())
 }
 
+/// The database is reachable and migrated, months exist ahead, the topics exist.
+async fn start_up_checks(
+    pool: &Pool,
+    months: &partitions::Months,
+    config: &Config,
+    kafka: &KafkaProperties,
+    topics: &Topics,
+) -> Result<(), WriterError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| WriterError::Pool(sluice_schema::db::describe_pool(&e)))?;
+    client
+        .simple_query("SELECT 1 FROM writer_offset LIMIT 0")
+        .await
+        .map_err(WriterError::pg("checking that migrations are applied"))?;
+    months
+        .ensure_ahead(&client, chrono::Utc::now())
+        .await
+        .map_err(WriterError::schema("creating month partitions ahead"))?;
+    drop(client);
+    create_topics(config, kafka, topics).await
+}
+
 /// A small pool: one connection per lane for batches, three for rebalances, DDL and health.
-fn pool(url: &str, lanes: usize) -> Result<Pool, WriterError> {
-    let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
-        WriterError::Config(format!(
-            "SLUICE_DATABASE_URL {url:?} is not a PostgreSQL URL: {e}"
-        ))
-    })?;
+fn pool(target: &DbTarget, lanes: usize) -> Result<Pool, WriterError> {
+    let mut target = target.clone();
+    let pg = &mut target.config;
     pg.connect_timeout(Duration::from_secs(5));
     pg.application_name("sluice-writer");
     // Each batch's `CREATE TEMP TABLE IF NOT EXISTS` draws a NOTICE that tokio-postgres logs
@@ -238,13 +295,11 @@ fn pool(url: &str, lanes: usize) -> Result<Pool, WriterError> {
         pg.get_options().unwrap_or_default()
     );
     pg.options(options.trim_start());
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
+    let manager = target
+        .manager(ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
-        },
-    );
+        })
+        .map_err(|e| WriterError::Config(e.to_string()))?;
     Pool::builder(manager)
         .max_size(lanes + 3)
         .runtime(Runtime::Tokio1)
@@ -256,9 +311,14 @@ fn pool(url: &str, lanes: usize) -> Result<Pool, WriterError> {
 }
 
 /// Creates the topics when missing (docs/architecture.md §3.1); existing ones are left alone.
-async fn create_topics(config: &Config, topics: &Topics) -> Result<(), WriterError> {
+async fn create_topics(
+    config: &Config,
+    kafka: &KafkaProperties,
+    topics: &Topics,
+) -> Result<(), WriterError> {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka_brokers);
+    kafka.apply(&mut client);
     sluice_schema::topics::create_missing(
         &client,
         &topics.all(),

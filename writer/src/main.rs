@@ -1,6 +1,8 @@
 //! `sluice-writer`: loads the configuration, starts logging and runs the writer until SIGTERM
 //! or Ctrl-C.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use sluice_schema::runtime;
 use sluice_writer::Config;
@@ -12,9 +14,15 @@ use sluice_writer::Config;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let config = Config::parse();
     runtime::init_tracing(config.log_format);
-    sluice_writer::run(config, runtime::shutdown_signal()).await?;
-    Ok(())
+    // One line, no backtrace: the messages say what to fix.
+    match sluice_writer::run(config, runtime::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {:#}", anyhow::Error::from(err));
+            ExitCode::FAILURE
+        }
+    }
 }
