@@ -4,6 +4,7 @@
 //! - [`apikey`]: write keys: format, stored hash, constant-time check.
 //! - [`topics`]: Kafka topic names and the message key rule.
 //! - [`messages`]: the JSON values the collector produces and the writer consumes.
+//! - [`metrics`]: how a service declares its metrics (name, kind, labels, buckets).
 //! - [`runtime`]: what every sluice binary does at start-up (logs, metrics recorder, signals).
 //! - [`db`]: the PostgreSQL connector: libpq TLS parameters, OpenSSL, redacted URLs, errors
 //!   that name the setting to fix.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod ids;
 pub mod kafka;
 pub mod messages;
+pub mod metrics;
 pub mod migrate;
 pub mod partitions;
 pub mod pii;
