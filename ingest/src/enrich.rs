@@ -355,6 +355,8 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
                     context: m.context,
                     occurred_at: at,
                     received_at: facts.received_at,
+                    // Sealed after enrichment (`seal`), by a collector with PII keys.
+                    pii: None,
                 });
                 continue;
             }

@@ -69,6 +69,9 @@ pub enum IngestError {
     /// The database URL or pool is invalid.
     #[error("invalid database configuration: {0}; check SLUICE_DATABASE_URL")]
     DatabaseConfig(String),
+    /// The PII keys are set but invalid.
+    #[error("invalid PII configuration: {0}")]
+    PiiConfig(String),
     /// The Prometheus recorder could not be installed.
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
@@ -93,6 +96,7 @@ impl IngestError {
             IngestError::Listen { .. }
             | IngestError::KafkaConfig(_)
             | IngestError::DatabaseConfig(_)
+            | IngestError::PiiConfig(_)
             | IngestError::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

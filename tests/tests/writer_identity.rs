@@ -28,6 +28,7 @@ fn identify(anon: &str, user: Option<&str>, traits: serde_json::Value) -> Identi
         context: JsonObject::new(),
         occurred_at: now,
         received_at: now,
+        pii: None,
     }
 }
 

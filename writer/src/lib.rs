@@ -256,11 +256,12 @@ fn pool(url: &str, lanes: usize) -> Result<Pool, WriterError> {
 async fn create_topics(config: &Config, topics: &Topics) -> Result<(), WriterError> {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka_brokers);
-    sluice_schema::topics::create_missing(
+    sluice_schema::topics::create_missing_with(
         &client,
         &topics.all(),
         config.topic_partitions,
         config.topic_replication,
+        config.topic_min_insync_replicas,
         Duration::from_secs(30),
     )
     .await
