@@ -120,6 +120,10 @@ install_prereqs() {
   # The Segment SDK compatibility test runs Segment's official Node SDK (npm ci on first use).
   command -v node >/dev/null || missing+=(nodejs)
   command -v npm >/dev/null || missing+=(npm)
+  # deploy_dlq_replay.rs and deploy_config.rs fail without these (a check that cannot run is
+  # not a pass). ldd comes with libc-bin, on every Debian system.
+  command -v ldd >/dev/null || missing+=(libc-bin)
+  command -v promtool >/dev/null || missing+=(prometheus)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} (apt)"
     local sudo=""
@@ -129,6 +133,10 @@ install_prereqs() {
     # Debian's package starts a system cluster on 5432; sluice runs its own and needs none.
   fi
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and run this again"
+  # deploy_config.rs checks the compose and k8s files with Go programs (go.mod: Go 1.26);
+  # Debian 12's golang-go (1.19) is too old to build them, so Go is not installed from apt.
+  command -v go >/dev/null \
+    || say "warning: Go not found; tests/tests/deploy_config.rs fails without Go >= 1.26 (install the Go toolchain)"
   install_kafka
 }
 

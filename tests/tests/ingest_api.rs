@@ -159,9 +159,21 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
         .iter()
         .map(|c| serde_json::from_value(c.value.clone()).unwrap())
         .collect();
-    assert!(ids.iter().any(
-        |m| m.kind == messages::IdentityKind::Identify && m.traits["email"] == "x@example.com"
-    ));
+    // The email left the traits and travels sealed, under the collector's active key.
+    let identify = ids
+        .iter()
+        .find(|m| m.kind == messages::IdentityKind::Identify)
+        .unwrap();
+    assert_eq!(identify.v, messages::IDENTITY_VERSION);
+    assert!(!identify.traits.contains_key("email"), "{:?}", identify.traits);
+    let sealed = identify.pii.as_ref().unwrap();
+    let (ciphertext, fingerprint) = sealed.email.as_ref().unwrap().decode().unwrap();
+    let keys = sluice_tests::ingest::test_pii_keys();
+    assert_eq!(keys.decrypt(&sealed.key_id, &ciphertext).unwrap(), b"x@example.com");
+    assert_eq!(
+        fingerprint.as_deref(),
+        keys.fingerprint_email("x@example.com").as_ref().map(|f| &f[..])
+    );
     assert!(ids.iter().any(
         |m| m.kind == messages::IdentityKind::Alias && m.previous_id.as_deref() == Some("a-1")
     ));
