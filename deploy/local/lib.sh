@@ -48,6 +48,13 @@ KAFKA_PID=$SLUICE_STATE/kafka.pid
 # proxy cuts only the clients behind it.
 KAFKA_PROXIED_PORT=${SLUICE_KAFKA_PROXIED_PORT:-}
 KAFKA_PROXIED_ADVERTISED=${SLUICE_KAFKA_PROXIED_ADVERTISED:-}
+# One node of a cluster (the replication tests run three): its id, every controller as
+# `id@host:port,...`, the cluster id all nodes are formatted with, and the replicas of the
+# internal topics (consumer offsets: a group must outlive a broker). One node by default.
+KAFKA_NODE_ID=${SLUICE_KAFKA_NODE_ID:-1}
+KAFKA_QUORUM_VOTERS=${SLUICE_KAFKA_QUORUM_VOTERS:-1@127.0.0.1:$KAFKA_CONTROLLER_PORT}
+KAFKA_CLUSTER_ID=${SLUICE_KAFKA_CLUSTER_ID:-}
+KAFKA_INTERNAL_REPLICATION=${SLUICE_KAFKA_INTERNAL_REPLICATION:-1}
 
 INGEST_PORT=${SLUICE_INGEST_PORT:-$_ingest}
 INGEST_METRICS_PORT=${SLUICE_INGEST_METRICS_PORT:-$_ingest_m}
@@ -233,16 +240,28 @@ start_kafka() {
     -e "s|@DATA@|$KAFKA_DIR/data|g" \
     -e "/^listeners=/s|\$|$listener|" -e "/^advertised.listeners=/s|\$|$advertised|" \
     -e "/^listener.security.protocol.map=/s|\$|$protocol|" \
+    -e "s|^node.id=.*|node.id=$KAFKA_NODE_ID|" \
+    -e "s|^controller.quorum.voters=.*|controller.quorum.voters=$KAFKA_QUORUM_VOTERS|" \
+    -e "s|^offsets.topic.replication.factor=.*|offsets.topic.replication.factor=$KAFKA_INTERNAL_REPLICATION|" \
     "$DEPLOY_LOCAL/server.properties" >"$KAFKA_DIR/server.properties"
   if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
-    local cluster_id
-    cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
+    local cluster_id=$KAFKA_CLUSTER_ID
+    [ -n "$cluster_id" ] || cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
     "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 \
       || { tail -n 20 "$KAFKA_LOG" >&2; die "Kafka storage format failed (log above: $KAFKA_LOG)"; }
   fi
   daemon "$KAFKA_PID" "$KAFKA_LOG" "${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_DIR/server.properties"
   wait_port "$KAFKA_PORT" 90 "$KAFKA_LOG" "Kafka" "$KAFKA_PID"
   say "kafka      started          127.0.0.1:$KAFKA_PORT  (pid $(cat "$KAFKA_PID"), log $KAFKA_LOG)"
+}
+
+# Kills the broker at once (SIGKILL): a broker lost, not one shut down.
+kill_kafka() {
+  if pid_alive "$KAFKA_PID"; then
+    kill -KILL "$(cat "$KAFKA_PID")"
+    rm -f "$KAFKA_PID"
+    say "kafka      killed"
+  fi
 }
 
 stop_kafka() {
