@@ -134,7 +134,11 @@ pub struct Config {
 
     /// The former name of the per-collector rate (it never was fleet-wide); read when the
     /// per-collector setting is left at its default.
-    #[arg(long = "rate-limit-per-key-per-second-legacy", env = "SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND", hide = true)]
+    #[arg(
+        long = "rate-limit-per-key-per-second-legacy",
+        env = "SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND",
+        hide = true
+    )]
     pub rate_limit_per_key_per_second_legacy: Option<u32>,
 
     /// Sustained messages per second one write key may send across the whole fleet of
@@ -222,7 +226,12 @@ pub struct Config {
     /// and `sluice-schema`'s: an identify's email and phone are sealed here, before they are
     /// produced, so no topic holds them in plaintext. Without keys, identifies carrying an
     /// email or phone are refused (reason `pii_keys_missing`).
-    #[arg(long, env = "SLUICE_PII_KEYS", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SLUICE_PII_KEYS",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub pii_keys: String,
 
     /// A file holding `SLUICE_PII_KEYS` (a mounted secret); read when that is empty.
@@ -236,7 +245,12 @@ pub struct Config {
     /// Traits that are personal data, comma separated: sealed in an identify (email and phone
     /// into the lead's columns, others in place as `{"$sealed": ...}`), dropped from the
     /// traits events carry. Email and phone are personal data even when not listed.
-    #[arg(long, env = "SLUICE_PII_TRAITS", value_delimiter = ',', default_value = "email,phone")]
+    #[arg(
+        long,
+        env = "SLUICE_PII_TRAITS",
+        value_delimiter = ',',
+        default_value = "email,phone"
+    )]
     pub pii_traits: Vec<String>,
 
     /// Log format: `text` or `json`.
@@ -271,7 +285,11 @@ impl Config {
             return fleet.div_ceil(self.collectors.max(1));
         }
         match self.rate_limit_per_key_per_second_legacy {
-            Some(old) if self.rate_limit_per_key_per_second == DEFAULT_RATE_LIMIT_PER_KEY_PER_SECOND => old,
+            Some(old)
+                if self.rate_limit_per_key_per_second == DEFAULT_RATE_LIMIT_PER_KEY_PER_SECOND =>
+            {
+                old
+            }
             _ => self.rate_limit_per_key_per_second,
         }
     }
@@ -421,9 +439,13 @@ mod tests {
         assert_eq!(c.rate_limit_per_collector(), 100, "the fleet figure wins");
         let c = Config::try_parse_from(["x", "--rate-limit-per-key-per-second", "9"]).unwrap();
         assert_eq!(c.rate_limit_per_collector(), 9, "the old flag is an alias");
-        let c = Config::try_parse_from(["x", "--rate-limit-per-key-per-second-legacy", "11"])
-            .unwrap();
-        assert_eq!(c.rate_limit_per_collector(), 11, "the old variable is still read");
+        let c =
+            Config::try_parse_from(["x", "--rate-limit-per-key-per-second-legacy", "11"]).unwrap();
+        assert_eq!(
+            c.rate_limit_per_collector(),
+            11,
+            "the old variable is still read"
+        );
         let c = Config::try_parse_from([
             "x",
             "--rate-limit-per-key-per-second-legacy",
@@ -432,6 +454,10 @@ mod tests {
             "12",
         ])
         .unwrap();
-        assert_eq!(c.rate_limit_per_collector(), 12, "the new name wins over the old");
+        assert_eq!(
+            c.rate_limit_per_collector(),
+            12,
+            "the new name wins over the old"
+        );
     }
 }

@@ -36,7 +36,8 @@ pub const RATE_LIMITED_TOTAL: &str = "sluice_ingest_rate_limited_total";
 /// Gauge, the per-key rate this collector process enforces, messages per second (the fleet
 /// figure's share when `SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND_FLEET` is set; 0: no limit).
 /// Summed over the collectors it is the fleet's effective limit. No labels.
-pub const RATE_LIMIT_PER_COLLECTOR: &str = "sluice_ingest_rate_limit_per_key_per_second_per_collector";
+pub const RATE_LIMIT_PER_COLLECTOR: &str =
+    "sluice_ingest_rate_limit_per_key_per_second_per_collector";
 /// Keys with a live token bucket.
 pub const RATE_LIMIT_BUCKETS: &str = "sluice_ingest_rate_limit_buckets";
 

@@ -63,7 +63,11 @@ impl Sealer {
     }
 
     fn strip(&self, traits: &mut JsonObject) {
-        for name in ALWAYS.iter().copied().chain(self.others.iter().map(String::as_str)) {
+        for name in ALWAYS
+            .iter()
+            .copied()
+            .chain(self.others.iter().map(String::as_str))
+        {
             traits.remove(name);
         }
     }
@@ -101,7 +105,11 @@ struct Stripper<'a>(&'a [String]);
 
 impl Stripper<'_> {
     fn strip(&self, traits: &mut JsonObject) {
-        for name in ALWAYS.iter().copied().chain(self.0.iter().map(|s| s.trim())) {
+        for name in ALWAYS
+            .iter()
+            .copied()
+            .chain(self.0.iter().map(|s| s.trim()))
+        {
             traits.remove(name);
         }
     }
@@ -181,7 +189,9 @@ mod tests {
         let id = &out.identities[0];
         assert_eq!(id.v, IDENTITY_VERSION);
         assert_eq!(id.pii.as_ref().unwrap().key_id, "c1");
-        assert!(id.traits["name"].get(sluice_schema::pii::SEALED_ENVELOPE).is_some());
+        assert!(id.traits["name"]
+            .get(sluice_schema::pii::SEALED_ENVELOPE)
+            .is_some());
     }
 
     #[test]
@@ -189,6 +199,9 @@ mod tests {
         let mut out = outgoing();
         strip_without_keys(&mut out, &["name".into()]);
         let text = serde_json::to_string(&(&out.identities, &out.events)).unwrap();
-        assert!(!text.contains("ada@example.com") && !text.contains("Ada"), "{text}");
+        assert!(
+            !text.contains("ada@example.com") && !text.contains("Ada"),
+            "{text}"
+        );
     }
 }

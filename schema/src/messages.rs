@@ -553,7 +553,10 @@ mod tests {
             ..id.clone()
         };
         let text = serde_json::to_string(&sealed).unwrap();
-        assert!(!text.contains("\"phone\""), "absent fields are left out: {text}");
+        assert!(
+            !text.contains("\"phone\""),
+            "absent fields are left out: {text}"
+        );
         let back: IdentityMessage = decode(text.as_bytes()).unwrap();
         assert_eq!(back, sealed);
         let future = IdentityMessage { v: 3, ..id };

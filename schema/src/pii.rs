@@ -207,7 +207,10 @@ impl PiiKeys {
     }
 
     /// The value inside a [`PiiKeys::sealed_envelope`], or an error saying why not.
-    pub fn open_envelope(&self, envelope: &serde_json::Value) -> Result<serde_json::Value, SchemaError> {
+    pub fn open_envelope(
+        &self,
+        envelope: &serde_json::Value,
+    ) -> Result<serde_json::Value, SchemaError> {
         let inner = envelope.get(SEALED_ENVELOPE);
         let field = |name: &str| inner.and_then(|i| i.get(name)).and_then(|v| v.as_str());
         let (Some(key_id), Some(ct)) = (field("key_id"), field("ciphertext")) else {
@@ -217,7 +220,9 @@ impl PiiKeys {
         };
         let ct = base64::engine::general_purpose::STANDARD
             .decode(ct)
-            .map_err(|_| SchemaError::PiiDecrypt("the sealed value's ciphertext is not base64".into()))?;
+            .map_err(|_| {
+                SchemaError::PiiDecrypt("the sealed value's ciphertext is not base64".into())
+            })?;
         let plain = self.decrypt(key_id, &ct)?;
         serde_json::from_slice(&plain)
             .map_err(|_| SchemaError::PiiDecrypt("the sealed value is not JSON once opened".into()))
@@ -380,7 +385,8 @@ mod tests {
 
     #[test]
     fn identity_traits_are_sealed_with_fingerprints_and_envelopes() {
-        let keys = PiiKeys::from_env_strings(&format!("k1={},k2={}", b64(1), b64(2)), "k2").unwrap();
+        let keys =
+            PiiKeys::from_env_strings(&format!("k1={},k2={}", b64(1), b64(2)), "k2").unwrap();
         let mut traits = serde_json::json!({
             "email": "Ada@Example.com", "phone": 4155550100u64, "plan": "pro",
             "name": "Ada Lovelace", "address": {"city": "London"}, "nickname": null,
@@ -388,7 +394,11 @@ mod tests {
         .as_object()
         .cloned()
         .unwrap();
-        let others = vec!["name".to_owned(), "address".to_owned(), "nickname".to_owned()];
+        let others = vec![
+            "name".to_owned(),
+            "address".to_owned(),
+            "nickname".to_owned(),
+        ];
         let sealed = keys.seal_identity_traits(&mut traits, &others).unwrap();
         let text = serde_json::to_string(&(&traits, &sealed)).unwrap();
         for needle in ["Ada", "ada@", "London", "4155550100"] {
@@ -398,7 +408,9 @@ mod tests {
         assert_eq!(traits["plan"], "pro");
         assert!(traits["nickname"].is_null());
         let open = |f: &crate::messages::SealedField| {
-            let ct = base64::engine::general_purpose::STANDARD.decode(&f.ciphertext).unwrap();
+            let ct = base64::engine::general_purpose::STANDARD
+                .decode(&f.ciphertext)
+                .unwrap();
             String::from_utf8(keys.decrypt("k2", &ct).unwrap()).unwrap()
         };
         let email = sealed.email.as_ref().unwrap();
@@ -415,7 +427,10 @@ mod tests {
             serde_json::json!({"city": "London"})
         );
         // Nothing personal: nothing sealed, the other traits untouched.
-        let mut plain = serde_json::json!({"plan": "pro"}).as_object().cloned().unwrap();
+        let mut plain = serde_json::json!({"plan": "pro"})
+            .as_object()
+            .cloned()
+            .unwrap();
         assert!(keys.seal_identity_traits(&mut plain, &others).is_none());
         assert_eq!(plain["plan"], "pro");
     }

@@ -188,7 +188,8 @@ impl PrivateKafkaCluster {
             })
             .collect();
         let cluster = PrivateKafkaCluster { nodes, ports };
-        let started = futures::future::join_all(cluster.nodes.iter().map(|n| n.run("start_kafka"))).await;
+        let started =
+            futures::future::join_all(cluster.nodes.iter().map(|n| n.run("start_kafka"))).await;
         for result in started {
             result?;
         }

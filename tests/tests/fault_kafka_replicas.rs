@@ -69,8 +69,14 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     let min_isr = event_config
         .get("min.insync.replicas")
         .and_then(|e| e.value.clone());
-    assert_eq!(min_isr.as_deref(), Some("2"), "min.insync.replicas of {}", topics.event);
-    let metadata_client: BaseConsumer = client.clone().set("group.id", unique_name("md")).create()?;
+    assert_eq!(
+        min_isr.as_deref(),
+        Some("2"),
+        "min.insync.replicas of {}",
+        topics.event
+    );
+    let metadata_client: BaseConsumer =
+        client.clone().set("group.id", unique_name("md")).create()?;
     let leader_of = |partition: i32| -> Result<i32> {
         let md = metadata_client.fetch_metadata(Some(&topics.event), Duration::from_secs(10))?;
         let topic = md.topics().first().context("no topic metadata")?;
@@ -86,13 +92,21 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
             .context("no such partition")
     };
 
-    let mut wconfig = sluice_writer::Config::for_tests(&brokers, &db.url, &prefix, &unique_name("g"));
+    let mut wconfig =
+        sluice_writer::Config::for_tests(&brokers, &db.url, &prefix, &unique_name("g"));
     wconfig.topic_replication = 3;
     wconfig.flush_interval_ms = 100;
     let writer = RunningWriter::start(wconfig);
 
     // Load, then the leader of event partition 0 is lost mid-load.
-    let load = Load::start(&collector.url(""), &acct.key.plaintext, "rep", 4, 20, Duration::from_millis(20));
+    let load = Load::start(
+        &collector.url(""),
+        &acct.key.plaintext,
+        "rep",
+        4,
+        20,
+        Duration::from_millis(20),
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let victim = leader_of(0)?;
     let acked_before = load.acked_so_far().await;
@@ -110,7 +124,11 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     let failover = killed_at.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let report = load.finish().await;
-    assert!(acked_before > 0, "load ran before the kill: {:?}", report.statuses);
+    assert!(
+        acked_before > 0,
+        "load ran before the kill: {:?}",
+        report.statuses
+    );
     assert!(
         report.acked.len() > acked_before,
         "the collector acknowledged events after broker {victim} was lost: {:?}",
@@ -132,7 +150,13 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
         .filter(|(i, _)| *i as i32 + 1 != victim)
         .map(|(_, b)| b)
         .collect();
-    let on_topic = message_ids_in_topic(&live.join(","), &topics.event, report.acked.len(), Duration::from_secs(30)).await?;
+    let on_topic = message_ids_in_topic(
+        &live.join(","),
+        &topics.event,
+        report.acked.len(),
+        Duration::from_secs(30),
+    )
+    .await?;
     // On the topic, an acknowledged event is there once. A request answered 503 during the
     // failover may be there twice: its messages timed out in the producer while possibly
     // written, the producer bumped its epoch, and a retry under the new epoch is not
@@ -178,7 +202,12 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
             .json(&body)
             .send()
             .await?;
-        assert_eq!(r.status(), 503, "two brokers down, request {i}: {}", r.text().await?);
+        assert_eq!(
+            r.status(),
+            503,
+            "two brokers down, request {i}: {}",
+            r.text().await?
+        );
     }
     assert_eq!(
         requests_with_status(&collector.metrics().await?, 503),

@@ -165,14 +165,23 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
         .find(|m| m.kind == messages::IdentityKind::Identify)
         .unwrap();
     assert_eq!(identify.v, messages::IDENTITY_VERSION);
-    assert!(!identify.traits.contains_key("email"), "{:?}", identify.traits);
+    assert!(
+        !identify.traits.contains_key("email"),
+        "{:?}",
+        identify.traits
+    );
     let sealed = identify.pii.as_ref().unwrap();
     let (ciphertext, fingerprint) = sealed.email.as_ref().unwrap().decode().unwrap();
     let keys = sluice_tests::ingest::test_pii_keys();
-    assert_eq!(keys.decrypt(&sealed.key_id, &ciphertext).unwrap(), b"x@example.com");
+    assert_eq!(
+        keys.decrypt(&sealed.key_id, &ciphertext).unwrap(),
+        b"x@example.com"
+    );
     assert_eq!(
         fingerprint.as_deref(),
-        keys.fingerprint_email("x@example.com").as_ref().map(|f| &f[..])
+        keys.fingerprint_email("x@example.com")
+            .as_ref()
+            .map(|f| &f[..])
     );
     assert!(ids.iter().any(
         |m| m.kind == messages::IdentityKind::Alias && m.previous_id.as_deref() == Some("a-1")
@@ -677,6 +686,56 @@ async fn a_key_of_workspace_a_cannot_write_into_workspace_b() {
     assert!(
         b_event.value["properties"].get("writeKey").is_none(),
         "keys never reach Kafka"
+    );
+    collector.stop().await.unwrap();
+}
+
+/// Without PII keys the collector cannot seal, so an identify carrying an email is refused
+/// (never produced in plaintext), while one without personal traits goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "nokeys").await.unwrap();
+    let mut config = Collector::config(&db);
+    config.pii_keys = String::new();
+    config.pii_active_key = String::new();
+    let collector = Collector::start(config).await.unwrap();
+    let http = reqwest::Client::new();
+    let send = |body: Value| {
+        http.post(collector.url("/v1/batch"))
+            .bearer_auth(&acct.key.plaintext)
+            .json(&body)
+            .send()
+    };
+    let r = send(json!({"batch": [
+        {"type": "identify", "userId": "u-nk", "messageId": "m-nk-1", "traits": {"email": "nokeys@example.com"}},
+        {"type": "identify", "userId": "u-nk", "messageId": "m-nk-2", "traits": {"plan": "pro"}},
+    ]}))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert_eq!(
+        answer["rejected"][0]["reason"], "pii_keys_missing",
+        "{answer}"
+    );
+    assert_eq!(answer["rejected"][0]["index"], 0, "{answer}");
+    let ids = consume(
+        &Stack::get().kafka_brokers,
+        &collector.topics.identity,
+        1,
+        WAIT,
+        LINGER,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(ids[0].value["message_id"], "m-nk-2");
+    assert!(
+        !ids[0].value.to_string().contains("nokeys@"),
+        "{:?}",
+        ids[0].value
     );
     collector.stop().await.unwrap();
 }

@@ -96,7 +96,11 @@ async fn every_record(topics: &[&str]) -> Vec<String> {
         text.push_str(&String::from_utf8_lossy(msg.payload().unwrap_or_default()));
         if let Some(headers) = msg.headers() {
             for h in headers.iter() {
-                text.push_str(&format!(" {}={}", h.key, String::from_utf8_lossy(h.value.unwrap_or_default())));
+                text.push_str(&format!(
+                    " {}={}",
+                    h.key,
+                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                ));
             }
         }
         out.push(format!("{}: {text}", msg.topic()));
@@ -118,7 +122,9 @@ async fn open_lead(
         .await
         .expect("the lead");
     let key_id: String = row.get(0);
-    let open = |ct: Vec<u8>| String::from_utf8(keys.decrypt(&key_id, &ct).expect("decrypts")).unwrap();
+    let open = |ct: Vec<u8>| {
+        String::from_utf8(keys.decrypt(&key_id, &ct).expect("decrypts")).expect("UTF-8")
+    };
     let email = open(row.get(1));
     let phone = open(row.get(2));
     (key_id, email, phone)
@@ -153,11 +159,9 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     wconfig.pii_keys = format!("k1={pii_key},k2={new_key}");
     wconfig.pii_active_key = "k1".into();
     let writer = sluice_tests::writer::RunningWriter::start(wconfig);
-    let keys = sluice_schema::pii::PiiKeys::from_env_strings(
-        &format!("k1={pii_key},k2={new_key}"),
-        "k1",
-    )
-    .unwrap();
+    let keys =
+        sluice_schema::pii::PiiKeys::from_env_strings(&format!("k1={pii_key},k2={new_key}"), "k1")
+            .unwrap();
 
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
@@ -222,7 +226,11 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
         .unwrap()
         .get(0);
     assert_eq!(traits["plan"], "pro");
-    assert_eq!(keys.open_envelope(&traits["name"]).unwrap(), NAME, "name is sealed in place");
+    assert_eq!(
+        keys.open_envelope(&traits["name"]).unwrap(),
+        NAME,
+        "name is sealed in place"
+    );
     collector.stop().await.unwrap();
 
     // Rotation step 2: collectors seal with k2. A phone change arrives sealed under k2; the
@@ -231,7 +239,8 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     rotated.pii_keys = format!("k1={pii_key},k2={new_key}");
     rotated.pii_active_key = "k2".into();
     let collector = Collector::start(rotated).await.unwrap();
-    let change = json!({"userId": "user-pii", "messageId": "m-id-2", "traits": {"phone": NEW_PHONE}});
+    let change =
+        json!({"userId": "user-pii", "messageId": "m-id-2", "traits": {"phone": NEW_PHONE}});
     let r = http
         .post(collector.url("/v1/identify"))
         .basic_auth(&key, Some(""))
@@ -408,7 +417,11 @@ async fn email_in_a_track_calls_context_traits_is_not_stored_in_plaintext() {
         (a - b).num_milliseconds().abs() < 1
     };
     assert!(close(at(0), sent_at), "sent_at {} vs {sent_at}", at(0));
-    assert!(close(at(1), timestamp), "original_timestamp {} vs {timestamp}", at(1));
+    assert!(
+        close(at(1), timestamp),
+        "original_timestamp {} vs {timestamp}",
+        at(1)
+    );
     assert!(
         close(at(2), at(3) - chrono::Duration::seconds(30)),
         "occurred_at {} is received_at {} less the 30 s send delay",

@@ -476,7 +476,8 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
     let db = env.db.client().await?;
     let topic = env.topics.identity.clone();
     let both = PiiKeys::from_env_strings(&format!("{KEYS},{K2}"), "k2")?;
-    let lead = "SELECT pii_key_id, email_ciphertext, phone_ciphertext FROM lead WHERE user_id = 'u5'";
+    let lead =
+        "SELECT pii_key_id, email_ciphertext, phone_ciphertext FROM lead WHERE user_id = 'u5'";
 
     let mut config = env.config();
     config.pii_keys = KEYS.into();
@@ -488,7 +489,13 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
         json!({"email": "ada@example.com", "phone": "+44 20 7946 0001"}),
     );
     env.produce_json(&topic, "4/a5", &first).await?;
-    wait_for_count(&db, "SELECT count(*) FROM lead WHERE pii_key_id = 'k1'", 1, WAIT).await?;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM lead WHERE pii_key_id = 'k1'",
+        1,
+        WAIT,
+    )
+    .await?;
     writer.stop().await?;
     let before = db.query_one(lead, &[]).await?;
 
@@ -509,7 +516,10 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
     writer.stop().await?;
     assert_eq!(dead[0].reason, "pii_key_missing");
     assert!(dead[0].detail.contains("\"k1\""), "{}", dead[0].detail);
-    assert_eq!((dead[0].topic.as_str(), dead[0].offset), (topic.as_str(), 1));
+    assert_eq!(
+        (dead[0].topic.as_str(), dead[0].offset),
+        (topic.as_str(), 1)
+    );
     let after = db.query_one(lead, &[]).await?;
     assert_eq!(after.get::<_, String>(0), "k1", "the lead keeps its key id");
     assert_eq!(
@@ -525,11 +535,23 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
     config.pii_active_key = "k2".into();
     let writer = RunningWriter::start(config);
     env.produce_json(&topic, "4/a5", &change).await?;
-    wait_for_count(&db, "SELECT count(*) FROM lead WHERE pii_key_id = 'k2'", 1, WAIT).await?;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM lead WHERE pii_key_id = 'k2'",
+        1,
+        WAIT,
+    )
+    .await?;
     writer.stop().await?;
     let row = db.query_one(lead, &[]).await?;
     let key: String = row.get(0);
-    assert_eq!(both.decrypt(&key, &row.get::<_, Vec<u8>>(1))?, b"ada@example.com");
-    assert_eq!(both.decrypt(&key, &row.get::<_, Vec<u8>>(2))?, b"+44 20 7946 0002");
+    assert_eq!(
+        both.decrypt(&key, &row.get::<_, Vec<u8>>(1))?,
+        b"ada@example.com"
+    );
+    assert_eq!(
+        both.decrypt(&key, &row.get::<_, Vec<u8>>(2))?,
+        b"+44 20 7946 0002"
+    );
     Ok(())
 }

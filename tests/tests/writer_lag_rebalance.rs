@@ -13,12 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
-use sluice_tests::private::free_port;
 use rdkafka::producer::FutureRecord;
 use sluice_schema::topics::message_key;
-use sluice_tests::writer::{
-    event, event_rows, visitor, wait_for_count, writer_command, WriterEnv,
-};
+use sluice_tests::private::free_port;
+use sluice_tests::writer::{event, event_rows, visitor, wait_for_count, writer_command, WriterEnv};
 use sluice_tests::{repo_root, unique_name};
 use yaml_rust2::YamlLoader;
 
@@ -112,8 +110,9 @@ fn promtool_test(file: &str) -> Result<(), String> {
 
 /// The KEDA trigger's Prometheus query in deploy/k8s/writer.yaml.
 fn keda_query() -> String {
-    let text = std::fs::read_to_string(repo_root().join("deploy/k8s/writer.yaml")).unwrap();
-    let docs = YamlLoader::load_from_str(&text).unwrap();
+    let text = std::fs::read_to_string(repo_root().join("deploy/k8s/writer.yaml"))
+        .expect("deploy/k8s/writer.yaml");
+    let docs = YamlLoader::load_from_str(&text).expect("writer.yaml is YAML");
     docs.iter()
         .find(|d| d["kind"].as_str() == Some("ScaledObject"))
         .and_then(|d| d["spec"]["triggers"][0]["metadata"]["query"].as_str())
@@ -149,7 +148,14 @@ async fn writer_lag_series_agree_after_a_rebalance() -> Result<()> {
     let env = WriterEnv::new(4).await?;
     let now = Utc::now();
     let events: Vec<_> = (0..BACKLOG)
-        .map(|i| event(1 + (i % 5) as i64, &format!("a{}", i % 997), &format!("m{i}"), now))
+        .map(|i| {
+            event(
+                1 + (i % 5) as i64,
+                &format!("a{}", i % 997),
+                &format!("m{i}"),
+                now,
+            )
+        })
         .collect();
     env.produce_events(&events).await?;
     // A visitor message per event too: half the group's partitions carry a backlog, so some
@@ -268,7 +274,9 @@ async fn writer_lag_series_agree_after_a_rebalance() -> Result<()> {
             lag: final_a.lag.clone(),
             rows: final_a.rows.clone(),
         };
-        stale_a.lag.insert((topic.clone(), partition.clone()), value);
+        stale_a
+            .lag
+            .insert((topic.clone(), partition.clone()), value);
         let file = promtool_file(rules, &[("a", &stale_a), ("b", &final_b)], &quiet);
         let failed = promtool_test(&file).expect_err("a stale lag series passed the quiet checks");
         assert!(

@@ -69,12 +69,18 @@ struct Pii {
     phone: Option<PiiValue>,
 }
 
+/// What [`take_pii`] takes out of an identify.
+struct Taken {
+    pii: Pii,
+    /// The traits without email and phone.
+    traits: JsonObject,
+    email_fp: Option<Vec<u8>>,
+    phone_fp: Option<Vec<u8>>,
+}
+
 /// Splits `email` and `phone` out of traits (plaintext, version 1), and takes the sealed ones
 /// of a version 2 message, which win. Fingerprints: the collector's, else computed here.
-fn take_pii(
-    msg: &IdentityMessage,
-    keys: Option<&PiiKeys>,
-) -> Result<(Pii, JsonObject, Option<Vec<u8>>, Option<Vec<u8>>), Rejection> {
+fn take_pii(msg: &IdentityMessage, keys: Option<&PiiKeys>) -> Result<Taken, Rejection> {
     let mut rest = msg.traits.clone();
     let mut take = |k: &str| match rest.remove(k) {
         Some(Value::String(s)) if !s.trim().is_empty() => Some(s),
@@ -120,7 +126,12 @@ fn take_pii(
             phone_fp = fp;
         }
     }
-    Ok((pii, rest, email_fp, phone_fp))
+    Ok(Taken {
+        pii,
+        traits: rest,
+        email_fp,
+        phone_fp,
+    })
 }
 
 /// Checked before the transaction: an identify carrying plaintext PII cannot be stored
@@ -129,7 +140,7 @@ pub(crate) fn precheck(msg: &IdentityMessage, keys: Option<&PiiKeys>) -> Result<
     if msg.kind != IdentityKind::Identify {
         return Ok(());
     }
-    let (pii, ..) = take_pii(msg, keys)?;
+    let Taken { pii, .. } = take_pii(msg, keys)?;
     let plain = |v: &Option<PiiValue>| matches!(v, Some(PiiValue::Plain(_)));
     if keys.is_none() && (plain(&pii.email) || plain(&pii.phone)) {
         return Err(Rejection::new(
@@ -211,20 +222,13 @@ pub(crate) async fn apply(
         for (p, f) in wave.iter().zip(&found) {
             match p.lead_pii(keys, f) {
                 Ok(pii) => writes.push((p, f, pii)),
-                Err(rejection) => applied
-                    .refused
-                    .extend((p.first..p.first + p.messages as usize).map(|i| (i, rejection.clone()))),
+                Err(rejection) => applied.refused.extend(
+                    (p.first..p.first + p.messages as usize).map(|i| (i, rejection.clone())),
+                ),
             }
         }
         // 3. Update or insert each lead.
-        let ids = settle(
-            join_all(
-                writes
-                    .iter()
-                    .map(|(p, f, pii)| p.write(tx, st, f, pii)),
-            )
-            .await,
-        )?;
+        let ids = settle(join_all(writes.iter().map(|(p, f, pii)| p.write(tx, st, f, pii))).await)?;
         let written: Vec<&Plan<'_>> = writes.iter().map(|(p, ..)| *p).collect();
         applied.leads += written.iter().map(|p| p.messages).sum::<u64>();
         // 4. Link the anonymous ids (and point their visitor rows at the lead).
@@ -593,7 +597,12 @@ impl<'a> Plan<'a> {
                 messages: 1,
             });
         }
-        let (pii, traits, email_fp, phone_fp) = take_pii(msg, keys)?;
+        let Taken {
+            pii,
+            traits,
+            email_fp,
+            phone_fp,
+        } = take_pii(msg, keys)?;
         Ok(Plan {
             msg,
             first,
@@ -752,7 +761,6 @@ impl<'a> Plan<'a> {
         }
     }
 }
-
 
 /// Every lead each lookup row reaches (slot, lead id): by user id, email fingerprint, phone
 /// fingerprint and anonymous-id link, one index lookup per branch (see `FIND_LEADS` on `OR`).
