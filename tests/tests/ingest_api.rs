@@ -739,3 +739,32 @@ async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
     );
     collector.stop().await.unwrap();
 }
+
+/// A fleet-wide figure is shared out: 20 messages/s for the fleet over 10 collectors is 2 a
+/// second here, so with the per-collector setting left at its 5,000 a burst of 3 is all this
+/// collector lets through and the next message is refused (429, `Retry-After: 1`: one token
+/// at 2 a second), where the per-collector 5,000 would have refilled it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_rate_limit_is_enforced_as_this_collectors_share() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "fleet").await.unwrap();
+    let mut config = Collector::config(&db);
+    config.rate_limit_per_key_per_second_fleet = Some(20);
+    config.collectors = 10;
+    config.rate_limit_burst_messages = 3;
+    assert_eq!(config.rate_limit_per_collector(), 2);
+    let collector = Collector::start(config).await.unwrap();
+    let c = http();
+    let batch = |n: usize| json!({"batch": (0..n).map(|_| json!({"type": "track", "event": "E", "userId": "u"})).collect::<Vec<_>>()});
+    let send = |body: Value| {
+        c.post(collector.url("/v1/batch"))
+            .bearer_auth(&acct.key.plaintext)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(send(batch(3)).await.unwrap().status(), StatusCode::OK);
+    let r = send(batch(1)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "1");
+    collector.stop().await.unwrap();
+}
