@@ -177,9 +177,14 @@ pub(crate) async fn apply(
                 continue;
             }
         };
+        // A plan covers consecutive messages only (`first..first + messages`): never fold
+        // across one refused above (precheck refuses those first, so this is a safeguard).
+        let follows = plans
+            .last()
+            .is_some_and(|last| last.first + last.messages as usize == first);
         let rest = match plans.last_mut() {
-            Some(last) => last.absorb(plan),
-            None => Some(plan),
+            Some(last) if follows => last.absorb(plan),
+            _ => Some(plan),
         };
         plans.extend(rest);
     }
