@@ -65,6 +65,13 @@ KAFKA_SCRAM_USERS=${SLUICE_KAFKA_SCRAM_USERS:-}
 # SLUICE_KAFKA_SSL_TRUSTSTORE_PEM (mutual TLS, same keystore).
 KAFKA_SSL_PORT=${SLUICE_KAFKA_SSL_PORT:-}
 KAFKA_SSL_TRUSTSTORE_PEM=${SLUICE_KAFKA_SSL_TRUSTSTORE_PEM:-}
+# One node of a cluster (the replication tests run three): its id, every controller as
+# `id@host:port,...`, the cluster id all nodes are formatted with, and the replicas of the
+# internal topics (consumer offsets: a group must outlive a broker). One node by default.
+KAFKA_NODE_ID=${SLUICE_KAFKA_NODE_ID:-1}
+KAFKA_QUORUM_VOTERS=${SLUICE_KAFKA_QUORUM_VOTERS:-1@127.0.0.1:$KAFKA_CONTROLLER_PORT}
+KAFKA_CLUSTER_ID=${SLUICE_KAFKA_CLUSTER_ID:-}
+KAFKA_INTERNAL_REPLICATION=${SLUICE_KAFKA_INTERNAL_REPLICATION:-1}
 
 INGEST_PORT=${SLUICE_INGEST_PORT:-$_ingest}
 INGEST_METRICS_PORT=${SLUICE_INGEST_METRICS_PORT:-$_ingest_m}
@@ -142,6 +149,10 @@ install_prereqs() {
   # The PostHog SDK tests run posthog-python in a venv, the browser test Debian's Chromium.
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   command -v chromium >/dev/null || missing+=(chromium)
+  # deploy_dlq_replay.rs and deploy_config.rs fail without these (a check that cannot run is
+  # not a pass). ldd comes with libc-bin, on every Debian system.
+  command -v ldd >/dev/null || missing+=(libc-bin)
+  command -v promtool >/dev/null || missing+=(prometheus)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]} (apt)"
     local sudo=""
@@ -151,6 +162,10 @@ install_prereqs() {
     # Debian's package starts a system cluster on 5432; sluice runs its own and needs none.
   fi
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) and run this again"
+  # deploy_config.rs checks the compose and k8s files with Go programs (go.mod: Go 1.26);
+  # Debian 12's golang-go (1.19) is too old to build them, so Go is not installed from apt.
+  command -v go >/dev/null \
+    || say "warning: Go not found; tests/tests/deploy_config.rs fails without Go >= 1.26 (install the Go toolchain)"
   install_kafka
 }
 
@@ -294,6 +309,9 @@ start_kafka() {
     -e "s|@DATA@|$KAFKA_DIR/data|g" \
     -e "/^listeners=/s|\$|$listener|" -e "/^advertised.listeners=/s|\$|$advertised|" \
     -e "/^listener.security.protocol.map=/s|\$|$protocol|" \
+    -e "s|^node.id=.*|node.id=$KAFKA_NODE_ID|" \
+    -e "s|^controller.quorum.voters=.*|controller.quorum.voters=$KAFKA_QUORUM_VOTERS|" \
+    -e "s|^offsets.topic.replication.factor=.*|offsets.topic.replication.factor=$KAFKA_INTERNAL_REPLICATION|" \
     "$DEPLOY_LOCAL/server.properties" >"$KAFKA_DIR/server.properties"
   if [ -n "$KAFKA_SASL_SSL_PORT" ]; then
     # The broker's own traffic stays on PLAINTEXT; clients of this listener need TLS and one
@@ -318,15 +336,24 @@ listener.name.ssl.ssl.client.auth=required
 PROPS
   fi
   if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
-    local cluster_id scram=() user
+    local cluster_id=$KAFKA_CLUSTER_ID scram=() user
     for user in $KAFKA_SCRAM_USERS; do scram+=(--add-scram "$user"); done
-    cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
+    [ -n "$cluster_id" ] || cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
     "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" "${scram[@]}" >>"$KAFKA_LOG" 2>&1 \
       || { tail -n 20 "$KAFKA_LOG" >&2; die "Kafka storage format failed (log above: $KAFKA_LOG)"; }
   fi
   daemon "$KAFKA_PID" "$KAFKA_LOG" "${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_DIR/server.properties"
   wait_port "$KAFKA_PORT" 90 "$KAFKA_LOG" "Kafka" "$KAFKA_PID"
   say "kafka      started          127.0.0.1:$KAFKA_PORT  (pid $(cat "$KAFKA_PID"), log $KAFKA_LOG)"
+}
+
+# Kills the broker at once (SIGKILL): a broker lost, not one shut down.
+kill_kafka() {
+  if pid_alive "$KAFKA_PID"; then
+    kill -KILL "$(cat "$KAFKA_PID")"
+    rm -f "$KAFKA_PID"
+    say "kafka      killed"
+  fi
 }
 
 stop_kafka() {

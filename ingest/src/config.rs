@@ -11,6 +11,9 @@ use sluice_schema::kafka::KafkaProperties;
 use sluice_schema::runtime::LogFormat;
 use sluice_schema::topics::Topics;
 
+/// Default of [`Config::rate_limit_per_key_per_second`].
+pub const DEFAULT_RATE_LIMIT_PER_KEY_PER_SECOND: u32 = 5_000;
+
 /// Everything `sluice-ingest` can be told.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "sluice-ingest", version, about = "sluice's HTTP collector")]
@@ -76,6 +79,11 @@ pub struct Config {
     #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = 1)]
     pub topic_replication: i32,
 
+    /// `min.insync.replicas` of topics created at start-up; 0 picks replication - 1 (at
+    /// least 1), so with `acks=all` losing one broker loses no acknowledged message.
+    #[arg(long, env = "SLUICE_TOPIC_MIN_INSYNC_REPLICAS", default_value_t = 0)]
+    pub topic_min_insync_replicas: i32,
+
     /// How long a request waits for Kafka to acknowledge all its messages before it answers
     /// 503. Also librdkafka's `message.timeout.ms` (default 300000), so a message the client
     /// was told failed is not delivered minutes later by a background retry.
@@ -139,16 +147,43 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_BATCH_MESSAGES", default_value_t = 2_500)]
     pub max_batch_messages: usize,
 
-    /// Sustained messages per second one write key may send (token bucket refill rate);
-    /// 0 turns rate limiting off.
+    /// Sustained messages per second one write key may send THROUGH THIS COLLECTOR (token
+    /// bucket refill rate); 0 turns rate limiting off. Each collector process keeps its own
+    /// buckets, so N collectors behind a load balancer let a key send up to N times this:
+    /// set the fleet-wide figure instead with `SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND_FLEET`.
+    /// `SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND`, the name before this one, is still read.
     #[arg(
-        long,
-        env = "SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND",
-        default_value_t = 5_000
+        long = "rate-limit-per-key-per-second-per-collector",
+        alias = "rate-limit-per-key-per-second",
+        env = "SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND_PER_COLLECTOR",
+        default_value_t = DEFAULT_RATE_LIMIT_PER_KEY_PER_SECOND
     )]
     pub rate_limit_per_key_per_second: u32,
 
-    /// Burst of messages one write key may send at once (token bucket size).
+    /// The former name of the per-collector rate (it never was fleet-wide); read when the
+    /// per-collector setting is left at its default.
+    #[arg(
+        long = "rate-limit-per-key-per-second-legacy",
+        env = "SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND",
+        hide = true
+    )]
+    pub rate_limit_per_key_per_second_legacy: Option<u32>,
+
+    /// Sustained messages per second one write key may send across the whole fleet of
+    /// collectors. When set, each collector enforces its share, this divided by
+    /// `SLUICE_COLLECTORS` (rounded up), and the per-collector setting is ignored. The share
+    /// is exact when the load balancer spreads a key's requests evenly (round robin, least
+    /// connections); keep `SLUICE_COLLECTORS` equal to the replicas (an autoscaler that adds
+    /// collectors raises the effective fleet limit until it is updated).
+    #[arg(long, env = "SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND_FLEET")]
+    pub rate_limit_per_key_per_second_fleet: Option<u32>,
+
+    /// How many collectors share the fleet-wide rate (`SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND_FLEET`).
+    #[arg(long, env = "SLUICE_COLLECTORS", default_value_t = 1)]
+    pub collectors: u32,
+
+    /// Burst of messages one write key may send at once through this collector (token bucket
+    /// size, per collector process like the rate).
     #[arg(
         long,
         env = "SLUICE_RATE_LIMIT_BURST_MESSAGES",
@@ -215,6 +250,37 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_HEADER_BYTES", default_value_t = 65_536)]
     pub max_header_bytes: usize,
 
+    /// PII keys, `id=base64,id=base64` (32 random bytes each), the same list as the writer's
+    /// and `sluice-schema`'s: an identify's email and phone are sealed here, before they are
+    /// produced, so no topic holds them in plaintext. Without keys, identifies carrying an
+    /// email or phone are refused (reason `pii_keys_missing`).
+    #[arg(
+        long,
+        env = "SLUICE_PII_KEYS",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub pii_keys: String,
+
+    /// A file holding `SLUICE_PII_KEYS` (a mounted secret); read when that is empty.
+    #[arg(long, env = "SLUICE_PII_KEYS_FILE")]
+    pub pii_keys_file: Option<std::path::PathBuf>,
+
+    /// Id of the key new values are sealed with (one of the keys).
+    #[arg(long, env = "SLUICE_PII_ACTIVE_KEY", default_value = "")]
+    pub pii_active_key: String,
+
+    /// Traits that are personal data, comma separated: sealed in an identify (email and phone
+    /// into the lead's columns, others in place as `{"$sealed": ...}`), dropped from the
+    /// traits events carry. Email and phone are personal data even when not listed.
+    #[arg(
+        long,
+        env = "SLUICE_PII_TRAITS",
+        value_delimiter = ',',
+        default_value = "email,phone"
+    )]
+    pub pii_traits: Vec<String>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -253,6 +319,47 @@ impl Config {
     /// [`Config::produce_timeout_ms`] as a duration.
     pub fn produce_timeout(&self) -> Duration {
         Duration::from_millis(self.produce_timeout_ms)
+    }
+
+    /// The rate this collector enforces per key, messages per second (0: no limit): the
+    /// fleet-wide figure's share when one is set, else the per-collector setting (or its
+    /// former name when the new one is left at its default).
+    pub fn rate_limit_per_collector(&self) -> u32 {
+        if let Some(fleet) = self.rate_limit_per_key_per_second_fleet {
+            return fleet.div_ceil(self.collectors.max(1));
+        }
+        match self.rate_limit_per_key_per_second_legacy {
+            Some(old)
+                if self.rate_limit_per_key_per_second == DEFAULT_RATE_LIMIT_PER_KEY_PER_SECOND =>
+            {
+                old
+            }
+            _ => self.rate_limit_per_key_per_second,
+        }
+    }
+
+    /// The PII keys, when configured (from `pii_keys`, else `pii_keys_file`).
+    pub fn pii(&self) -> Result<Option<sluice_schema::pii::PiiKeys>, String> {
+        let mut keys = self.pii_keys.trim().to_owned();
+        if keys.is_empty() {
+            if let Some(path) = &self.pii_keys_file {
+                keys = std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        format!(
+                            "cannot read SLUICE_PII_KEYS_FILE {}: {e}; mount the key list there or unset it",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_owned();
+            }
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        sluice_schema::pii::PiiKeys::from_env_strings(&keys, &self.pii_active_key)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// A `Retry-After` (whole seconds, at least 1) for 503 answers.
@@ -351,5 +458,50 @@ mod tests {
         assert_eq!(c.max_request_bytes, 512_000);
         assert_eq!(c.topics().event, "sluice.event.v1");
         assert_eq!(c.retry_after_secs(), 5);
+        assert_eq!(c.rate_limit_per_collector(), 5_000);
+    }
+
+    #[test]
+    fn the_fleet_rate_is_shared_among_the_collectors() {
+        let c = Config::try_parse_from([
+            "x",
+            "--rate-limit-per-key-per-second-fleet",
+            "10000",
+            "--collectors",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(c.rate_limit_per_collector(), 3_334);
+        let c = Config::try_parse_from([
+            "x",
+            "--rate-limit-per-key-per-second-per-collector",
+            "7",
+            "--rate-limit-per-key-per-second-fleet",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!(c.rate_limit_per_collector(), 100, "the fleet figure wins");
+        let c = Config::try_parse_from(["x", "--rate-limit-per-key-per-second", "9"]).unwrap();
+        assert_eq!(c.rate_limit_per_collector(), 9, "the old flag is an alias");
+        let c =
+            Config::try_parse_from(["x", "--rate-limit-per-key-per-second-legacy", "11"]).unwrap();
+        assert_eq!(
+            c.rate_limit_per_collector(),
+            11,
+            "the old variable is still read"
+        );
+        let c = Config::try_parse_from([
+            "x",
+            "--rate-limit-per-key-per-second-legacy",
+            "11",
+            "--rate-limit-per-key-per-second-per-collector",
+            "12",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.rate_limit_per_collector(),
+            12,
+            "the new name wins over the old"
+        );
     }
 }

@@ -355,6 +355,8 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
                     context: m.context,
                     occurred_at: at,
                     received_at: facts.received_at,
+                    // Sealed after enrichment (`seal`), by a collector with PII keys.
+                    pii: None,
                 });
                 continue;
             }
@@ -438,7 +440,8 @@ const PII_TRAITS: [&str; 2] = ["email", "phone"];
 /// Removes personal data from traits that ride along on an event (analytics.js copies the
 /// user's traits into `context.traits` of every call; group calls carry `traits`): events are
 /// stored as they are, so email and phone would sit there in plaintext. Identify calls keep
-/// them: the writer encrypts them into `lead`.
+/// them here: [`crate::seal`] seals them before the messages are produced (and drops the
+/// other configured personal traits from events).
 fn strip_pii(traits: &mut JsonObject) {
     for key in PII_TRAITS {
         traits.remove(key);

@@ -72,6 +72,9 @@ pub enum IngestError {
     /// The database URL or pool is invalid.
     #[error("invalid database configuration: {0}; check SLUICE_DATABASE_URL")]
     DatabaseConfig(String),
+    /// The PII keys are set but invalid.
+    #[error("invalid PII configuration: {0}")]
+    PiiConfig(String),
     /// The Prometheus recorder could not be installed.
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
@@ -97,6 +100,7 @@ impl IngestError {
             | IngestError::KafkaConfig(_)
             | IngestError::Config(_)
             | IngestError::DatabaseConfig(_)
+            | IngestError::PiiConfig(_)
             | IngestError::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -122,6 +126,7 @@ impl IngestError {
             IngestError::Listen { .. }
             | IngestError::KafkaConfig(_)
             | IngestError::Config(_)
+            | IngestError::PiiConfig(_)
             | IngestError::DatabaseConfig(_)
             | IngestError::Metrics(_) => "internal",
         }

@@ -15,6 +15,7 @@
 //! - [`enrich`]: receive time, skew-corrected `occurred_at`, IP, user agent, bot flag, UTM;
 //!   visitor and session summaries.
 //! - [`produce`]: records, the [`produce::Sink`] trait, the Kafka sink, topic creation.
+//! - [`seal`]: an identify's personal data sealed (AES-256-GCM, fingerprints) before Kafka.
 //! - [`limits`]: per-key token buckets.
 //! - [`health`]: `/healthz`, `/readyz`.
 //! - [`metrics`]: every metric name; the Prometheus recorder.
@@ -31,6 +32,7 @@ pub mod payload;
 pub mod posthog;
 pub mod produce;
 pub mod routes;
+pub mod seal;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -79,7 +81,14 @@ pub async fn serve_on(
         .map_err(|e| IngestError::Config(e.to_string()))?;
     let sink = KafkaSink::new(&config)?;
     let pool = database_pool(&config)?;
-    let app = Arc::new(App::new(config, sink, PgKeyStore::new(pool)));
+    let sealer = config
+        .pii()
+        .map_err(IngestError::PiiConfig)?
+        .map(|keys| seal::Sealer::new(keys, &config.pii_traits));
+    if sealer.is_none() {
+        tracing::warn!("no SLUICE_PII_KEYS: identifies carrying an email or phone are refused");
+    }
+    let app = Arc::new(App::new(config, sink, PgKeyStore::new(pool)).with_sealer(sealer));
 
     // One token stops everything: the caller's shutdown future triggers it.
     let stop = CancellationToken::new();

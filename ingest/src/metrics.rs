@@ -34,8 +34,14 @@ pub const KEY_CACHE_TOTAL: &str = "sluice_ingest_key_cache_total";
 pub const KEY_CACHE_ENTRIES: &str = "sluice_ingest_key_cache_entries";
 /// Dependency reachability, 1 or 0. Label: `dependency` (kafka, postgres).
 pub const DEPENDENCY_UP: &str = "sluice_ingest_dependency_up";
-/// Rate-limited requests (also counted in requests_total with status 429).
+/// Requests refused over this collector's per-key rate (also counted in requests_total with
+/// status 429). No labels.
 pub const RATE_LIMITED_TOTAL: &str = "sluice_ingest_rate_limited_total";
+/// Gauge, the per-key rate this collector process enforces, messages per second (the fleet
+/// figure's share when `SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND_FLEET` is set; 0: no limit).
+/// Summed over the collectors it is the fleet's effective limit. No labels.
+pub const RATE_LIMIT_PER_COLLECTOR: &str =
+    "sluice_ingest_rate_limit_per_key_per_second_per_collector";
 /// Keys with a live token bucket.
 pub const RATE_LIMIT_BUCKETS: &str = "sluice_ingest_rate_limit_buckets";
 

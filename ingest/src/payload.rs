@@ -163,6 +163,8 @@ pub enum Reason {
     InvalidTimestamp,
     /// The message is over the per-message size limit.
     TooLarge,
+    /// An identify carries an email or phone, and this collector has no PII keys to seal it.
+    PiiKeysMissing,
 }
 
 impl Reason {
@@ -177,6 +179,7 @@ impl Reason {
             Reason::FieldTooLong => "field_too_long",
             Reason::InvalidTimestamp => "invalid_timestamp",
             Reason::TooLarge => "too_large",
+            Reason::PiiKeysMissing => "pii_keys_missing",
         }
     }
 }

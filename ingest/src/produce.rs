@@ -290,11 +290,12 @@ pub async fn ensure_topics(config: &Config) -> Result<(), String> {
         .set("bootstrap.servers", &config.kafka_brokers)
         .set("socket.timeout.ms", "5000");
     config.kafka.apply(&mut client);
-    topics::create_missing(
+    topics::create_missing_with(
         &client,
         &config.topics().all(),
         config.topic_partitions,
         config.topic_replication,
+        config.topic_min_insync_replicas,
         Duration::from_secs(10),
     )
     .await

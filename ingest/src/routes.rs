@@ -27,6 +27,7 @@ use crate::metrics;
 use crate::payload::{self, Defaults, Endpoint, Kind, Limits, Parsed, Rejected};
 use crate::posthog;
 use crate::produce::{records, Sink};
+use crate::seal::{self, Sealer};
 
 /// Everything a request handler needs, shared by all requests.
 pub struct App<S, K> {
@@ -42,6 +43,8 @@ pub struct App<S, K> {
     pub limiter: RateLimiter,
     /// Readiness, for `/readyz`.
     pub health: Health,
+    /// Seals personal data before it is produced; `None` without PII keys.
+    pub sealer: Option<Sealer>,
 }
 
 impl<S: Sink, K: KeyStore> App<S, K> {
@@ -54,18 +57,27 @@ impl<S: Sink, K: KeyStore> App<S, K> {
             config.key_cache_max_entries,
             config.retry_after_secs(),
         );
+        ::metrics::gauge!(metrics::RATE_LIMIT_PER_COLLECTOR)
+            .set(f64::from(config.rate_limit_per_collector()));
         App {
             limits: Limits::from_config(&config),
             limiter: RateLimiter::new(
-                config.rate_limit_per_key_per_second,
+                config.rate_limit_per_collector(),
                 config.rate_limit_burst_messages,
                 config.key_cache_max_entries,
             ),
             auth,
             sink,
             health: Health::default(),
+            sealer: None,
             config,
         }
+    }
+
+    /// The same app sealing personal data with `sealer` (see [`crate::seal`]).
+    pub fn with_sealer(mut self, sealer: Option<Sealer>) -> App<S, K> {
+        self.sealer = sealer;
+        self
     }
 }
 
@@ -376,8 +388,23 @@ async fn handle<S: Sink, K: KeyStore>(
     }
 
     let Parsed {
-        messages, rejected, ..
+        mut messages,
+        mut rejected,
+        ..
     } = parsed;
+    if app.sealer.is_none() && messages.iter().any(|(_, m)| seal::needs_keys(m)) {
+        // Plaintext email or phone must not reach Kafka: refuse those identifies.
+        let (refused, kept): (Vec<_>, Vec<_>) =
+            messages.into_iter().partition(|(_, m)| seal::needs_keys(m));
+        messages = kept;
+        rejected.extend(refused.into_iter().map(|(index, m)| payload::Rejected {
+            index,
+            message_id: m.message_id,
+            reason: payload::Reason::PiiKeysMissing,
+            detail: "identify carries an email or phone, and this collector has no PII keys to seal it: set SLUICE_PII_KEYS and SLUICE_PII_ACTIVE_KEY (the writer's) and send it again".into(),
+        }));
+        rejected.sort_by_key(|r| r.index);
+    }
     for r in &rejected {
         ::metrics::counter!(metrics::REJECTED_TOTAL, "reason" => r.reason.as_str()).increment(1);
     }
@@ -407,7 +434,11 @@ async fn handle<S: Sink, K: KeyStore>(
             .and_then(chrono::TimeDelta::try_milliseconds)
             .unwrap_or(chrono::TimeDelta::MAX),
     };
-    let out = enrich(messages.into_iter().map(|(_, m)| m).collect(), &facts);
+    let mut out = enrich(messages.into_iter().map(|(_, m)| m).collect(), &facts);
+    match &app.sealer {
+        Some(sealer) => sealer.seal(&mut out),
+        None => seal::strip_without_keys(&mut out, &app.config.pii_traits),
+    }
     let records = records(&out)
         .map_err(|e| IngestError::BadRequest(format!("cannot encode a message ({e})")))?;
     ::metrics::gauge!(metrics::PRODUCER_QUEUE_MESSAGES).set(app.sink.queue_depth() as f64);

@@ -13,6 +13,14 @@ use uuid::Uuid;
 /// The message schema version this build produces and understands.
 pub const VERSION: u16 = 1;
 
+/// The version of identity messages this build produces: [`IdentityMessage`] with its PII
+/// sealed by the collector ([`IdentityMessage::pii`]). Version 1 identity messages (plaintext
+/// email and phone in `traits`, from collectors before sealing) are still read, so messages in
+/// flight during an upgrade are stored; a writer older than this refuses version 2 to the DLQ
+/// (`unsupported_version`) rather than dropping the sealed fields it does not know, so
+/// writers are upgraded before collectors (docs/operations.md, "Upgrades").
+pub const IDENTITY_VERSION: u16 = 2;
+
 /// A JSON object, as kept in `properties`, `context`, `traits` and the JSONB columns.
 pub type JsonObject = Map<String, Value>;
 
@@ -241,14 +249,67 @@ pub enum IdentityKind {
     Alias,
 }
 
+/// One personal value sealed by the collector: what `lead.{email,phone}_ciphertext` and
+/// `lead.{email,phone}_fingerprint` store, in base64.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedField {
+    /// Base64 (standard, padded) of `nonce || AES-256-GCM ciphertext || tag`
+    /// ([`crate::pii::Sealed::ciphertext`]).
+    pub ciphertext: String,
+    /// Base64 of the HMAC-SHA256 fingerprint of the normalised value; absent when the value is
+    /// not shaped like an email or phone number (stored, but matched by nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+impl SealedField {
+    /// The ciphertext and fingerprint as bytes; `None` when either is not base64.
+    pub fn decode(&self) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let ciphertext = b64.decode(&self.ciphertext).ok()?;
+        let fingerprint = match &self.fingerprint {
+            Some(fp) => Some(b64.decode(fp).ok()?),
+            None => None,
+        };
+        Some((ciphertext, fingerprint))
+    }
+}
+
+impl std::fmt::Debug for SealedField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedField")
+            .field("ciphertext_len", &self.ciphertext.len())
+            .field("fingerprint", &self.fingerprint.is_some())
+            .finish()
+    }
+}
+
+/// The email and phone of an identify, sealed in the collector with the active PII key
+/// (`SLUICE_PII_ACTIVE_KEY`), so no plaintext personal data is ever on a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedPii {
+    /// Id of the key both values are sealed under.
+    pub key_id: String,
+    /// The `email` trait, if the call had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<SealedField>,
+    /// The `phone` trait, if the call had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<SealedField>,
+}
+
 /// An identify or alias call, on [`crate::topics::IDENTITY`]. The writer turns it into a
 /// `lead` (PII encrypted, matched by fingerprint) and `identity_link` rows.
 ///
-/// `traits` may hold plaintext email and phone: they are encrypted by the writer before they
-/// reach PostgreSQL and must never be logged.
+/// Version [`IDENTITY_VERSION`]: email and phone are in [`IdentityMessage::pii`], sealed, and
+/// the other traits configured as personal data (`SLUICE_PII_TRAITS`) are sealed in place in
+/// `traits` as `{"$sealed": {"key_id": .., "ciphertext": ..}}`. Version 1 (older collectors)
+/// may hold plaintext email and phone in `traits`: the writer seals them before they reach
+/// PostgreSQL, and they must never be logged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IdentityMessage {
-    /// Schema version, [`VERSION`].
+    /// Schema version: [`IDENTITY_VERSION`], or 1 from collectors that did not seal.
     pub v: u16,
     /// Owning tenant.
     pub tenant_id: i64,
@@ -277,6 +338,10 @@ pub struct IdentityMessage {
     pub occurred_at: DateTime<Utc>,
     /// When the collector received the request.
     pub received_at: DateTime<Utc>,
+    /// Email and phone sealed by the collector (version 2); `None` when the call had neither,
+    /// and always in version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pii: Option<SealedPii>,
 }
 
 /// Namespace of [`event_id`]'s name-based UUIDs.
@@ -321,6 +386,11 @@ impl DecodeError {
 pub trait Versioned {
     /// The message's `v`.
     fn version(&self) -> u16;
+
+    /// True for the versions this build reads (by default only [`VERSION`]).
+    fn reads(version: u16) -> bool {
+        version == VERSION
+    }
 }
 
 macro_rules! versioned {
@@ -331,13 +401,23 @@ impl<J> Versioned for EventMessage<J> {
         self.v
     }
 }
-versioned!(VisitorMessage, SessionMessage, IdentityMessage);
+versioned!(VisitorMessage, SessionMessage);
+
+impl Versioned for IdentityMessage {
+    fn version(&self) -> u16 {
+        self.v
+    }
+
+    fn reads(version: u16) -> bool {
+        version == VERSION || version == IDENTITY_VERSION
+    }
+}
 
 /// Reads one Kafka value as message `T`, refusing versions this build does not know.
 pub fn decode<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let msg: T = serde_json::from_slice(bytes)?;
     match msg.version() {
-        VERSION => Ok(msg),
+        v if T::reads(v) => Ok(msg),
         found => Err(DecodeError::UnsupportedVersion { found }),
     }
 }
@@ -454,9 +534,36 @@ mod tests {
             context: JsonObject::new(),
             occurred_at: now,
             received_at: now,
+            pii: None,
         };
         let back: IdentityMessage = decode(&serde_json::to_vec(&id).unwrap()).unwrap();
         assert_eq!(back, id);
+        // Version 2 carries sealed PII; both versions are read, 3 is not.
+        let sealed = IdentityMessage {
+            v: IDENTITY_VERSION,
+            kind: IdentityKind::Identify,
+            pii: Some(SealedPii {
+                key_id: "k2".into(),
+                email: Some(SealedField {
+                    ciphertext: "AAAA".into(),
+                    fingerprint: Some("BBBB".into()),
+                }),
+                phone: None,
+            }),
+            ..id.clone()
+        };
+        let text = serde_json::to_string(&sealed).unwrap();
+        assert!(
+            !text.contains("\"phone\""),
+            "absent fields are left out: {text}"
+        );
+        let back: IdentityMessage = decode(text.as_bytes()).unwrap();
+        assert_eq!(back, sealed);
+        let future = IdentityMessage { v: 3, ..id };
+        let err = decode::<IdentityMessage>(&serde_json::to_vec(&future).unwrap()).unwrap_err();
+        assert_eq!(err.reason(), "unsupported_version");
+        // Other messages stay at version 1 only.
+        assert!(!VisitorMessage::reads(IDENTITY_VERSION));
         let s = SessionMessage {
             v: VERSION,
             tenant_id: 1,

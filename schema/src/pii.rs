@@ -24,6 +24,10 @@ use sha2::Sha256;
 
 use crate::SchemaError;
 
+/// The key of the object that replaces a personal trait other than email and phone (see
+/// [`PiiKeys::sealed_envelope`]).
+pub const SEALED_ENVELOPE: &str = "$sealed";
+
 /// Bytes of the random nonce stored in front of each ciphertext.
 pub const NONCE_LEN: usize = 12;
 /// Bytes of the authentication tag at the end of each ciphertext.
@@ -134,11 +138,112 @@ impl PiiKeys {
 
     /// Seals `plaintext` under the active key with a fresh random nonce.
     pub fn encrypt(&self, plaintext: &[u8]) -> Sealed {
-        // The active id was checked to be present when the keys were read.
-        let cipher = &self.ciphers[&self.active];
+        // The active id was checked to be present when the keys were read; AES-GCM refuses
+        // only plaintexts over 64 GiB, and PII values are bounded far below that by the
+        // collector's 32 KB message limit.
+        #[allow(clippy::expect_used)]
+        let sealed = self
+            .encrypt_with(&self.active, plaintext)
+            .expect("the active key is configured");
+        sealed
+    }
+
+    /// Seals the personal data of an identify's `traits` in place, as the collector does
+    /// before producing it (`IdentityMessage` version 2): `email` and `phone` are taken out
+    /// and returned sealed with their fingerprints (a string, or a number as its text; any
+    /// other value of those names is dropped, as the writer always did), and every other
+    /// trait named in `others` is replaced by [`sealed_envelope`]. Nothing is logged.
+    pub fn seal_identity_traits(
+        &self,
+        traits: &mut serde_json::Map<String, serde_json::Value>,
+        others: &[String],
+    ) -> Option<crate::messages::SealedPii> {
+        use crate::messages::{SealedField, SealedPii};
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let mut take = |name: &str| -> Option<String> {
+            match traits.remove(name)? {
+                serde_json::Value::String(s) if !s.trim().is_empty() => Some(s),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }
+        };
+        let (email, phone) = (take("email"), take("phone"));
+        for name in others {
+            if let Some(value) = traits.get_mut(name.as_str()) {
+                if !value.is_null() {
+                    *value = self.sealed_envelope(value);
+                }
+            }
+        }
+        if email.is_none() && phone.is_none() {
+            return None;
+        }
+        let field = |plain: String, fingerprint: Option<[u8; 32]>| SealedField {
+            ciphertext: b64(&self.encrypt(plain.as_bytes()).ciphertext),
+            fingerprint: fingerprint.map(|f| b64(&f)),
+        };
+        Some(SealedPii {
+            key_id: self.active.clone(),
+            email: email.map(|e| {
+                let fp = self.fingerprint_email(&e);
+                field(e, fp)
+            }),
+            phone: phone.map(|p| {
+                let fp = self.fingerprint_phone(&p);
+                field(p, fp)
+            }),
+        })
+    }
+
+    /// `value` (any JSON) sealed under the active key, as the JSON that takes its place:
+    /// `{"$sealed": {"key_id": "k2", "ciphertext": "<base64 of nonce || ciphertext || tag>"}}`;
+    /// the plaintext is the value's JSON text. [`PiiKeys::open_envelope`] reverses it.
+    pub fn sealed_envelope(&self, value: &serde_json::Value) -> serde_json::Value {
+        let sealed = self.encrypt(value.to_string().as_bytes());
+        serde_json::json!({ SEALED_ENVELOPE: {
+            "key_id": sealed.key_id,
+            "ciphertext": base64::engine::general_purpose::STANDARD.encode(&sealed.ciphertext),
+        }})
+    }
+
+    /// The value inside a [`PiiKeys::sealed_envelope`], or an error saying why not.
+    pub fn open_envelope(
+        &self,
+        envelope: &serde_json::Value,
+    ) -> Result<serde_json::Value, SchemaError> {
+        let inner = envelope.get(SEALED_ENVELOPE);
+        let field = |name: &str| inner.and_then(|i| i.get(name)).and_then(|v| v.as_str());
+        let (Some(key_id), Some(ct)) = (field("key_id"), field("ciphertext")) else {
+            return Err(SchemaError::PiiDecrypt(format!(
+                "not a sealed value (an object with {SEALED_ENVELOPE}.key_id and .ciphertext)"
+            )));
+        };
+        let ct = base64::engine::general_purpose::STANDARD
+            .decode(ct)
+            .map_err(|_| {
+                SchemaError::PiiDecrypt("the sealed value's ciphertext is not base64".into())
+            })?;
+        let plain = self.decrypt(key_id, &ct)?;
+        serde_json::from_slice(&plain)
+            .map_err(|_| SchemaError::PiiDecrypt("the sealed value is not JSON once opened".into()))
+    }
+
+    /// True when `key_id` is one of the configured keys.
+    pub fn has_key(&self, key_id: &str) -> bool {
+        self.ciphers.contains_key(key_id)
+    }
+
+    /// Seals `plaintext` under `key_id` (which must be configured) instead of the active key:
+    /// re-sealing a lead's untouched value under the key of a value sealed elsewhere (the
+    /// collector), so one key id covers the lead's ciphertexts.
+    pub fn encrypt_with(&self, key_id: &str, plaintext: &[u8]) -> Result<Sealed, SchemaError> {
+        let cipher = self.ciphers.get(key_id).ok_or_else(|| {
+            SchemaError::PiiConfig(format!(
+                "cannot seal under key {key_id:?}, which is not in SLUICE_PII_KEYS: list it there (the collectors seal with it)"
+            ))
+        })?;
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        // AES-GCM refuses only plaintexts over 64 GiB; PII values are bounded far below
-        // that by the collector's 32 KB message limit.
+        // As in `encrypt`: only plaintexts over 64 GiB are refused.
         #[allow(clippy::expect_used)]
         let sealed = cipher
             .encrypt(&nonce, plaintext)
@@ -146,10 +251,10 @@ impl PiiKeys {
         let mut ciphertext = Vec::with_capacity(NONCE_LEN + sealed.len());
         ciphertext.extend_from_slice(&nonce);
         ciphertext.extend_from_slice(&sealed);
-        Sealed {
-            key_id: self.active.clone(),
+        Ok(Sealed {
+            key_id: key_id.to_owned(),
             ciphertext,
-        }
+        })
     }
 
     /// Opens a value sealed under `key_id` (active or retired).
@@ -276,6 +381,58 @@ mod tests {
             old.fingerprint_email("Ada@Example.com "),
             rotated.fingerprint_email("ada@example.com")
         );
+    }
+
+    #[test]
+    fn identity_traits_are_sealed_with_fingerprints_and_envelopes() {
+        let keys =
+            PiiKeys::from_env_strings(&format!("k1={},k2={}", b64(1), b64(2)), "k2").unwrap();
+        let mut traits = serde_json::json!({
+            "email": "Ada@Example.com", "phone": 4155550100u64, "plan": "pro",
+            "name": "Ada Lovelace", "address": {"city": "London"}, "nickname": null,
+        })
+        .as_object()
+        .cloned()
+        .unwrap();
+        let others = vec![
+            "name".to_owned(),
+            "address".to_owned(),
+            "nickname".to_owned(),
+        ];
+        let sealed = keys.seal_identity_traits(&mut traits, &others).unwrap();
+        let text = serde_json::to_string(&(&traits, &sealed)).unwrap();
+        for needle in ["Ada", "ada@", "London", "4155550100"] {
+            assert!(!text.contains(needle), "{needle} in {text}");
+        }
+        assert_eq!(sealed.key_id, "k2");
+        assert_eq!(traits["plan"], "pro");
+        assert!(traits["nickname"].is_null());
+        let open = |f: &crate::messages::SealedField| {
+            let ct = base64::engine::general_purpose::STANDARD
+                .decode(&f.ciphertext)
+                .unwrap();
+            String::from_utf8(keys.decrypt("k2", &ct).unwrap()).unwrap()
+        };
+        let email = sealed.email.as_ref().unwrap();
+        assert_eq!(open(email), "Ada@Example.com");
+        assert_eq!(
+            email.fingerprint.as_deref().unwrap(),
+            base64::engine::general_purpose::STANDARD
+                .encode(keys.fingerprint_email("ada@example.com").unwrap())
+        );
+        assert_eq!(open(sealed.phone.as_ref().unwrap()), "4155550100");
+        assert_eq!(keys.open_envelope(&traits["name"]).unwrap(), "Ada Lovelace");
+        assert_eq!(
+            keys.open_envelope(&traits["address"]).unwrap(),
+            serde_json::json!({"city": "London"})
+        );
+        // Nothing personal: nothing sealed, the other traits untouched.
+        let mut plain = serde_json::json!({"plan": "pro"})
+            .as_object()
+            .cloned()
+            .unwrap();
+        assert!(keys.seal_identity_traits(&mut plain, &others).is_none());
+        assert_eq!(plain["plan"], "pro");
     }
 
     #[test]

@@ -92,8 +92,42 @@ impl Default for Topics {
     }
 }
 
+/// The `min.insync.replicas` sluice gives a topic of `replication` replicas when not told
+/// otherwise: one less than the replicas, at least 1. With `acks=all` a write is then on every
+/// replica but one before it is acknowledged, so losing any one broker loses no acknowledged
+/// message and still takes writes; with two of three down, producers are refused (the
+/// collector answers 503) rather than acknowledged on a single copy.
+pub const fn default_min_insync_replicas(replication: i32) -> i32 {
+    if replication > 2 {
+        replication - 1
+    } else {
+        1
+    }
+}
+
+/// The `min.insync.replicas` to create topics with: `configured` when above 0, else
+/// [`default_min_insync_replicas`]; refused when it exceeds the replicas (every `acks=all`
+/// write would fail).
+pub fn min_insync_replicas(replication: i32, configured: i32) -> Result<i32, SchemaError> {
+    let value = if configured > 0 {
+        configured
+    } else {
+        default_min_insync_replicas(replication)
+    };
+    if value > replication.max(1) {
+        return Err(SchemaError::Kafka {
+            context: "checking the topic settings".into(),
+            cause: format!(
+                "min.insync.replicas {value} exceeds the replication factor {replication}, so no write could be acknowledged: set SLUICE_TOPIC_MIN_INSYNC_REPLICAS to at most {replication} (0 picks replication - 1)"
+            ),
+        });
+    }
+    Ok(value)
+}
+
 /// Creates the topics in `names` that are missing, with `partitions` partitions and
-/// `replication` replicas each; topics that exist are left as they are. `client` names the
+/// `replication` replicas each, and `min.insync.replicas` of
+/// [`default_min_insync_replicas`]; topics that exist are left as they are. `client` names the
 /// cluster (and any socket settings the caller wants); `timeout` bounds the request.
 pub async fn create_missing(
     client: &ClientConfig,
@@ -102,6 +136,20 @@ pub async fn create_missing(
     replication: i32,
     timeout: Duration,
 ) -> Result<(), SchemaError> {
+    create_missing_with(client, names, partitions, replication, 0, timeout).await
+}
+
+/// [`create_missing`] with `min.insync.replicas` set: `min_insync` above 0 is taken as it is,
+/// 0 means [`default_min_insync_replicas`] (see [`min_insync_replicas`]).
+pub async fn create_missing_with(
+    client: &ClientConfig,
+    names: &[&str],
+    partitions: i32,
+    replication: i32,
+    min_insync: i32,
+    timeout: Duration,
+) -> Result<(), SchemaError> {
+    let min_insync = min_insync_replicas(replication, min_insync)?.to_string();
     let kafka = |context: &str| {
         let context = context.to_owned();
         move |err: rdkafka::error::KafkaError| SchemaError::Kafka {
@@ -114,7 +162,10 @@ pub async fn create_missing(
         .map_err(kafka("creating the Kafka admin client"))?;
     let new: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(replication)))
+        .map(|name| {
+            NewTopic::new(name, partitions, TopicReplication::Fixed(replication))
+                .set("min.insync.replicas", &min_insync)
+        })
         .collect();
     let opts = AdminOptions::new()
         .operation_timeout(Some(timeout))
@@ -155,6 +206,18 @@ mod tests {
         assert_eq!(t.event, "t1.sluice.event.v1");
         assert!(t.all().iter().all(|name| name.starts_with("t1.sluice.")));
         assert_eq!(t.data().len(), DATA_TOPICS.len());
+    }
+
+    #[test]
+    fn min_insync_is_one_less_than_the_replicas_and_settable() {
+        assert_eq!(min_insync_replicas(1, 0).unwrap(), 1);
+        assert_eq!(min_insync_replicas(2, 0).unwrap(), 1);
+        assert_eq!(min_insync_replicas(3, 0).unwrap(), 2);
+        assert_eq!(min_insync_replicas(5, 0).unwrap(), 4);
+        assert_eq!(min_insync_replicas(3, 3).unwrap(), 3);
+        assert_eq!(min_insync_replicas(3, 1).unwrap(), 1);
+        let err = min_insync_replicas(3, 4).unwrap_err().to_string();
+        assert!(err.contains("SLUICE_TOPIC_MIN_INSYNC_REPLICAS"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,17 @@ use tokio::task::JoinHandle;
 
 use crate::{unique_name, Stack, TestDb};
 
+/// The PII keys of test collectors (`k1`, 32 bytes of 7, active): a writer given the same
+/// keys matches and re-seals what they sealed.
+pub const TEST_PII_KEYS: &str = "k1=BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+/// [`TEST_PII_KEYS`] as keys.
+pub fn test_pii_keys() -> sluice_schema::pii::PiiKeys {
+    // A constant that parses; a failure here is a broken constant, caught by every test.
+    sluice_schema::pii::PiiKeys::from_env_strings(TEST_PII_KEYS, "k1")
+        .unwrap_or_else(|err| panic!("TEST_PII_KEYS: {err}"))
+}
+
 /// A tenant with a workspace and a write key.
 pub struct Account {
     /// Tenant id.
@@ -57,9 +68,12 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// A test configuration: the shared broker and `db`, a unique topic prefix, fast probes.
+    /// A test configuration: the shared broker and `db`, a unique topic prefix, fast probes,
+    /// PII sealed with [`TEST_PII_KEYS`].
     pub fn config(db: &TestDb) -> Config {
         let mut config = Config::local();
+        config.pii_keys = TEST_PII_KEYS.into();
+        config.pii_active_key = "k1".into();
         config.kafka_brokers = Stack::get().kafka_brokers.clone();
         config.database_url = db.url.clone();
         config.topic_prefix = format!("{}.", unique_name("i"));

@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //! - [`Stack`]: where the broker and the database are.
-//! - [`TestDb`]: a fresh database per test, empty or migrated ([`TestDb::migrated`]).
+//! - [`TestDb`]: a fresh database per test, empty or migrated ([`TestDb::migrated`]),
+//!   dropped when the test is done with it.
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
@@ -98,12 +99,47 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
 }
 
-/// A database of one test's own, created empty on the shared cluster.
+/// A database of one test's own, created empty on the shared cluster and dropped with it
+/// (`DROP DATABASE ... WITH (FORCE)`, so connections a test left open do not keep it), so a
+/// run does not leave hundreds of databases behind on the shared cluster.
 pub struct TestDb {
     /// The database's name.
     pub name: String,
     /// Its URL, for services and pools under test.
     pub url: String,
+    /// The cluster's maintenance URL to drop it through; `None` for a database the test does
+    /// not own ([`TestDb::existing`]).
+    admin_url: Option<String>,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(admin) = self.admin_url.take() else {
+            return;
+        };
+        let name = self.name.clone();
+        // Drop cannot await, and may run on a runtime's worker: a thread of its own with a
+        // small runtime of its own does the round trip.
+        let dropped = std::thread::spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let client = connect(&admin).await?;
+                // The name is ours (`unique_name`), never input.
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await?;
+                Ok(())
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("cannot drop test database {}: {err:#}", self.name),
+            Err(_) => eprintln!("dropping test database {} panicked", self.name),
+        }
+    }
 }
 
 impl TestDb {
@@ -117,7 +153,21 @@ impl TestDb {
             .await
             .with_context(|| format!("creating database {name}"))?;
         let url = with_database(&stack.database_url, &name)?;
-        Ok(TestDb { name, url })
+        Ok(TestDb {
+            name,
+            url,
+            admin_url: Some(stack.database_url.clone()),
+        })
+    }
+
+    /// A database the test does not own (a private cluster's `sluice`): used like a created
+    /// one, never dropped.
+    pub fn existing(name: &str, url: &str) -> TestDb {
+        TestDb {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            admin_url: None,
+        }
     }
 
     /// Creates a fresh database with every migration applied (no event month partitions:

@@ -1,6 +1,7 @@
 //! Private instances of the real parts, for fault tests that stop, restart or cut them:
 //! the shared stack must never be touched by one test, since every other test runs on it.
 //!
+//! - [`PrivateKafkaCluster`]: three (or n) KRaft nodes, for replication and broker loss.
 //! - [`PrivateKafka`] and [`PrivatePostgres`] run the same scripts as the local stack
 //!   (`deploy/local/lib.sh`) with a state folder and ports of their own, and are stopped and
 //!   deleted on drop.
@@ -201,6 +202,84 @@ impl PrivateKafka {
 impl Drop for PrivateKafka {
     fn drop(&mut self) {
         self.inner.drop_with("stop_kafka");
+    }
+}
+
+/// A KRaft cluster of one test's own: `n` nodes, each broker and controller, 256 MB heaps,
+/// consumer offsets replicated to every node, so that a test can kill brokers under load.
+/// Nodes are killed and deleted on drop.
+pub struct PrivateKafkaCluster {
+    nodes: Vec<Private>,
+    ports: Vec<u16>,
+}
+
+impl PrivateKafkaCluster {
+    /// Formats and starts `n` nodes (at once: a node opens its port only once the controller
+    /// quorum, which needs a majority of the nodes, has formed).
+    pub async fn start(n: usize) -> Result<PrivateKafkaCluster> {
+        let mut ports = Vec::with_capacity(n);
+        let mut controllers = Vec::with_capacity(n);
+        for _ in 0..n {
+            ports.push(free_port()?);
+            controllers.push(free_port()?);
+        }
+        let voters = controllers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        // A Kafka cluster id: 16 random bytes, base64url without padding.
+        let cluster_id = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+        };
+        let nodes: Vec<Private> = (0..n)
+            .map(|i| {
+                Private::new(vec![
+                    ("SLUICE_KAFKA_PORT", ports[i].to_string()),
+                    ("SLUICE_KAFKA_CONTROLLER_PORT", controllers[i].to_string()),
+                    ("SLUICE_KAFKA_HEAP", "256m".to_owned()),
+                    ("SLUICE_KAFKA_NODE_ID", (i + 1).to_string()),
+                    ("SLUICE_KAFKA_QUORUM_VOTERS", voters.clone()),
+                    ("SLUICE_KAFKA_CLUSTER_ID", cluster_id.clone()),
+                    ("SLUICE_KAFKA_INTERNAL_REPLICATION", n.to_string()),
+                ])
+            })
+            .collect();
+        let cluster = PrivateKafkaCluster { nodes, ports };
+        let started =
+            futures::future::join_all(cluster.nodes.iter().map(|n| n.run("start_kafka"))).await;
+        for result in started {
+            result?;
+        }
+        Ok(cluster)
+    }
+
+    /// Bootstrap servers of every node, `127.0.0.1:p1,127.0.0.1:p2,...`.
+    pub fn brokers(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `id` (1-based, Kafka's `node.id`) with SIGKILL.
+    pub async fn kill(&self, id: i32) -> Result<()> {
+        let node = usize::try_from(id - 1)
+            .ok()
+            .and_then(|i| self.nodes.get(i))
+            .with_context(|| format!("no node {id} in this cluster"))?;
+        node.run("kill_kafka").await
+    }
+}
+
+impl Drop for PrivateKafkaCluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            node.drop_with("kill_kafka");
+        }
     }
 }
 

@@ -327,23 +327,22 @@ fn compose_ports_and_scrape_targets_match_the_services() {
     }
 }
 
-/// Runs the Go checker in `dir` (`go run . ARG` there) and returns its stdout; without Go it
-/// says so loudly and returns None. The first run fetches the checker's modules through the
-/// Go module proxy and builds it (about a minute); later runs take a fraction of a second.
-fn go_run(dir: &str, arg: &str) -> Option<String> {
+/// Runs the Go checker in `dir` (`go run . ARG` there) and returns its stdout; without Go the
+/// test fails (a check that passes because it could not run proves nothing). The first run
+/// fetches the checker's modules through the Go module proxy and builds it (about a minute);
+/// later runs take a fraction of a second.
+fn go_run(dir: &str, arg: &str) -> String {
     let out = match Command::new("go")
         .args(["run", ".", arg])
         .current_dir(repo_root().join(dir))
         .output()
     {
         Ok(out) => out,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "\n!!! SKIPPED: Go is not installed, {dir} did not run. Install Go (golang) to \
-                 check the deploy files against the official schemas. !!!\n"
-            );
-            return None;
-        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+            "Go is not installed, so {dir} cannot check the deploy files against the official \
+             schemas: install Go at least as new as {dir}/go.mod says (Debian 12's golang-go is \
+             too old; deploy/local/lib.sh install_prereqs says so)"
+        ),
         Err(err) => panic!("running go in {dir}: {err}"),
     };
     assert!(
@@ -352,16 +351,14 @@ fn go_run(dir: &str, arg: &str) -> Option<String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
 fn compose_file_passes_the_compose_loader_and_reads_the_same_here() {
     // compose-go validates against the Compose specification and applies anchors and merge
     // keys as `docker compose` does; what it resolves must be what the tests above checked.
-    let Some(resolved) = go_run("deploy/compose/schemacheck", "../docker-compose.yml") else {
-        return;
-    };
+    let resolved = go_run("deploy/compose/schemacheck", "../docker-compose.yml");
     let resolved: serde_json::Value =
         serde_json::from_str(&resolved).expect("schemacheck printed no JSON");
     let file = compose();
@@ -870,11 +867,10 @@ fn runtime_image_has_every_shared_library_the_binaries_link() {
         let path = bin_path(binary).unwrap_or_else(|err| panic!("{err:#}"));
         let out = match Command::new("ldd").arg(&path).output() {
             Ok(out) => out,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("\n!!! SKIPPED: no `ldd` here; the runtime image's libraries are unchecked. !!!\n");
-                return;
-            }
-            Err(err) => panic!("running ldd: {err}"),
+            Err(err) => panic!(
+                "running ldd (Debian's libc-bin, on every Debian system): {err}; the runtime \
+                 image's libraries cannot be checked without it"
+            ),
         };
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)", or the loader alone.
@@ -923,23 +919,19 @@ fn runtime_image_has_every_shared_library_the_binaries_link() {
 
 // ---- prometheus and grafana --------------------------------------------------------------
 
-/// Runs promtool, or says loudly that it is missing and returns false.
-fn promtool(args: &[&str]) -> bool {
+/// Runs promtool and fails unless it succeeds (a missing promtool fails too).
+fn promtool(args: &[&str]) {
     let out = match Command::new("promtool")
         .args(args)
         .current_dir(repo_root())
         .output()
     {
         Ok(out) => out,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "\n!!! SKIPPED: promtool is not installed, `promtool {}` did not run. Install \
-                 Debian's `prometheus` package (deploy/local/lib.sh install_prereqs does). !!!\n",
-                args.join(" ")
-            );
-            return false;
-        }
-        Err(err) => panic!("running promtool: {err}"),
+        Err(err) => panic!(
+            "cannot run `promtool {}`: {err}; install Debian's `prometheus` package \
+             (deploy/local/lib.sh install_prereqs does)",
+            args.join(" ")
+        ),
     };
     assert!(
         out.status.success(),
@@ -948,7 +940,6 @@ fn promtool(args: &[&str]) -> bool {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    true
 }
 
 #[test]
@@ -957,9 +948,7 @@ fn prometheus_configs_and_rules_pass_promtool() {
         "deploy/prometheus/prometheus.yml",
         "deploy/prometheus/prometheus.compose.yml",
     ] {
-        if !promtool(&["check", "config", config]) {
-            return;
-        }
+        promtool(&["check", "config", config]);
     }
     promtool(&["check", "rules", "deploy/prometheus/rules/sluice.rules.yml"]);
     // Each alert fires on the failure it names and stays quiet on a healthy pipeline.

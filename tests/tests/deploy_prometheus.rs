@@ -6,7 +6,7 @@
 //! dashboard draws exported with buckets.
 //!
 //! Needs the binaries built (`cargo build --bins`) and `prometheus` installed (Debian's
-//! package); without the latter the test says so loudly and skips.
+//! package, installed by `deploy/local/lib.sh` install_prereqs); without it the test fails.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -198,18 +198,14 @@ async fn load(api: &str, key: &str, run: &str, requests: usize, per_request: usi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_prometheus_sees_rows_rising_with_the_load() {
-    if std::process::Command::new("prometheus")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!(
-            "\n!!! SKIPPED: `prometheus` is not installed (Debian package `prometheus`; \
-             deploy/local/prometheus start installs it, deploy/local/lib.sh install_prereqs \
-             should). !!!\n"
-        );
-        return;
-    }
+    assert!(
+        std::process::Command::new("prometheus")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "`prometheus` is not installed: apt-get install prometheus (deploy/local/lib.sh \
+         install_prereqs does)"
+    );
     let env = WriterEnv::new(3).await.unwrap();
     let account = account(&env.db, "prometheus").await.unwrap();
     let state = std::env::temp_dir().join(unique_name("sluice_prom"));

@@ -204,6 +204,7 @@ fn identify(tenant: i64, anon: &str, user: Option<&str>, email: &str, id: &str) 
         context: JsonObject::new(),
         occurred_at: now,
         received_at: now,
+        pii: None,
     }
 }
 

@@ -171,10 +171,7 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() -> Result<
     // The whole stack on a private cluster (the shared one is never stopped): the collector's
     // key store and the writer's database both go away and come back.
     let pg = sluice_tests::private::PrivatePostgres::start().await?;
-    let db = TestDb {
-        name: "sluice".into(),
-        url: pg.url(),
-    };
+    let db = TestDb::existing("sluice", &pg.url());
     sluice_schema::migrate::up(&mut db.client().await?).await?;
     let acct = account(&db, "pg-restart").await?;
     let mut config = Collector::config(&db);

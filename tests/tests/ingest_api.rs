@@ -159,9 +159,30 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
         .iter()
         .map(|c| serde_json::from_value(c.value.clone()).unwrap())
         .collect();
-    assert!(ids.iter().any(
-        |m| m.kind == messages::IdentityKind::Identify && m.traits["email"] == "x@example.com"
-    ));
+    // The email left the traits and travels sealed, under the collector's active key.
+    let identify = ids
+        .iter()
+        .find(|m| m.kind == messages::IdentityKind::Identify)
+        .unwrap();
+    assert_eq!(identify.v, messages::IDENTITY_VERSION);
+    assert!(
+        !identify.traits.contains_key("email"),
+        "{:?}",
+        identify.traits
+    );
+    let sealed = identify.pii.as_ref().unwrap();
+    let (ciphertext, fingerprint) = sealed.email.as_ref().unwrap().decode().unwrap();
+    let keys = sluice_tests::ingest::test_pii_keys();
+    assert_eq!(
+        keys.decrypt(&sealed.key_id, &ciphertext).unwrap(),
+        b"x@example.com"
+    );
+    assert_eq!(
+        fingerprint.as_deref(),
+        keys.fingerprint_email("x@example.com")
+            .as_ref()
+            .map(|f| &f[..])
+    );
     assert!(ids.iter().any(
         |m| m.kind == messages::IdentityKind::Alias && m.previous_id.as_deref() == Some("a-1")
     ));
@@ -666,5 +687,84 @@ async fn a_key_of_workspace_a_cannot_write_into_workspace_b() {
         b_event.value["properties"].get("writeKey").is_none(),
         "keys never reach Kafka"
     );
+    collector.stop().await.unwrap();
+}
+
+/// Without PII keys the collector cannot seal, so an identify carrying an email is refused
+/// (never produced in plaintext), while one without personal traits goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "nokeys").await.unwrap();
+    let mut config = Collector::config(&db);
+    config.pii_keys = String::new();
+    config.pii_active_key = String::new();
+    let collector = Collector::start(config).await.unwrap();
+    let http = reqwest::Client::new();
+    let send = |body: Value| {
+        http.post(collector.url("/v1/batch"))
+            .bearer_auth(&acct.key.plaintext)
+            .json(&body)
+            .send()
+    };
+    let r = send(json!({"batch": [
+        {"type": "identify", "userId": "u-nk", "messageId": "m-nk-1", "traits": {"email": "nokeys@example.com"}},
+        {"type": "identify", "userId": "u-nk", "messageId": "m-nk-2", "traits": {"plan": "pro"}},
+    ]}))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    assert_eq!(
+        answer["rejected"][0]["reason"], "pii_keys_missing",
+        "{answer}"
+    );
+    assert_eq!(answer["rejected"][0]["index"], 0, "{answer}");
+    let ids = consume(
+        &Stack::get().kafka_brokers,
+        &collector.topics.identity,
+        1,
+        WAIT,
+        LINGER,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(ids[0].value["message_id"], "m-nk-2");
+    assert!(
+        !ids[0].value.to_string().contains("nokeys@"),
+        "{:?}",
+        ids[0].value
+    );
+    collector.stop().await.unwrap();
+}
+
+/// A fleet-wide figure is shared out: 20 messages/s for the fleet over 10 collectors is 2 a
+/// second here, so with the per-collector setting left at its 5,000 a burst of 3 is all this
+/// collector lets through and the next message is refused (429, `Retry-After: 1`: one token
+/// at 2 a second), where the per-collector 5,000 would have refilled it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_rate_limit_is_enforced_as_this_collectors_share() {
+    let db = TestDb::migrated().await.unwrap();
+    let acct = account(&db, "fleet").await.unwrap();
+    let mut config = Collector::config(&db);
+    config.rate_limit_per_key_per_second_fleet = Some(20);
+    config.collectors = 10;
+    config.rate_limit_burst_messages = 3;
+    assert_eq!(config.rate_limit_per_collector(), 2);
+    let collector = Collector::start(config).await.unwrap();
+    let c = http();
+    let batch = |n: usize| json!({"batch": (0..n).map(|_| json!({"type": "track", "event": "E", "userId": "u"})).collect::<Vec<_>>()});
+    let send = |body: Value| {
+        c.post(collector.url("/v1/batch"))
+            .bearer_auth(&acct.key.plaintext)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(send(batch(3)).await.unwrap().status(), StatusCode::OK);
+    let r = send(batch(1)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "1");
     collector.stop().await.unwrap();
 }

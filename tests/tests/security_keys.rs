@@ -1,8 +1,10 @@
 //! Write keys reach only their own workspace, and a revoked or expired key stops working
 //! within the key cache's TTL (measured here with a 1.5 s TTL).
 //!
-//! Key comparison is constant-time by construction: `sluice_schema::apikey::verify` compares
-//! SHA-256 digests with `subtle::ConstantTimeEq`, which the last test pins.
+//! Key comparison is constant-time by construction (`sluice_schema::apikey::verify` compares
+//! SHA-256 digests with `subtle::ConstantTimeEq`), which no test here can observe: a test that
+//! grepped the source for `ct_eq` was dropped, since it proved nothing about the running code.
+//! `apikey`'s unit tests check that only the stored key's digest verifies.
 
 use std::time::{Duration, Instant};
 
@@ -157,28 +159,4 @@ async fn a_key_writes_only_into_its_own_workspace_whatever_the_body_claims() {
         "workspace from the key, not the body"
     );
     assert!(events[0].key.starts_with(&format!("{}/", a.tenant_id)));
-}
-
-#[test]
-fn key_verification_compares_digests_in_constant_time() {
-    let key = sluice_schema::apikey::generate();
-    assert!(sluice_schema::apikey::verify(&key.plaintext, &key.hash));
-    assert!(!sluice_schema::apikey::verify(
-        &format!("{}x", key.plaintext),
-        &key.hash
-    ));
-    // The comparison is over fixed-size digests with subtle's ConstantTimeEq, never `==` on
-    // the presented text: a timing attack learns nothing about the stored hash.
-    let src =
-        std::fs::read_to_string(sluice_tests::repo_root().join("schema/src/apikey.rs")).unwrap();
-    let verify = &src[src.find("pub fn verify").unwrap()..];
-    let body = &verify[..verify.find("\n}").unwrap()];
-    assert!(
-        body.contains("ct_eq"),
-        "verify uses a constant-time comparison:\n{body}"
-    );
-    assert!(
-        !body.contains("=="),
-        "verify has no short-circuit comparison:\n{body}"
-    );
 }

@@ -88,3 +88,33 @@ async fn test_databases_are_separate_and_answer_queries() {
         "expected PostgreSQL 15, got {version}"
     );
 }
+
+/// A test's database goes with its handle, even with a connection still open on it, so a
+/// run leaves no databases behind on the shared cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_database_is_dropped_with_its_handle() {
+    let db = TestDb::migrated().await.unwrap();
+    let name = db.name.clone();
+    let open = db.client().await.unwrap();
+    open.query_one("SELECT 1", &[]).await.unwrap();
+    let admin = sluice_tests::connect(&sluice_tests::Stack::get().database_url)
+        .await
+        .unwrap();
+    let count = |name: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_database WHERE datname = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count(name.clone()).await, 1);
+    drop(db);
+    assert_eq!(count(name.clone()).await, 0, "{name} is still there");
+    assert!(open.is_closed() || open.query_one("SELECT 1", &[]).await.is_err());
+}

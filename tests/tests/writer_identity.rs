@@ -28,6 +28,7 @@ fn identify(anon: &str, user: Option<&str>, traits: serde_json::Value) -> Identi
         context: JsonObject::new(),
         occurred_at: now,
         received_at: now,
+        pii: None,
     }
 }
 
@@ -460,4 +461,97 @@ async fn messages_overtake_waiting_ones_only_when_nothing_links_them() -> Result
         "ux, wz, u, the new device, the fillers, the sentinel"
     );
     writer.stop().await
+}
+
+/// Item 5 of issue 13: a lead whose old key the writer lacks is not relabelled. The lead is
+/// stored under k1; then the collectors rotate to k2 and a phone change arrives sealed under
+/// k2 (message version 2) at a writer that has lost k1. Storing it would label the kept email
+/// `k2` although it is sealed under k1, and it could never be opened again: the message goes
+/// to the DLQ with the reason and the lead stays as it was. A writer with both keys takes the
+/// replayed message and re-seals the email under k2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
+    const K2: &str = "k2=AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+    let env = WriterEnv::new(1).await?;
+    let db = env.db.client().await?;
+    let topic = env.topics.identity.clone();
+    let both = PiiKeys::from_env_strings(&format!("{KEYS},{K2}"), "k2")?;
+    let lead =
+        "SELECT pii_key_id, email_ciphertext, phone_ciphertext FROM lead WHERE user_id = 'u5'";
+
+    let mut config = env.config();
+    config.pii_keys = KEYS.into();
+    config.pii_active_key = "k1".into();
+    let writer = RunningWriter::start(config);
+    let first = identify(
+        "a5",
+        Some("u5"),
+        json!({"email": "ada@example.com", "phone": "+44 20 7946 0001"}),
+    );
+    env.produce_json(&topic, "4/a5", &first).await?;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM lead WHERE pii_key_id = 'k1'",
+        1,
+        WAIT,
+    )
+    .await?;
+    writer.stop().await?;
+    let before = db.query_one(lead, &[]).await?;
+
+    // The collector's phone change, sealed under k2 as `sluice-ingest` seals it.
+    let mut change = identify("a5", Some("u5"), json!({"phone": "+44 20 7946 0002"}));
+    change.message_id = "id-a5-phone".into();
+    change.v = sluice_schema::messages::IDENTITY_VERSION;
+    change.pii = both.seal_identity_traits(&mut change.traits, &[]);
+    assert_eq!(change.pii.as_ref().map(|p| p.key_id.as_str()), Some("k2"));
+
+    // A writer that lost k1 (only k2 listed).
+    let mut config = env.config();
+    config.pii_keys = K2.into();
+    config.pii_active_key = "k2".into();
+    let writer = RunningWriter::start(config);
+    env.produce_json(&topic, "4/a5", &change).await?;
+    let dead = env.read_dlq(1, WAIT).await?;
+    writer.stop().await?;
+    assert_eq!(dead[0].reason, "pii_key_missing");
+    assert!(dead[0].detail.contains("\"k1\""), "{}", dead[0].detail);
+    assert_eq!(
+        (dead[0].topic.as_str(), dead[0].offset),
+        (topic.as_str(), 1)
+    );
+    let after = db.query_one(lead, &[]).await?;
+    assert_eq!(after.get::<_, String>(0), "k1", "the lead keeps its key id");
+    assert_eq!(
+        after.get::<_, Vec<u8>>(1),
+        before.get::<_, Vec<u8>>(1),
+        "the email is untouched"
+    );
+    assert_eq!(after.get::<_, Vec<u8>>(2), before.get::<_, Vec<u8>>(2));
+
+    // Both keys back: the replayed message is stored, the email re-sealed under k2.
+    let mut config = env.config();
+    config.pii_keys = format!("{KEYS},{K2}");
+    config.pii_active_key = "k2".into();
+    let writer = RunningWriter::start(config);
+    env.produce_json(&topic, "4/a5", &change).await?;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM lead WHERE pii_key_id = 'k2'",
+        1,
+        WAIT,
+    )
+    .await?;
+    writer.stop().await?;
+    let row = db.query_one(lead, &[]).await?;
+    let key: String = row.get(0);
+    assert_eq!(
+        both.decrypt(&key, &row.get::<_, Vec<u8>>(1))?,
+        b"ada@example.com"
+    );
+    assert_eq!(
+        both.decrypt(&key, &row.get::<_, Vec<u8>>(2))?,
+        b"+44 20 7946 0002"
+    );
+    Ok(())
 }

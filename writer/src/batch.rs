@@ -428,7 +428,8 @@ impl Store {
                     anonymous_ids: [m.anonymous_id.as_deref(), previous],
                     ..Subject::default()
                 }
-                .with_traits(&m.traits),
+                .with_traits(&m.traits)
+                .with_sealed(m.pii.as_ref()),
             );
         }
         let verdicts = self
@@ -473,7 +474,10 @@ impl Store {
         while let Some(idx) = stack.pop() {
             tx.batch_execute("SAVEPOINT sluice_step").await?;
             match self.run_step(tx, step, p, &idx, stored).await {
-                Ok(()) => tx.batch_execute("RELEASE SAVEPOINT sluice_step").await?,
+                Ok(refused) => {
+                    tx.batch_execute("RELEASE SAVEPOINT sluice_step").await?;
+                    bad.extend(refused);
+                }
                 Err(err) if sluice_schema::partitions::is_missing_partition(&err) => {
                     // A month vanished after we saw it (pruned by an operator): forget what we
                     // know and retry the batch, which recreates it.
@@ -518,7 +522,8 @@ impl Store {
         p: &Prepared<'_>,
         idx: &[usize],
         stored: &mut Stored,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<Vec<(usize, Rejection)>, tokio_postgres::Error> {
+        let mut refused = Vec::new();
         match step {
             Step::Events => {
                 let rows: Vec<&EventMessage<RawObject>> =
@@ -542,9 +547,16 @@ impl Store {
                 stored.links += applied.links;
                 stored.waves += applied.waves;
                 stored.reach_time += applied.reach_time;
+                // Refused by the identity step itself (a lead's kept PII it cannot re-seal).
+                refused.extend(
+                    applied
+                        .refused
+                        .into_iter()
+                        .filter_map(|(j, rej)| Some((p.identities[*idx.get(j)?].0, rej))),
+                );
             }
         }
-        Ok(())
+        Ok(refused)
     }
 
     fn after_commit(&self, messages: usize, moves: &[Move], stored: &Stored, took: Duration) {

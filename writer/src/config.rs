@@ -88,6 +88,11 @@ pub struct Config {
     #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = 1)]
     pub topic_replication: i32,
 
+    /// `min.insync.replicas` of topics created at start-up; 0 picks replication - 1 (at
+    /// least 1), so with `acks=all` losing one broker loses no acknowledged message.
+    #[arg(long, env = "SLUICE_TOPIC_MIN_INSYNC_REPLICAS", default_value_t = 0)]
+    pub topic_min_insync_replicas: i32,
+
     /// Most messages in one batch (one PostgreSQL transaction). Bounds the writer's memory.
     #[arg(long, env = "SLUICE_WRITER_BATCH_MAX_ROWS", default_value_t = 20_000)]
     pub batch_max_rows: usize,
@@ -164,6 +169,7 @@ impl Config {
             pii_active_key: String::new(),
             topic_partitions: 4,
             topic_replication: 1,
+            topic_min_insync_replicas: 0,
             batch_max_rows: 20_000,
             lanes: 2,
             batch_max_bytes: 32 * 1024 * 1024,

@@ -168,6 +168,7 @@ impl ConsumerContext for WriterContext {
                 for e in tpl.elements() {
                     self.assignments
                         .remove(&(e.topic().to_owned(), e.partition()));
+                    zero_lag(e.topic(), e.partition());
                 }
                 tracing::info!(
                     partitions = tpl.count(),
@@ -185,6 +186,9 @@ impl ConsumerContext for WriterContext {
             }
             other => {
                 tracing::error!(code = ?other, "rebalance error: dropping every partition");
+                for ((topic, partition), _) in self.assignments.snapshot() {
+                    zero_lag(&topic, partition);
+                }
                 self.assignments.clear();
                 if let Err(err) = consumer.unassign() {
                     tracing::error!(cause = %err, "unassigning after a rebalance error failed");
@@ -519,6 +523,17 @@ fn export_lag(consumer: &BaseConsumer<WriterContext>, assignments: &Assignments)
             "no high watermark for some partitions (just assigned?)"
         );
     }
+}
+
+/// Sets a partition's lag gauge to 0 when this writer stops owning it. The exporter keeps a
+/// series until the process ends (the `metrics` facade has no removal), and a revoked
+/// partition's last value would otherwise stay: the alerts and the KEDA query take
+/// `max by (topic, partition)` over all writers, so a stale non-zero beat the new owner's 0,
+/// paged "not storing" on an idle pipeline and kept the autoscaler from scaling in. 0 is what
+/// this writer has left to store of it.
+fn zero_lag(topic: &str, partition: i32) {
+    metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => topic.to_owned(), "partition" => partition.to_string())
+        .set(0.0);
 }
 
 /// Leaves the group cleanly: unsubscribing triggers the final revocation here, so the other

@@ -1,5 +1,12 @@
-//! Identify and alias calls -> `lead` (email and phone sealed with the active PII key,
-//! matched by HMAC fingerprint) and `identity_link` (anonymous id -> lead).
+//! Identify and alias calls -> `lead` (email and phone sealed, matched by HMAC fingerprint)
+//! and `identity_link` (anonymous id -> lead).
+//!
+//! Email and phone arrive sealed by the collector (message version 2) and are stored as they
+//! are; version 1 messages (collectors before sealing) carry them in plaintext and are sealed
+//! here with the active key. A lead has one key id for both ciphertexts, so a value kept from
+//! before is re-sealed under the new value's key; when that needs a key this writer does not
+//! have, the message is refused to the DLQ (`pii_key_missing`) rather than labelled with a key
+//! that cannot open the kept value.
 //!
 //! Order matters (a later identify updates what an earlier one created), but most messages of
 //! a batch have nothing to do with each other. They are therefore applied in *waves* of
@@ -23,8 +30,8 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use serde_json::Value;
-use sluice_schema::messages::{IdentityKind, IdentityMessage, JsonObject};
-use sluice_schema::pii::PiiKeys;
+use sluice_schema::messages::{IdentityKind, IdentityMessage, JsonObject, SealedField};
+use sluice_schema::pii::{PiiKeys, Sealed};
 use tokio_postgres::{Statement, Transaction};
 
 use crate::error::is_data_error;
@@ -32,7 +39,7 @@ use crate::error::is_data_error;
 use crate::decode::Rejection;
 
 /// Rows touched by applying identity messages, for the per-table metrics.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Applied {
     /// Leads inserted or updated.
     pub leads: u64,
@@ -42,37 +49,104 @@ pub(crate) struct Applied {
     pub waves: u64,
     /// Time spent finding what each message reaches, to form the waves (for the debug log).
     pub reach_time: std::time::Duration,
+    /// Messages refused (index into the messages given, reason), stored nowhere.
+    pub refused: Vec<(usize, Rejection)>,
 }
 
-/// Plaintext PII taken out of an identify's traits (never logged).
+/// One PII value of a message (never logged).
+#[derive(Clone)]
+enum PiiValue {
+    /// From a version 1 message's traits: sealed here with the active key.
+    Plain(String),
+    /// Sealed by the collector.
+    Sealed(Sealed),
+}
+
+/// The email and phone of an identify.
+#[derive(Clone, Default)]
 struct Pii {
-    email: Option<String>,
-    phone: Option<String>,
+    email: Option<PiiValue>,
+    phone: Option<PiiValue>,
 }
 
-/// Splits `email` and `phone` out of traits: they are stored only encrypted.
-fn take_pii(traits: &JsonObject) -> (Pii, JsonObject) {
-    let mut rest = traits.clone();
+/// What [`take_pii`] takes out of an identify.
+struct Taken {
+    pii: Pii,
+    /// The traits without email and phone.
+    traits: JsonObject,
+    email_fp: Option<Vec<u8>>,
+    phone_fp: Option<Vec<u8>>,
+}
+
+/// Splits `email` and `phone` out of traits (plaintext, version 1), and takes the sealed ones
+/// of a version 2 message, which win. Fingerprints: the collector's, else computed here.
+fn take_pii(msg: &IdentityMessage, keys: Option<&PiiKeys>) -> Result<Taken, Rejection> {
+    let mut rest = msg.traits.clone();
     let mut take = |k: &str| match rest.remove(k) {
         Some(Value::String(s)) if !s.trim().is_empty() => Some(s),
         Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
     };
-    let email = take("email");
-    let phone = take("phone");
-    (Pii { email, phone }, rest)
+    let (email, phone) = (take("email"), take("phone"));
+    let email_fp = keys
+        .zip(email.as_deref())
+        .and_then(|(k, e)| k.fingerprint_email(e))
+        .map(|f| f.to_vec());
+    let phone_fp = keys
+        .zip(phone.as_deref())
+        .and_then(|(k, p)| k.fingerprint_phone(p))
+        .map(|f| f.to_vec());
+    let mut pii = Pii {
+        email: email.map(PiiValue::Plain),
+        phone: phone.map(PiiValue::Plain),
+    };
+    let (mut email_fp, mut phone_fp) = (email_fp, phone_fp);
+    if let Some(sealed) = &msg.pii {
+        let open = |f: &SealedField| -> Result<(PiiValue, Option<Vec<u8>>), Rejection> {
+            let (ciphertext, fingerprint) = f.decode().ok_or_else(|| {
+                Rejection::new(
+                    "malformed",
+                    "a sealed PII value or fingerprint is not base64; the producer is not a sluice collector",
+                )
+            })?;
+            let value = PiiValue::Sealed(Sealed {
+                key_id: sealed.key_id.clone(),
+                ciphertext,
+            });
+            Ok((value, fingerprint))
+        };
+        if let Some(f) = &sealed.email {
+            let (value, fp) = open(f)?;
+            pii.email = Some(value);
+            email_fp = fp;
+        }
+        if let Some(f) = &sealed.phone {
+            let (value, fp) = open(f)?;
+            pii.phone = Some(value);
+            phone_fp = fp;
+        }
+    }
+    Ok(Taken {
+        pii,
+        traits: rest,
+        email_fp,
+        phone_fp,
+    })
 }
 
-/// Checked before the transaction: an identify carrying PII cannot be stored without keys.
+/// Checked before the transaction: an identify carrying plaintext PII cannot be stored
+/// without keys, nor one whose sealed values are not base64.
 pub(crate) fn precheck(msg: &IdentityMessage, keys: Option<&PiiKeys>) -> Result<(), Rejection> {
-    if keys.is_none() && msg.kind == IdentityKind::Identify {
-        let (pii, _) = take_pii(&msg.traits);
-        if pii.email.is_some() || pii.phone.is_some() {
-            return Err(Rejection::new(
-                "pii_key_missing",
-                "identify carries email or phone but the writer has no SLUICE_PII_KEYS; set them and replay the DLQ",
-            ));
-        }
+    if msg.kind != IdentityKind::Identify {
+        return Ok(());
+    }
+    let Taken { pii, .. } = take_pii(msg, keys)?;
+    let plain = |v: &Option<PiiValue>| matches!(v, Some(PiiValue::Plain(_)));
+    if keys.is_none() && (plain(&pii.email) || plain(&pii.phone)) {
+        return Err(Rejection::new(
+            "pii_key_missing",
+            "identify carries a plaintext email or phone (a collector that does not seal) but the writer has no SLUICE_PII_KEYS; set them and replay the DLQ",
+        ));
     }
     Ok(())
 }
@@ -95,11 +169,22 @@ pub(crate) async fn apply(
     }
     let st = &Statements::prepare(tx).await?;
     let mut plans: Vec<Plan<'_>> = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        let plan = Plan::new(m, keys);
+    for (first, m) in msgs.iter().enumerate() {
+        let plan = match Plan::new(m, first, keys) {
+            Ok(plan) => plan,
+            Err(rejection) => {
+                applied.refused.push((first, rejection));
+                continue;
+            }
+        };
+        // A plan covers consecutive messages only (`first..first + messages`): never fold
+        // across one refused above (precheck refuses those first, so this is a safeguard).
+        let follows = plans
+            .last()
+            .is_some_and(|last| last.first + last.messages as usize == first);
         let rest = match plans.last_mut() {
-            Some(last) => last.absorb(plan),
-            None => Some(plan),
+            Some(last) if follows => last.absorb(plan),
+            _ => Some(plan),
         };
         plans.extend(rest);
     }
@@ -136,18 +221,23 @@ pub(crate) async fn apply(
             .position(|f| f.lead_id().is_some_and(|id| !leads.insert(id)))
             .unwrap_or(found.len());
         let wave = &wave[..kept];
-        // 2. Update or insert each lead.
-        let ids = settle(
-            join_all(
-                wave.iter()
-                    .zip(&found)
-                    .map(|(p, f)| p.write(tx, st, keys, f)),
-            )
-            .await,
-        )?;
-        applied.leads += wave.iter().map(|p| p.messages).sum::<u64>();
-        // 3. Link the anonymous ids (and point their visitor rows at the lead).
-        let linked = link_all(tx, st, wave, &ids).await?;
+        // 2. Decide each lead's ciphertexts; a message whose kept value cannot be brought
+        // under one key id with its new one is refused, and touches nothing.
+        let mut writes: Vec<(&Plan<'_>, &Found, LeadPii)> = Vec::with_capacity(wave.len());
+        for (p, f) in wave.iter().zip(&found) {
+            match p.lead_pii(keys, f) {
+                Ok(pii) => writes.push((p, f, pii)),
+                Err(rejection) => applied.refused.extend(
+                    (p.first..p.first + p.messages as usize).map(|i| (i, rejection.clone())),
+                ),
+            }
+        }
+        // 3. Update or insert each lead.
+        let ids = settle(join_all(writes.iter().map(|(p, f, pii)| p.write(tx, st, f, pii))).await)?;
+        let written: Vec<&Plan<'_>> = writes.iter().map(|(p, ..)| *p).collect();
+        applied.leads += written.iter().map(|p| p.messages).sum::<u64>();
+        // 4. Link the anonymous ids (and point their visitor rows at the lead).
+        let linked = link_all(tx, st, &written, &ids).await?;
         applied.links += linked;
         applied.waves += 1;
         let done: HashSet<usize> = members[..kept].iter().copied().collect();
@@ -443,6 +533,8 @@ impl<'a> Keys<'a> {
 struct Plan<'a> {
     /// The first message (tenant, workspace, ids, kind).
     msg: &'a IdentityMessage,
+    /// Index of that message among those applied; the plan covers `first..first + messages`.
+    first: usize,
     pii: Pii,
     traits: Value,
     email_fp: Option<Vec<u8>>,
@@ -483,34 +575,42 @@ impl Found {
     }
 }
 
+/// What a lead row stores of PII after an identify: both ciphertexts under one key id.
+#[derive(Default)]
+struct LeadPii {
+    email: Option<Vec<u8>>,
+    phone: Option<Vec<u8>>,
+    key_id: Option<String>,
+}
+
 impl<'a> Plan<'a> {
-    fn new(msg: &'a IdentityMessage, keys: Option<&PiiKeys>) -> Plan<'a> {
+    fn new(
+        msg: &'a IdentityMessage,
+        first: usize,
+        keys: Option<&PiiKeys>,
+    ) -> Result<Plan<'a>, Rejection> {
         if msg.kind == IdentityKind::Alias {
-            return Plan {
+            return Ok(Plan {
                 msg,
-                pii: Pii {
-                    email: None,
-                    phone: None,
-                },
+                first,
+                pii: Pii::default(),
                 traits: Value::Null,
                 email_fp: None,
                 phone_fp: None,
                 first_at: msg.occurred_at,
                 last_at: msg.occurred_at,
                 messages: 1,
-            };
+            });
         }
-        let (pii, traits) = take_pii(&msg.traits);
-        let email_fp = keys
-            .zip(pii.email.as_deref())
-            .and_then(|(k, e)| k.fingerprint_email(e))
-            .map(|f| f.to_vec());
-        let phone_fp = keys
-            .zip(pii.phone.as_deref())
-            .and_then(|(k, p)| k.fingerprint_phone(p))
-            .map(|f| f.to_vec());
-        Plan {
+        let Taken {
+            pii,
+            traits,
+            email_fp,
+            phone_fp,
+        } = take_pii(msg, keys)?;
+        Ok(Plan {
             msg,
+            first,
             pii,
             traits: Value::Object(traits),
             email_fp,
@@ -518,7 +618,18 @@ impl<'a> Plan<'a> {
             first_at: msg.occurred_at,
             last_at: msg.occurred_at,
             messages: 1,
-        }
+        })
+    }
+
+    /// The ciphertexts and key id the lead stores after this identify (see [`lead_pii`]).
+    fn lead_pii(&self, keys: Option<&PiiKeys>, found: &Found) -> Result<LeadPii, Rejection> {
+        let old = match found {
+            Found::Identify(Some(row)) => Some(row),
+            Found::Identify(None) => None,
+            // Aliases write no PII.
+            _ => return Ok(LeadPii::default()),
+        };
+        lead_pii(keys, &self.pii, old)
     }
 
     /// Folds `next`, the message right after this plan's, into it when both are identifies
@@ -586,43 +697,19 @@ impl<'a> Plan<'a> {
         Ok(Found::Alias(row.map(|r| (r.get(0), r.get(1)))))
     }
 
-    /// Updates or inserts the lead; returns its id.
+    /// Updates or inserts the lead with `pii` (from [`Plan::lead_pii`]); returns its id.
     async fn write(
         &self,
         tx: &Transaction<'_>,
         st: &Statements,
-        keys: Option<&PiiKeys>,
         found: &Found,
+        pii: &LeadPii,
     ) -> Result<i64, tokio_postgres::Error> {
         let m = self.msg;
         let (email_fp, phone_fp, traits) = (&self.email_fp, &self.phone_fp, &self.traits);
         match found {
             Found::Identify(Some(row)) => {
                 let id = row.id;
-                let old_email = row.email.clone();
-                let old_phone = row.phone.clone();
-                let old_key = row.key_id.clone();
-                // One key id covers both ciphertexts: whatever is not replaced is re-sealed
-                // under the active key when the lead's key is an older one.
-                let email = reseal(
-                    keys,
-                    self.pii.email.as_deref(),
-                    old_email,
-                    old_key.as_deref(),
-                );
-                let phone = reseal(
-                    keys,
-                    self.pii.phone.as_deref(),
-                    old_phone,
-                    old_key.as_deref(),
-                );
-                let key_id = email
-                    .as_ref()
-                    .or(phone.as_ref())
-                    .map(|(k, _)| k.clone())
-                    .or(old_key);
-                let email_ct = email.map(|(_, c)| c);
-                let phone_ct = phone.map(|(_, c)| c);
                 tx.execute(
                     &st.update_lead,
                     &[
@@ -630,9 +717,9 @@ impl<'a> Plan<'a> {
                         &id,
                         &m.user_id,
                         traits,
-                        &email_ct,
-                        &phone_ct,
-                        &key_id,
+                        &pii.email,
+                        &pii.phone,
+                        &pii.key_id,
                         email_fp,
                         phone_fp,
                     ],
@@ -641,9 +728,6 @@ impl<'a> Plan<'a> {
                 Ok(id)
             }
             Found::Identify(None) => {
-                let email = seal(keys, self.pii.email.as_deref());
-                let phone = seal(keys, self.pii.phone.as_deref());
-                let key_id = email.as_ref().or(phone.as_ref()).map(|(k, _)| k.clone());
                 let row = tx
                     .query_one(
                         &st.insert_lead,
@@ -651,9 +735,9 @@ impl<'a> Plan<'a> {
                             &m.tenant_id,
                             &m.workspace_id,
                             &m.user_id,
-                            &email.map(|(_, c)| c),
-                            &phone.map(|(_, c)| c),
-                            &key_id,
+                            &pii.email,
+                            &pii.phone,
+                            &pii.key_id,
                             email_fp,
                             phone_fp,
                             traits,
@@ -681,13 +765,6 @@ impl<'a> Plan<'a> {
             }
         }
     }
-}
-
-/// Seals a value with the active key, if there is one.
-fn seal(keys: Option<&PiiKeys>, plain: Option<&str>) -> Option<(String, Vec<u8>)> {
-    let (keys, plain) = (keys?, plain?);
-    let sealed = keys.encrypt(plain.as_bytes());
-    Some((sealed.key_id, sealed.ciphertext))
 }
 
 /// Every lead each lookup row reaches (slot, lead id): by user id, email fingerprint, phone
@@ -771,28 +848,217 @@ const LINK: &str = "WITH q AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3
      WHERE v.tenant_id = q.tenant_id AND v.anonymous_id = q.anonymous_id \
        AND v.lead_id IS DISTINCT FROM q.lead_id";
 
-/// The ciphertext to store for one PII field: the new value sealed, or the old one kept (and
-/// re-sealed under the active key when it was sealed under another).
-fn reseal(
+/// Why a message is refused when a lead's values cannot share one key id.
+fn key_missing(key_id: &str) -> Rejection {
+    Rejection::new(
+        "pii_key_missing",
+        format!(
+            "the lead keeps a value sealed under PII key {key_id:?} and this identify brings one under another key; the writer needs both keys to re-seal the kept value (one key id covers a lead): add {key_id:?} to the writer's SLUICE_PII_KEYS and replay the DLQ"
+        ),
+    )
+}
+
+/// The ciphertexts and single key id a lead stores after an identify with `new` values, over
+/// the lead `old` (none: a new lead).
+///
+/// - New values: the key of the first one (email, else phone) is the lead's; every other value,
+///   new or kept, that is under another key is re-sealed under it. A kept value whose key this
+///   writer lacks (or that does not open) refuses the message: relabelling its ciphertext
+///   with the new key id would make it undecryptable for ever.
+/// - No new value: the kept ones move to the writer's active key when all of them open,
+///   else stay as they are, under their own key id.
+fn lead_pii(
     keys: Option<&PiiKeys>,
-    new_plain: Option<&str>,
-    old: Option<Vec<u8>>,
-    old_key: Option<&str>,
-) -> Option<(String, Vec<u8>)> {
-    if new_plain.is_some() {
-        return seal(keys, new_plain);
-    }
-    let (old, old_key) = (old?, old_key?);
-    match keys {
-        Some(keys) => match keys.decrypt(old_key, &old) {
-            Ok(plain) => {
-                let sealed = keys.encrypt(&plain);
-                Some((sealed.key_id, sealed.ciphertext))
+    new: &Pii,
+    old: Option<&LeadRow>,
+) -> Result<LeadPii, Rejection> {
+    let old_key = old.and_then(|r| r.key_id.as_deref());
+    let kept = |new: &Option<PiiValue>, old_ct: Option<&Vec<u8>>| match new {
+        Some(_) => None,
+        None => old_ct.cloned(),
+    };
+    let kept_email = kept(&new.email, old.and_then(|r| r.email.as_ref()));
+    let kept_phone = kept(&new.phone, old.and_then(|r| r.phone.as_ref()));
+    // Plaintext values (version 1) are sealed with the writer's active key.
+    let seal = |v: &PiiValue| -> Result<Sealed, Rejection> {
+        match v {
+            PiiValue::Sealed(s) => Ok(s.clone()),
+            PiiValue::Plain(p) => keys.map(|k| k.encrypt(p.as_bytes())).ok_or_else(|| {
+                Rejection::new(
+                    "pii_key_missing",
+                    "identify carries a plaintext email or phone but the writer has no SLUICE_PII_KEYS; set them and replay the DLQ",
+                )
+            }),
+        }
+    };
+    let new_email = new.email.as_ref().map(seal).transpose()?;
+    let new_phone = new.phone.as_ref().map(seal).transpose()?;
+    let Some(target) = new_email
+        .as_ref()
+        .or(new_phone.as_ref())
+        .map(|s| s.key_id.clone())
+    else {
+        // Nothing new: move the kept values to the active key only when all of them open.
+        if let (Some(keys), Some(old_key)) = (keys, old_key) {
+            if old_key != keys.active_key_id() {
+                let move_one = |ct: &Option<Vec<u8>>| -> Result<Option<Vec<u8>>, ()> {
+                    match ct {
+                        Some(ct) => {
+                            let plain = keys.decrypt(old_key, ct).map_err(|_| ())?;
+                            Ok(Some(keys.encrypt(&plain).ciphertext))
+                        }
+                        None => Ok(None),
+                    }
+                };
+                if let (Ok(email), Ok(phone)) = (move_one(&kept_email), move_one(&kept_phone)) {
+                    return Ok(LeadPii {
+                        email,
+                        phone,
+                        key_id: Some(keys.active_key_id().to_owned()),
+                    });
+                }
             }
-            // Unknown old key: keep the ciphertext under its own id (decryptable once the key
-            // is configured again) rather than losing it.
-            Err(_) => Some((old_key.to_owned(), old)),
-        },
-        None => Some((old_key.to_owned(), old)),
+        }
+        return Ok(LeadPii {
+            email: kept_email,
+            phone: kept_phone,
+            key_id: old_key.map(str::to_owned),
+        });
+    };
+    // Brings one value under `target`: as it is when already there, else opened and sealed.
+    let under_target = |ct: Vec<u8>, from: &str| -> Result<Vec<u8>, Rejection> {
+        if from == target {
+            return Ok(ct);
+        }
+        let keys = keys.ok_or_else(|| key_missing(from))?;
+        let plain = keys.decrypt(from, &ct).map_err(|_| key_missing(from))?;
+        keys.encrypt_with(&target, &plain)
+            .map(|s| s.ciphertext)
+            .map_err(|_| key_missing(&target))
+    };
+    let email = match (new_email, kept_email) {
+        (Some(s), _) => Some(under_target(s.ciphertext, &s.key_id)?),
+        (None, Some(ct)) => Some(under_target(ct, old_key.unwrap_or(&target))?),
+        (None, None) => None,
+    };
+    let phone = match (new_phone, kept_phone) {
+        (Some(s), _) => Some(under_target(s.ciphertext, &s.key_id)?),
+        (None, Some(ct)) => Some(under_target(ct, old_key.unwrap_or(&target))?),
+        (None, None) => None,
+    };
+    Ok(LeadPii {
+        email,
+        phone,
+        key_id: Some(target),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys of 32 bytes of 1 (`k1`) and of 2 (`k2`), as base64.
+    fn keys(list: &[(&str, u8)], active: &str) -> PiiKeys {
+        let text: Vec<String> = list
+            .iter()
+            .map(|(id, b)| {
+                let b64 = match b {
+                    1 => "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                    _ => "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+                };
+                format!("{id}={b64}")
+            })
+            .collect();
+        PiiKeys::from_env_strings(&text.join(","), active).unwrap()
+    }
+
+    fn lead(keys: &PiiKeys, email: &str, phone: &str) -> LeadRow {
+        LeadRow {
+            id: 1,
+            email: Some(keys.encrypt(email.as_bytes()).ciphertext),
+            phone: Some(keys.encrypt(phone.as_bytes()).ciphertext),
+            key_id: Some(keys.active_key_id().to_owned()),
+        }
+    }
+
+    fn sealed_phone(keys: &PiiKeys, phone: &str) -> Pii {
+        Pii {
+            email: None,
+            phone: Some(PiiValue::Sealed(keys.encrypt(phone.as_bytes()))),
+        }
+    }
+
+    fn open(keys: &PiiKeys, pii: &LeadPii, ct: &Option<Vec<u8>>) -> String {
+        let key = pii.key_id.as_deref().unwrap();
+        String::from_utf8(keys.decrypt(key, ct.as_ref().unwrap()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_kept_value_is_resealed_under_the_new_values_key() {
+        let old = keys(&[("k1", 1)], "k1");
+        let row = lead(&old, "ada@example.com", "+441");
+        // The collector seals under k2; the writer knows both keys.
+        let collector = keys(&[("k1", 1), ("k2", 2)], "k2");
+        let writer = keys(&[("k1", 1), ("k2", 2)], "k1");
+        let pii = lead_pii(Some(&writer), &sealed_phone(&collector, "+442"), Some(&row)).unwrap();
+        assert_eq!(pii.key_id.as_deref(), Some("k2"));
+        assert_eq!(open(&writer, &pii, &pii.email), "ada@example.com");
+        assert_eq!(open(&writer, &pii, &pii.phone), "+442");
+    }
+
+    #[test]
+    fn a_kept_value_whose_key_is_missing_refuses_instead_of_relabelling() {
+        let old = keys(&[("k1", 1)], "k1");
+        let row = lead(&old, "ada@example.com", "+441");
+        let collector = keys(&[("k1", 1), ("k2", 2)], "k2");
+        // Writer lost k1: relabelling the kept email as k2 would orphan it.
+        let writer = keys(&[("k2", 2)], "k2");
+        let refused = lead_pii(Some(&writer), &sealed_phone(&collector, "+442"), Some(&row))
+            .err()
+            .unwrap();
+        assert_eq!(refused.reason, "pii_key_missing");
+        assert!(refused.detail.contains("k1"), "{}", refused.detail);
+        // No keys at all: refused the same way.
+        assert!(lead_pii(None, &sealed_phone(&collector, "+442"), Some(&row)).is_err());
+        // The same key, or both values new: nothing to re-seal, stored as they came.
+        let same = lead_pii(None, &sealed_phone(&old, "+443"), Some(&row)).unwrap();
+        assert_eq!(same.key_id.as_deref(), Some("k1"));
+        assert_eq!(same.email, row.email);
+        let both = Pii {
+            email: Some(PiiValue::Sealed(collector.encrypt(b"new@example.com"))),
+            phone: Some(PiiValue::Sealed(collector.encrypt(b"+444"))),
+        };
+        let both = lead_pii(None, &both, Some(&row)).unwrap();
+        assert_eq!(both.key_id.as_deref(), Some("k2"));
+        assert_eq!(open(&collector, &both, &both.email), "new@example.com");
+    }
+
+    #[test]
+    fn without_new_values_the_lead_moves_to_the_active_key_only_when_all_open() {
+        let old = keys(&[("k1", 1)], "k1");
+        let row = lead(&old, "ada@example.com", "+441");
+        let writer = keys(&[("k1", 1), ("k2", 2)], "k2");
+        let moved = lead_pii(Some(&writer), &Pii::default(), Some(&row)).unwrap();
+        assert_eq!(moved.key_id.as_deref(), Some("k2"));
+        assert_eq!(open(&writer, &moved, &moved.phone), "+441");
+        // k1 unknown: left exactly as it was, under its own id.
+        let lost = keys(&[("k2", 2)], "k2");
+        let kept = lead_pii(Some(&lost), &Pii::default(), Some(&row)).unwrap();
+        assert_eq!(kept.key_id.as_deref(), Some("k1"));
+        assert_eq!((kept.email, kept.phone), (row.email, row.phone));
+    }
+
+    #[test]
+    fn plaintext_values_of_version_1_are_sealed_with_the_writers_active_key() {
+        let writer = keys(&[("k1", 1), ("k2", 2)], "k2");
+        let pii = Pii {
+            email: Some(PiiValue::Plain("ada@example.com".into())),
+            phone: None,
+        };
+        let new = lead_pii(Some(&writer), &pii, None).unwrap();
+        assert_eq!(new.key_id.as_deref(), Some("k2"));
+        assert_eq!(open(&writer, &new, &new.email), "ada@example.com");
+        assert!(new.phone.is_none());
+        assert!(lead_pii(None, &pii, None).is_err());
     }
 }

@@ -319,11 +319,12 @@ async fn create_topics(
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka_brokers);
     kafka.apply(&mut client);
-    sluice_schema::topics::create_missing(
+    sluice_schema::topics::create_missing_with(
         &client,
         &topics.all(),
         config.topic_partitions,
         config.topic_replication,
+        config.topic_min_insync_replicas,
         Duration::from_secs(30),
     )
     .await

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 use sluice_schema::erase::{id_fingerprint, SuppressionKind};
-use sluice_schema::messages::JsonObject;
+use sluice_schema::messages::{JsonObject, SealedField, SealedPii};
 use sluice_schema::pii::PiiKeys;
 use tokio_postgres::Transaction;
 
@@ -36,6 +36,9 @@ pub(crate) struct Subject<'a> {
     pub email: Option<Cow<'a, str>>,
     /// An identify's phone, as sent.
     pub phone: Option<Cow<'a, str>>,
+    /// Fingerprints the collector computed when it sealed the email and phone (version 2
+    /// identities carry no plaintext to fingerprint here).
+    pub sealed: Vec<(SuppressionKind, [u8; 32])>,
 }
 
 impl<'a> Subject<'a> {
@@ -51,9 +54,27 @@ impl<'a> Subject<'a> {
         self
     }
 
+    /// The fingerprints of a sealed identify's email and phone (`None`: a version 1 message).
+    pub fn with_sealed(mut self, pii: Option<&SealedPii>) -> Subject<'a> {
+        let Some(pii) = pii else { return self };
+        for (kind, field) in [
+            (SuppressionKind::Email, &pii.email),
+            (SuppressionKind::Phone, &pii.phone),
+        ] {
+            let fingerprint = field
+                .as_ref()
+                .and_then(SealedField::decode)
+                .and_then(|(_, fp)| fp)
+                .and_then(|fp| <[u8; 32]>::try_from(fp).ok());
+            self.sealed.extend(fingerprint.map(|fp| (kind, fp)));
+        }
+        self
+    }
+
     /// Every fingerprint of the subject, as stored in the list.
     fn fingerprints(&self, keys: Option<&PiiKeys>) -> Fingerprints {
-        let mut out = Vec::with_capacity(4);
+        let mut out = Vec::with_capacity(4 + self.sealed.len());
+        out.extend_from_slice(&self.sealed);
         for (kind, ids) in [
             (SuppressionKind::UserId, &self.user_ids),
             (SuppressionKind::AnonymousId, &self.anonymous_ids),
