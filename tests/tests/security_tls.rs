@@ -341,6 +341,9 @@ async fn collector_and_writer_store_exact_counts_through_tls_postgres_and_sasl_s
             ("SLUICE_KAFKA_BROKERS", brokers.clone()),
             ("SLUICE_TOPIC_PREFIX", prefix.clone()),
             ("SLUICE_TOPIC_PARTITIONS", "2".to_owned()),
+            // The collector seals email and phone with the writer's keys, read from a file.
+            ("SLUICE_PII_KEYS_FILE", pii_file.display().to_string()),
+            ("SLUICE_PII_ACTIVE_KEY", "k1".to_owned()),
         ];
         env.extend(extra);
         env
@@ -381,8 +384,6 @@ async fn collector_and_writer_store_exact_counts_through_tls_postgres_and_sasl_s
             ),
             ("SLUICE_WRITER_GROUP", unique_name("g")),
             ("SLUICE_WRITER_FLUSH_INTERVAL_MS", "100".to_owned()),
-            ("SLUICE_PII_KEYS_FILE", pii_file.display().to_string()),
-            ("SLUICE_PII_ACTIVE_KEY", "k1".to_owned()),
         ]),
         logs("writer"),
     )?;
@@ -393,7 +394,7 @@ async fn collector_and_writer_store_exact_counts_through_tls_postgres_and_sasl_s
         .wait_readyz(200, "\"ready\":true", Duration::from_secs(90))
         .await?;
 
-    // 500 events in 10 batches, and one identify whose email the writer seals.
+    // 500 events in 10 batches, and one identify whose email the collector seals.
     let http = reqwest::Client::new();
     let api = format!("http://127.0.0.1:{ingest_port}/v1/batch");
     for b in 0..10 {
