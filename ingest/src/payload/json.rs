@@ -10,7 +10,7 @@ use super::PayloadError;
 /// stack. Also rejects `\u` escapes of lone UTF-16 surrogates, which are not text (a
 /// lenient parser would turn them into replacement characters, silently changing the data).
 /// One pass over the bytes.
-pub(crate) fn check_depth(json: &[u8], max: usize) -> Result<(), PayloadError> {
+fn check_depth(json: &[u8], max: usize) -> Result<(), PayloadError> {
     let lone = || PayloadError::BadRequest("a string holds a lone UTF-16 surrogate escape".into());
     let mut depth = 0usize;
     let mut in_string = false;
