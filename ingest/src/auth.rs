@@ -208,11 +208,11 @@ impl<K: KeyStore> Authenticator<K> {
         let prefix = apikey::prefix_of(presented).ok_or(IngestError::UnknownKey)?;
         let row = match self.cached(prefix) {
             Some(row) => {
-                ::metrics::counter!(metrics::KEY_CACHE_TOTAL, "result" => "hit").increment(1);
+                metrics::key_cache_lookup(true);
                 row
             }
             None => {
-                ::metrics::counter!(metrics::KEY_CACHE_TOTAL, "result" => "miss").increment(1);
+                metrics::key_cache_lookup(false);
                 let row = self.store.fetch(prefix).await.map_err(|err| {
                     tracing::warn!(cause = %err, "cannot look up a write key");
                     IngestError::KeyStoreUnavailable(self.retry_after_secs)
@@ -277,7 +277,7 @@ impl<K: KeyStore> Authenticator<K> {
                 expires: Instant::now() + ttl,
             },
         );
-        ::metrics::gauge!(metrics::KEY_CACHE_ENTRIES).set(cache.len() as f64);
+        metrics::key_cache_entries(cache.len());
     }
 
     /// Writes `last_used_at` for the keys used since the last call.

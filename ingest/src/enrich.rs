@@ -2,7 +2,6 @@
 //! `occurred_at`, client IP (trusted proxies only), user agent and bot flag, UTM parameters
 //! from the page URL; and the visitor and session summaries of each request.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use axum::http::HeaderMap;
@@ -17,6 +16,9 @@ use uuid::Uuid;
 use crate::auth::Principal;
 use crate::config::Cidr;
 use crate::payload::{Kind, Message};
+
+mod summaries;
+use summaries::Summaries;
 
 /// Facts of the request that every message of it shares.
 #[derive(Debug, Clone)]
@@ -184,81 +186,10 @@ pub fn occurred_at(
     }
 }
 
-/// Running summary of one visitor or session within a request.
-struct Summary {
-    /// Earliest `occurred_at`.
-    first: DateTime<Utc>,
-    /// Latest `occurred_at`.
-    last: DateTime<Utc>,
-    /// Events (not identify/alias) counted.
-    events: i64,
-    /// Page, screen and pixel views counted.
-    pages: i64,
-    /// Attribution of the earliest message.
-    touch: Touch,
-    /// Visitor of the first message (sessions).
-    anonymous_id: Option<String>,
-    /// Latest known user id.
-    user_id: Option<String>,
-    /// Device facts of the first message (sessions).
-    device: JsonObject,
-    /// Location facts of the first message (sessions).
-    geo: JsonObject,
-}
-
-impl Summary {
-    fn new(at: DateTime<Utc>, m: &Message) -> Summary {
-        Summary {
-            first: at,
-            last: at,
-            events: 0,
-            pages: 0,
-            touch: touch_of(m),
-            anonymous_id: m.anonymous_id.clone(),
-            user_id: m.user_id.clone(),
-            device: pick(&m.context, &["device", "os", "screen", "userAgent"]),
-            geo: pick(&m.context, &["location", "timezone", "locale"]),
-        }
-    }
-
-    fn add(&mut self, at: DateTime<Utc>, m: &Message, is_event: bool) {
-        if at < self.first {
-            self.first = at;
-            self.touch = touch_of(m);
-        }
-        self.last = self.last.max(at);
-        if is_event {
-            self.events += 1;
-        }
-        if matches!(m.kind, Kind::Page | Kind::Screen | Kind::Pixel) {
-            self.pages += 1;
-        }
-        if m.user_id.is_some() {
-            self.user_id.clone_from(&m.user_id);
-        }
-    }
-}
-
-fn pick(o: &JsonObject, fields: &[&str]) -> JsonObject {
-    fields
-        .iter()
-        .filter_map(|f| o.get(*f).map(|v| ((*f).to_owned(), v.clone())))
-        .collect()
-}
-
 /// Turns one request's validated messages into docs/architecture.md §3.3's messages.
 pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
-    let tenant_id = facts.principal.tenant_id;
-    let workspace_id = facts.principal.workspace_id;
     let mut out = Outgoing::default();
-    // Insertion-ordered summaries: the index map keeps the output deterministic.
-    let mut visitors: Vec<(String, Summary)> = Vec::new();
-    let mut visitor_at: HashMap<String, usize> = HashMap::new();
-    let mut sessions: Vec<(String, Summary)> = Vec::new();
-    let mut session_at: HashMap<String, usize> = HashMap::new();
-    let mut request_ua: Option<String> = None;
-    let mut request_bot = false;
-
+    let mut summaries = Summaries::default();
     for mut m in messages {
         let mut at = occurred_at(m.timestamp, m.sent_at, facts.received_at);
         if at.signed_duration_since(facts.received_at) > facts.max_future {
@@ -268,8 +199,42 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
             .message_id
             .clone()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
-        // Segment semantics: a server SDK forwards the end user's agent and address in
-        // `context`; the request's own are the SDK's, so they only fill in.
+        let client = Client::of(&m, facts);
+        summaries.first_client(&client);
+        if !matches!(m.kind, Kind::Alias) {
+            add_campaign(&mut m);
+        }
+        summaries.add(at, &m);
+        let kind = match m.kind {
+            Kind::Track => EventType::Track,
+            Kind::Page => EventType::Page,
+            Kind::Screen => EventType::Screen,
+            Kind::Group => EventType::Group,
+            Kind::Pixel => EventType::Pixel,
+            Kind::Identify | Kind::Alias => {
+                out.identities
+                    .push(identity_message(m, message_id, at, facts));
+                continue;
+            }
+        };
+        let event = event_message(m, kind, message_id, at, client, facts);
+        out.events.push(event);
+    }
+    (out.visitors, out.sessions) = summaries.finish(facts.principal);
+    out
+}
+
+/// Who sent one message: the end user's agent and address.
+struct Client {
+    user_agent: Option<String>,
+    ip: Option<String>,
+    bot: bool,
+}
+
+impl Client {
+    /// Segment semantics: a server SDK forwards the end user's agent and address in
+    /// `context`; the request's own are the SDK's, so they only fill in.
+    fn of(m: &Message, facts: &RequestFacts) -> Client {
         let user_agent = m
             .context
             .get("userAgent")
@@ -284,154 +249,114 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
             .or(facts.ip)
             .map(|ip| ip.to_string());
         let bot = user_agent.as_deref().is_some_and(is_bot);
-        if request_ua.is_none() {
-            request_ua.clone_from(&user_agent);
-            request_bot = bot;
-        }
-        let touch_needed = !matches!(m.kind, Kind::Alias);
-        if touch_needed && !m.context.contains_key("campaign") {
-            let utm = touch_of(&m).utm;
-            if !utm.is_empty() {
-                let campaign: JsonObject = utm
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            if k == "campaign" {
-                                "name".to_owned()
-                            } else {
-                                k
-                            },
-                            v,
-                        )
-                    })
-                    .collect();
-                m.context.insert("campaign".into(), Value::Object(campaign));
-            }
-        }
-        let is_event = !matches!(m.kind, Kind::Identify | Kind::Alias);
-        if let Some(anon) = m.anonymous_id.as_ref() {
-            match visitor_at.get(anon) {
-                Some(&i) => visitors[i].1.add(at, &m, is_event),
-                None => {
-                    let mut s = Summary::new(at, &m);
-                    s.add(at, &m, is_event);
-                    visitor_at.insert(anon.clone(), visitors.len());
-                    visitors.push((anon.clone(), s));
-                }
-            }
-        }
-        if let Some(sid) = m.session_id.as_ref() {
-            match session_at.get(sid) {
-                Some(&i) => sessions[i].1.add(at, &m, is_event),
-                None => {
-                    let mut s = Summary::new(at, &m);
-                    s.add(at, &m, is_event);
-                    session_at.insert(sid.clone(), sessions.len());
-                    sessions.push((sid.clone(), s));
-                }
-            }
-        }
-        let kind = match m.kind {
-            Kind::Track => EventType::Track,
-            Kind::Page => EventType::Page,
-            Kind::Screen => EventType::Screen,
-            Kind::Group => EventType::Group,
-            Kind::Pixel => EventType::Pixel,
-            Kind::Identify | Kind::Alias => {
-                out.identities.push(IdentityMessage {
-                    v: VERSION,
-                    tenant_id,
-                    workspace_id,
-                    kind: if m.kind == Kind::Identify {
-                        IdentityKind::Identify
-                    } else {
-                        IdentityKind::Alias
-                    },
-                    message_id,
-                    anonymous_id: m.anonymous_id,
-                    user_id: m.user_id,
-                    previous_id: m.previous_id,
-                    traits: m.traits,
-                    context: m.context,
-                    occurred_at: at,
-                    received_at: facts.received_at,
-                    // Sealed after enrichment (`seal`), by a collector with PII keys.
-                    pii: None,
-                });
-                continue;
-            }
-        };
-        let mut properties = m.properties;
-        if m.kind == Kind::Group {
-            if let Some(group_id) = m.group_id {
-                properties.insert("groupId".into(), Value::String(group_id));
-            }
-            let mut traits = m.traits;
-            strip_pii(&mut traits);
-            properties.insert("traits".into(), Value::Object(traits));
-        }
-        let mut context = m.context;
-        if let Some(Value::Object(traits)) = context.get_mut("traits") {
-            strip_pii(traits);
-        }
-        out.events.push(EventMessage {
-            v: VERSION,
-            tenant_id,
-            workspace_id,
-            event_id: event_id(tenant_id, &message_id),
-            message_id,
-            kind,
-            name: m.name,
-            anonymous_id: m.anonymous_id,
-            user_id: m.user_id,
-            session_id: m.session_id,
-            occurred_at: at,
-            timestamp: m.timestamp,
-            sent_at: m.sent_at,
-            received_at: facts.received_at,
-            properties,
-            context,
-            ip,
+        Client {
             user_agent,
+            ip,
             bot,
-        });
+        }
     }
+}
 
-    out.visitors = visitors
+/// The message's UTM parameters as Segment's `context.campaign` (`utm_campaign` as `name`),
+/// unless the client sent one.
+fn add_campaign(m: &mut Message) {
+    if m.context.contains_key("campaign") {
+        return;
+    }
+    let utm = touch_of(m).utm;
+    if utm.is_empty() {
+        return;
+    }
+    let campaign: JsonObject = utm
         .into_iter()
-        .map(|(anonymous_id, s)| VisitorMessage {
-            v: VERSION,
-            tenant_id,
-            workspace_id,
-            anonymous_id,
-            user_id: s.user_id,
-            first_seen_at: s.first,
-            last_seen_at: s.last,
-            event_count: s.events,
-            first_touch: s.touch,
-            user_agent: request_ua.clone(),
-            bot: request_bot,
+        .map(|(k, v)| {
+            (
+                if k == "campaign" {
+                    "name".to_owned()
+                } else {
+                    k
+                },
+                v,
+            )
         })
         .collect();
-    out.sessions = sessions
-        .into_iter()
-        .map(|(session_id, s)| SessionMessage {
-            v: VERSION,
-            tenant_id,
-            workspace_id,
-            session_id,
-            anonymous_id: s.anonymous_id,
-            user_id: s.user_id,
-            started_at: s.first,
-            last_seen_at: s.last,
-            event_count: s.events,
-            page_count: s.pages,
-            first_touch: s.touch,
-            device: s.device,
-            geo: s.geo,
-        })
-        .collect();
-    out
+    m.context.insert("campaign".into(), Value::Object(campaign));
+}
+
+/// An identify or alias, for the identity topic.
+fn identity_message(
+    m: Message,
+    message_id: String,
+    at: DateTime<Utc>,
+    facts: &RequestFacts,
+) -> IdentityMessage {
+    IdentityMessage {
+        v: VERSION,
+        tenant_id: facts.principal.tenant_id,
+        workspace_id: facts.principal.workspace_id,
+        kind: if m.kind == Kind::Identify {
+            IdentityKind::Identify
+        } else {
+            IdentityKind::Alias
+        },
+        message_id,
+        anonymous_id: m.anonymous_id,
+        user_id: m.user_id,
+        previous_id: m.previous_id,
+        traits: m.traits,
+        context: m.context,
+        occurred_at: at,
+        received_at: facts.received_at,
+        // Sealed after enrichment (`seal`), by a collector with PII keys.
+        pii: None,
+    }
+}
+
+/// A track, page, screen, group or pixel, for the event topic; traits riding along lose
+/// their personal data.
+fn event_message(
+    m: Message,
+    kind: EventType,
+    message_id: String,
+    at: DateTime<Utc>,
+    client: Client,
+    facts: &RequestFacts,
+) -> EventMessage {
+    let mut properties = m.properties;
+    if m.kind == Kind::Group {
+        if let Some(group_id) = m.group_id {
+            properties.insert("groupId".into(), Value::String(group_id));
+        }
+        let mut traits = m.traits;
+        strip_pii(&mut traits);
+        properties.insert("traits".into(), Value::Object(traits));
+    }
+    let mut context = m.context;
+    if let Some(Value::Object(traits)) = context.get_mut("traits") {
+        strip_pii(traits);
+    }
+    let tenant_id = facts.principal.tenant_id;
+    EventMessage {
+        v: VERSION,
+        tenant_id,
+        workspace_id: facts.principal.workspace_id,
+        event_id: event_id(tenant_id, &message_id),
+        message_id,
+        kind,
+        name: m.name,
+        anonymous_id: m.anonymous_id,
+        user_id: m.user_id,
+        session_id: m.session_id,
+        occurred_at: at,
+        timestamp: m.timestamp,
+        sent_at: m.sent_at,
+        received_at: facts.received_at,
+        properties,
+        context,
+        ip: client.ip,
+        user_agent: client.user_agent,
+        bot: client.bot,
+    }
 }
 
 /// Trait names whose values are personal data that sluice keeps only encrypted, in `lead`.

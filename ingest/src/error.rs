@@ -1,27 +1,22 @@
 //! The collector's one error enum, and how each error becomes an HTTP answer: 400, 401, 403,
-//! 413, 429 or 503 (with `Retry-After`). Every message tells the client what to do.
+//! 413, 429 or 503 (with `Retry-After`). Every message tells the client what to do. A body's
+//! own faults are [`PayloadError`]s, wrapped here.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::payload::PayloadError;
+
 /// Everything that can go wrong in the collector, at start-up or in a request.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    /// The body is not a message the API accepts.
-    #[error("malformed request: {0}")]
-    BadRequest(String),
+    /// The body cannot be taken: malformed (400) or over a size limit (413).
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
     /// Every message of the request was refused; the body lists why.
     #[error("no message of the request was valid")]
     AllRejected(Vec<crate::payload::Rejected>),
-    /// The body, or one message, is over its size limit.
-    #[error("{what} is over its limit of {limit} bytes; send smaller batches")]
-    TooLarge {
-        /// "request body" or "message".
-        what: &'static str,
-        /// The limit in bytes.
-        limit: usize,
-    },
     /// The client sent its body too slowly.
     #[error("the request body did not arrive within {0} ms; send it at once")]
     BodyTimeout(u64),
@@ -84,8 +79,8 @@ impl IngestError {
     /// The HTTP status of the error.
     pub fn status(&self) -> StatusCode {
         match self {
-            IngestError::BadRequest(_) | IngestError::AllRejected(_) => StatusCode::BAD_REQUEST,
-            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Payload(err) => err.status(),
+            IngestError::AllRejected(_) => StatusCode::BAD_REQUEST,
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::MissingKey | IngestError::UnknownKey => StatusCode::UNAUTHORIZED,
             IngestError::KeyRevoked
@@ -109,11 +104,10 @@ impl IngestError {
     /// refused message's reason when every message was refused.
     pub fn reason(&self) -> &'static str {
         match self {
-            IngestError::BadRequest(_) => "malformed",
+            IngestError::Payload(err) => err.reason(),
             IngestError::AllRejected(rejected) => rejected
                 .first()
                 .map_or("all_rejected", |r| r.reason.as_str()),
-            IngestError::TooLarge { .. } => "too_large",
             IngestError::BodyTimeout(_) => "body_timeout",
             IngestError::MissingKey => "missing_key",
             IngestError::UnknownKey => "unknown_key",

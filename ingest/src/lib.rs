@@ -8,10 +8,14 @@
 //!
 //! # Layout
 //! - [`config`]: every setting, a flag and a `SLUICE_*` variable.
-//! - [`routes`]: endpoints, CORS, and the request pipeline.
+//! - [`server`]: the accept loop: connection bound, hyper, header timeout, drain.
+//! - [`routes`]: the shared state, endpoints, CORS.
+//! - [`pipeline`]: the request path every endpoint shares: read -> decode -> authorize ->
+//!   limit -> enrich -> produce, and the answer.
 //! - [`auth`]: write keys: extraction, cached look-up, constant-time check, `last_used_at`.
-//! - [`payload`]: body decoding (gzip, beacons, forms), simd-json parsing, validation.
-//! - [`posthog`]: PostHog's capture bodies mapped onto Segment messages; its remote config.
+//! - [`payload`]: body decoding (gzip, beacons, forms), simd-json parsing, the Segment rules,
+//!   the pixel's query, PostHog's capture bodies mapped onto Segment messages.
+//! - [`posthog_config`]: PostHog's remote config and feature flags, all off.
 //! - [`enrich`]: receive time, skew-corrected `occurred_at`, IP, user agent, bot flag, UTM;
 //!   visitor and session summaries.
 //! - [`produce`]: records, the [`produce::Sink`] trait, the Kafka sink, topic creation.
@@ -29,10 +33,12 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod payload;
-pub mod posthog;
+pub mod pipeline;
+pub mod posthog_config;
 pub mod produce;
 pub mod routes;
 pub mod seal;
+pub mod server;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -121,7 +127,7 @@ pub async fn serve_on(
         tracing::info!("draining: no new connections, finishing in-flight requests");
         api_stop.cancel();
     });
-    let served = accept_loop(
+    let served = server::accept_loop(
         listener,
         routes::router(app.clone()),
         &app.config,
@@ -143,69 +149,6 @@ pub async fn serve_on(
         addr: local.map(|a| a.to_string()).unwrap_or_default(),
         source,
     })
-}
-
-/// Accepts connections until `stop`, then waits (up to the drain timeout) for the requests
-/// in flight. Each connection is served by hyper's HTTP/1 server with a header-read timeout
-/// (slow-loris clients are hung up on) and a bounded head size; the number of connections
-/// is bounded by a semaphore, so a flood waits in the kernel's backlog instead of in memory.
-async fn accept_loop(
-    listener: TcpListener,
-    router: Router,
-    config: &Config,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(config.header_read_timeout_ms))
-        .max_buf_size(config.max_header_bytes.max(8192));
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => break,
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_closed) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors or the like: back off instead of spinning.
-                    tracing::error!(cause = %err, "failed to accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let router = router.clone();
-        let service =
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                tower::ServiceExt::oneshot(router.clone(), req)
-            });
-        let conn =
-            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(cause = %err, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let drain = Duration::from_millis(config.drain_timeout_ms);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(?drain, "requests still in flight after the drain timeout");
-    }
-    Ok(())
 }
 
 /// A small pool for key look-ups, with short timeouts so a dead database makes a fast 503.

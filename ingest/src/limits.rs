@@ -75,7 +75,7 @@ impl RateLimiter {
             // Whole seconds for Retry-After; the float is small and positive here.
             Err((wait.ceil() as u64).max(1))
         };
-        ::metrics::gauge!(metrics::RATE_LIMIT_BUCKETS).set(buckets.len() as f64);
+        metrics::rate_limit_buckets(buckets.len());
         result
     }
 }

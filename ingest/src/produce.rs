@@ -245,8 +245,7 @@ impl Sink for KafkaSink {
                 Err(_canceled) => return Err(ProduceError::Timeout),
             }
         }
-        ::metrics::histogram!(metrics::KAFKA_PRODUCE_DURATION_SECONDS)
-            .record(started.elapsed().as_secs_f64());
+        metrics::kafka_produced(started.elapsed());
         Ok(())
     }
 
