@@ -613,7 +613,8 @@ mod tests {
 
     use super::*;
     use crate::auth::{KeyRow, StoreError};
-    use crate::produce::{ProduceError, Record, Topic};
+    use crate::produce::{ProduceError, Record};
+    use sluice_schema::topics::DataTopic;
 
     /// Records what it is sent, or fails as told.
     #[derive(Default)]
@@ -704,8 +705,8 @@ mod tests {
         let resp = post(&app, &key, json!({"event": "E", "anonymousId": "a1"})).await;
         assert_eq!(resp.status(), StatusCode::OK);
         let sent = app.sink.sent.lock().unwrap().clone();
-        let topics: Vec<Topic> = sent.iter().map(|r| r.topic).collect();
-        assert_eq!(topics, [Topic::Event, Topic::Visitor]);
+        let topics: Vec<DataTopic> = sent.iter().map(|r| r.topic).collect();
+        assert_eq!(topics, [DataTopic::Event, DataTopic::Visitor]);
         assert!(sent.iter().all(|r| r.key == "10/a1"));
     }
 
@@ -796,7 +797,7 @@ mod tests {
         let sent = app.sink.sent.lock().unwrap().clone();
         let events: Vec<serde_json::Value> = sent
             .iter()
-            .filter(|r| r.topic == Topic::Event)
+            .filter(|r| r.topic == DataTopic::Event)
             .map(|r| serde_json::from_slice(&r.payload).unwrap())
             .collect();
         assert_eq!(events.len(), queries.len());
@@ -871,7 +872,7 @@ mod tests {
             .lock()
             .unwrap()
             .iter()
-            .filter(|r| r.topic == Topic::Event)
+            .filter(|r| r.topic == DataTopic::Event)
             .map(|r| serde_json::from_slice(&r.payload).unwrap())
             .collect()
     }
