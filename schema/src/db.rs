@@ -516,14 +516,16 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// TLS required or refused, host and port). Never holds the password.
 pub fn describe(err: &tokio_postgres::Error) -> String {
     if let Some(db) = err.as_db_error() {
-        let mut msg = db.message().to_owned();
+        let code = db.code().code();
+        // Severity and SQLSTATE let an operator (and a dead letter's reader) tell a refused
+        // row (class 22/23) from a missing table or a failed login at a glance.
+        let mut msg = format!("{}: {} (SQLSTATE {code})", db.severity(), db.message());
         if let Some(detail) = db.detail() {
-            msg.push_str(&format!(" ({detail})"));
+            msg.push_str(&format!(": {detail}"));
         }
         if let Some(hint) = db.hint() {
             msg.push_str(&format!("; hint: {hint}"));
         }
-        let code = db.code().code();
         let fix = match code {
             // invalid_password
             "28P01" => Some(

@@ -7,7 +7,7 @@ pub enum SchemaError {
     /// A database call failed; `context` says which.
     // The server's message is in the text already, so the driver error is kept as a field
     // rather than a `source` (which would print it twice in a `{:#}` chain).
-    #[error("{context}: {}", db_message(.cause))]
+    #[error("{context}: {}", crate::db::describe(.cause))]
     Db {
         /// What was being done.
         context: String,
@@ -131,22 +131,5 @@ impl SchemaError {
     /// The PostgreSQL SQLSTATE code of a database error, when the server sent one.
     pub fn sql_state(&self) -> Option<&str> {
         self.db_error().and_then(|e| e.code()).map(|c| c.code())
-    }
-}
-
-/// The server's message with its detail and hint, or the driver's own text.
-fn db_message(err: &tokio_postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => {
-            let mut msg = db.message().to_owned();
-            if let Some(detail) = db.detail() {
-                msg.push_str(&format!(" ({detail})"));
-            }
-            if let Some(hint) = db.hint() {
-                msg.push_str(&format!("; hint: {hint}"));
-            }
-            msg
-        }
-        None => err.to_string(),
     }
 }

@@ -207,7 +207,7 @@ impl WriterContext {
                 let client = self.pool.get().await.map_err(|e| e.to_string())?;
                 offsets::load(&**client, &self.group, parts)
                     .await
-                    .map_err(|e| crate::error::render_pg(&e))
+                    .map_err(|e| sluice_schema::db::describe(&e))
             });
             match attempt {
                 Ok(map) => return map,

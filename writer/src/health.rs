@@ -122,7 +122,7 @@ async fn readyz(State(deps): State<Deps>) -> impl IntoResponse {
             .simple_query("SELECT 1")
             .await
             .map(|_| ())
-            .map_err(|e| crate::error::render_pg(&e))
+            .map_err(|e| sluice_schema::db::describe(&e))
     })
     .await
     .unwrap_or_else(|_| Err("timed out after 2 s".into()));

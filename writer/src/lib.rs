@@ -357,7 +357,7 @@ async fn maintenance(
             }
         }
         if let Err(err) = prune_dedup(&client, dedup_days).await {
-            tracing::warn!(cause = %crate::error::render_pg(&err), "cannot prune event_dedup; retrying later");
+            tracing::warn!(cause = %sluice_schema::db::describe(&err), "cannot prune event_dedup; retrying later");
         }
     }
 }
