@@ -1,9 +1,8 @@
 //! Every metric the collector exports (docs/architecture.md §7.2, fixed names first), the recorder.
 //! Label values are bounded: endpoints, statuses, types, outcomes and reasons are fixed sets.
 
-use std::sync::OnceLock;
-
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sluice_schema::metrics::{BucketRule, SECONDS_BUCKETS};
 
 /// Requests answered. Labels: `endpoint` (batch, track, ..., pixel), `status` (HTTP code).
 pub const REQUESTS_TOTAL: &str = "sluice_ingest_requests_total";
@@ -45,36 +44,31 @@ pub const RATE_LIMIT_PER_COLLECTOR: &str =
 /// Keys with a live token bucket.
 pub const RATE_LIMIT_BUCKETS: &str = "sluice_ingest_rate_limit_buckets";
 
-/// The process-wide Prometheus recorder, installed on first use. Several collectors in one
-/// process (tests) share it, since `metrics` allows one global recorder.
+/// The collector's histogram buckets (docs/architecture.md §7.2): durations 0.5 ms to 10 s,
+/// body sizes 256 B to 1 MiB (the request bound is 500 kB), clock skew 0.1 s to a day.
+pub const BUCKETS: &[BucketRule] = &[
+    BucketRule::suffix("_duration_seconds", SECONDS_BUCKETS),
+    BucketRule::suffix(
+        "_bytes",
+        &[
+            256.0,
+            1024.0,
+            4096.0,
+            16384.0,
+            65536.0,
+            262_144.0,
+            524_288.0,
+            1_048_576.0,
+        ],
+    ),
+    BucketRule::name(
+        CLOCK_SKEW_SECONDS,
+        &[0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0],
+    ),
+];
+
+/// The process-wide Prometheus recorder ([`sluice_schema::metrics::recorder`]), installed on
+/// first use with [`BUCKETS`].
 pub fn handle() -> Result<PrometheusHandle, String> {
-    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let seconds = [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ];
-            let bytes = [
-                256.0,
-                1024.0,
-                4096.0,
-                16384.0,
-                65536.0,
-                262_144.0,
-                524_288.0,
-                1_048_576.0,
-            ];
-            let skew = [0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0];
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &seconds)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_bytes".into()), &bytes))
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(CLOCK_SKEW_SECONDS.into()), &skew)
-                })
-                .map_err(|e| e.to_string())?
-                .install_recorder()
-                .map_err(|e| e.to_string())
-        })
-        .clone()
+    sluice_schema::metrics::recorder(BUCKETS)
 }

@@ -2,7 +2,6 @@
 //! and Kafka reachable, with each one's latency in a JSON body) on the metrics port.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -11,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::json;
 use sluice_schema::kafka::{ErrorTap, TapContext};
@@ -20,41 +19,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::WriterError;
 
-/// The process-wide Prometheus recorder: installed by the first writer of the process (a
-/// test may run several writers; they share it).
-fn recorder() -> Option<&'static PrometheusHandle> {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| match builder().and_then(|b| b.install_recorder()) {
-            Ok(handle) => Some(handle),
-            Err(err) => {
-                tracing::warn!(cause = %err, "the metrics recorder could not be installed (another one is?); /metrics will be empty");
-                None
-            }
-        })
-        .as_ref()
+/// The process-wide Prometheus recorder ([`sluice_schema::metrics::recorder`]): installed by
+/// the first service of the process (a test may run several writers; they share it).
+fn recorder() -> Option<PrometheusHandle> {
+    match sluice_schema::metrics::recorder(crate::metrics::BUCKETS) {
+        Ok(handle) => Some(handle),
+        Err(err) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!(cause = %err, "the metrics recorder could not be installed (another one is?); /metrics will be empty"));
+            None
+        }
+    }
 }
 
 /// Installs the process-wide recorder, so metrics recorded at start-up (partitions ensured
 /// ahead) are kept: before it is installed, the `metrics` macros record nowhere.
 pub(crate) fn install() {
     let _ = recorder();
-}
-
-/// The exporter with explicit buckets for every writer histogram: without them the exporter
-/// renders summaries, whose quantiles cannot be aggregated across instances (no `_bucket`).
-fn builder() -> Result<PrometheusBuilder, BuildError> {
-    // Batch sizes: from a single straggler to the largest configurable batch.
-    let rows = [
-        1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10_000.0, 20_000.0, 50_000.0, 100_000.0,
-    ];
-    // COPY and batch durations: a few ms (small batch) to the retry ceiling and beyond.
-    let seconds = [
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    ];
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(crate::metrics::BATCH_ROWS.into()), &rows)?
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
 }
 
 /// What `/readyz` checks.
