@@ -222,7 +222,11 @@ pub struct Config {
     pub database_pool_size: usize,
 
     /// How often `/readyz`'s view of Kafka and PostgreSQL is refreshed, in milliseconds.
-    #[arg(long, env = "SLUICE_READINESS_INTERVAL_MS", default_value_t = 2_000)]
+    #[arg(
+        long,
+        env = "SLUICE_READINESS_INTERVAL_MS",
+        default_value_t = sluice_schema::readiness::DEFAULT_INTERVAL_MS
+    )]
     pub readiness_interval_ms: u64,
 
     /// How long a drain (SIGTERM) may take to flush the producer, in milliseconds.

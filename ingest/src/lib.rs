@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::Router;
+use sluice_schema::readiness::{Dependency, PROBE_TIMEOUT};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -263,14 +264,12 @@ async fn background<S: Sink, K: KeyStore>(app: Arc<App<S, K>>, stop: Cancellatio
                 }
                 let kafka = match topics_error {
                     Some(err) => Err(err),
-                    None => app.sink.probe(health::PROBE_TIMEOUT).await,
+                    None => app.sink.probe(PROBE_TIMEOUT).await,
                 };
-                app.health.record("kafka", started, kafka);
-                let started = Instant::now();
-                let pg = tokio::time::timeout(health::PROBE_TIMEOUT, app.auth.store().ping())
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()));
-                app.health.record("postgres", started, pg);
+                let up = app.health.record(Dependency::Kafka, started, kafka);
+                metrics::dependency_up(Dependency::Kafka, up);
+                let up = app.health.probe(Dependency::Postgres, app.auth.store().ping()).await;
+                metrics::dependency_up(Dependency::Postgres, up);
             }
             _ = flush.tick() => app.auth.flush_last_used().await,
         }

@@ -72,3 +72,12 @@ pub const BUCKETS: &[BucketRule] = &[
 pub fn handle() -> Result<PrometheusHandle, String> {
     sluice_schema::metrics::recorder(BUCKETS)
 }
+
+/// Sets [`DEPENDENCY_UP`] from a readiness probe's outcome.
+pub fn dependency_up(dependency: sluice_schema::readiness::Dependency, up: bool) {
+    ::metrics::gauge!(DEPENDENCY_UP, "dependency" => dependency.as_str()).set(if up {
+        1.0
+    } else {
+        0.0
+    });
+}

@@ -21,13 +21,14 @@ use crate::auth::{key_from_headers, Authenticator, KeyStore, Principal};
 use crate::config::Config;
 use crate::enrich::{client_ip, enrich, RequestFacts};
 use crate::error::IngestError;
-use crate::health::{healthz, Health};
+use crate::health::healthz;
 use crate::limits::RateLimiter;
 use crate::metrics;
 use crate::payload::{self, Defaults, Endpoint, Kind, Limits, Parsed, Rejected};
 use crate::posthog;
 use crate::produce::{records, Sink};
 use crate::seal::{self, Sealer};
+use sluice_schema::readiness::Readiness;
 
 /// Everything a request handler needs, shared by all requests.
 pub struct App<S, K> {
@@ -42,7 +43,7 @@ pub struct App<S, K> {
     /// Per-key token buckets.
     pub limiter: RateLimiter,
     /// Readiness, for `/readyz`.
-    pub health: Health,
+    pub health: Readiness,
     /// Seals personal data before it is produced; `None` without PII keys.
     pub sealer: Option<Sealer>,
 }
@@ -68,7 +69,7 @@ impl<S: Sink, K: KeyStore> App<S, K> {
             ),
             auth,
             sink,
-            health: Health::default(),
+            health: Readiness::default(),
             sealer: None,
             config,
         }
@@ -212,7 +213,7 @@ fn count_posthog_answer(endpoint: &'static str) {
 
 /// `/readyz` of the collector's state.
 pub async fn readyz<S: Sink, K: KeyStore>(State(app): State<Arc<App<S, K>>>) -> Response {
-    app.health.readyz()
+    crate::health::readyz(&app.health)
 }
 
 /// A 1x1 transparent GIF.

@@ -4,8 +4,10 @@
 //! - [`apikey`]: write keys: format, stored hash, constant-time check.
 //! - [`topics`]: Kafka topic names and the message key rule.
 //! - [`messages`]: the JSON values the collector produces and the writer consumes.
-//! - [`metrics`]: how a service declares its metrics (name, kind, labels, buckets).
-//! - [`runtime`]: what every sluice binary does at start-up (logs, metrics recorder, signals).
+//! - [`metrics`]: how a service declares its metrics (name, kind, labels, buckets); the
+//!   Prometheus recorder installed from those buckets.
+//! - [`runtime`]: what every sluice binary does at start-up (logs, signals).
+//! - [`readiness`]: `/readyz` of both services: the last probe of Kafka and PostgreSQL.
 //! - [`db`]: the PostgreSQL connector: libpq TLS parameters, OpenSSL, redacted URLs, errors
 //!   that name the setting to fix.
 //! - [`kafka`]: operator-given librdkafka properties (TLS, SASL), with sluice's own refused.
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod partitions;
 pub mod pii;
+pub mod readiness;
 pub mod runtime;
 pub mod secrets;
 pub mod seed;

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use sluice_schema::readiness;
 use sluice_schema::runtime::LogFormat;
 
 /// Everything `sluice-writer` can be told. Build it with `Config::parse()` in the binary, or
@@ -141,6 +142,10 @@ pub struct Config {
     #[arg(long, env = "SLUICE_WRITER_RETRY_MAX_MS", default_value_t = 5_000)]
     pub retry_max_ms: u64,
 
+    /// How often `/readyz`'s view of Kafka and PostgreSQL is refreshed, in milliseconds.
+    #[arg(long, env = "SLUICE_READINESS_INTERVAL_MS", default_value_t = readiness::DEFAULT_INTERVAL_MS)]
+    pub readiness_interval_ms: u64,
+
     /// Log output format.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -180,6 +185,7 @@ impl Config {
             partition_months_ahead: 3,
             partition_hash_modulus: 8,
             retry_max_ms: 2_000,
+            readiness_interval_ms: readiness::DEFAULT_INTERVAL_MS,
             log_format: LogFormat::Text,
         }
     }

@@ -103,6 +103,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pool.clone(),
         (dlq.producer(), dlq.tap()),
         topics.dlq.clone(),
+        Duration::from_millis(config.readiness_interval_ms),
         consumer_stop.clone(),
     )
     .await?;
