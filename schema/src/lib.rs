@@ -11,6 +11,7 @@
 //! - [`db`]: the PostgreSQL connector: libpq TLS parameters, OpenSSL, redacted URLs, errors
 //!   that name the setting to fix.
 //! - [`kafka`]: operator-given librdkafka properties (TLS, SASL), with sluice's own refused.
+//! - [`defaults`]: defaults of the settings several binaries read.
 //! - [`secrets`]: settings read from files (`SLUICE_DATABASE_URL_FILE`, ...).
 //! - [`migrate`]: the numbered SQL migrations of `schema/migrations/` and their runner.
 //! - [`partitions`]: month and tenant-hash partitions of `event`: create ahead, list, prune.
@@ -26,6 +27,7 @@
 pub mod apikey;
 pub mod control;
 pub mod db;
+pub mod defaults;
 pub mod erase;
 pub mod error;
 pub mod ids;
