@@ -214,17 +214,15 @@ fn database_pool(config: &Config) -> Result<deadpool_postgres::Pool, IngestError
     let target = sluice_schema::db::DbTarget::parse(&config.database_url)
         .map_err(|e| IngestError::DatabaseConfig(e.to_string()))?;
     tracing::info!(database = %target.redacted, kafka_properties = %config.kafka, "connecting");
-    let manager = target
-        .manager(deadpool_postgres::ManagerConfig::default())
-        .map_err(|e| IngestError::DatabaseConfig(e.to_string()))?;
-    let timeout = Some(Duration::from_secs(2));
-    deadpool_postgres::Pool::builder(manager)
-        .max_size(config.database_pool_size.max(1))
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(timeout)
-        .create_timeout(timeout)
-        .recycle_timeout(timeout)
-        .build()
+    // 2 s everywhere: a key look-up past it is answered 503, not left hanging.
+    let timeout = Duration::from_secs(2);
+    target
+        .pool(sluice_schema::db::PoolBounds {
+            max_size: config.database_pool_size,
+            wait_timeout: timeout,
+            create_timeout: timeout,
+            recycle_timeout: timeout,
+        })
         .map_err(|e| IngestError::DatabaseConfig(e.to_string()))
 }
 

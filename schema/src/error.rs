@@ -58,6 +58,10 @@ pub enum SchemaError {
     /// A certificate or key file named by the database URL cannot be used.
     #[error("PostgreSQL TLS: {0}")]
     DatabaseTls(String),
+    /// deadpool refused to build a connection pool: only possible with settings sluice never
+    /// gives it (no runtime), so a bug.
+    #[error("cannot build the PostgreSQL connection pool: {0}; this is a bug in sluice, please report it")]
+    Pool(String),
     /// A connection to PostgreSQL failed; `cause` says why and what to fix (see
     /// [`crate::db::describe`]), `target` is the redacted URL.
     #[error("cannot connect to PostgreSQL at {target}: {cause}")]

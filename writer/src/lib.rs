@@ -27,7 +27,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use rdkafka::ClientConfig;
 use sluice_schema::db::DbTarget;
 use sluice_schema::kafka::KafkaProperties;
@@ -296,19 +296,14 @@ fn pool(target: &DbTarget, lanes: usize) -> Result<Pool, WriterError> {
         pg.get_options().unwrap_or_default()
     );
     pg.options(options.trim_start());
-    let manager = target
-        .manager(ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+    target
+        .pool(sluice_schema::db::PoolBounds {
+            max_size: lanes + 3,
+            wait_timeout: Duration::from_secs(10),
+            create_timeout: Duration::from_secs(5),
+            recycle_timeout: Duration::from_secs(5),
         })
-        .map_err(|e| WriterError::Config(e.to_string()))?;
-    Pool::builder(manager)
-        .max_size(lanes + 3)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .recycle_timeout(Some(Duration::from_secs(5)))
-        .build()
-        .map_err(|e| WriterError::Pool(e.to_string()))
+        .map_err(|e| WriterError::Config(e.to_string()))
 }
 
 /// Creates the topics when missing (docs/architecture.md §3.1); existing ones are left alone.
