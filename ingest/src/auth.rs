@@ -103,7 +103,7 @@ impl KeyStore for PgKeyStore {
             })
         })
         .transpose()
-        .map_err(|e: tokio_postgres::Error| StoreError(e.to_string()))
+        .map_err(|e: tokio_postgres::Error| StoreError(sluice_schema::db::describe(&e)))
     }
 
     async fn touch(&self, ids: &[i64]) -> Result<(), StoreError> {

@@ -7,9 +7,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
+use sluice_schema::defaults;
 use sluice_schema::kafka::KafkaProperties;
 use sluice_schema::runtime::LogFormat;
 use sluice_schema::topics::Topics;
+
+use crate::payload::Limits;
 
 /// Default of [`Config::rate_limit_per_key_per_second`].
 pub const DEFAULT_RATE_LIMIT_PER_KEY_PER_SECOND: u32 = 5_000;
@@ -28,7 +31,7 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
 
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
-    #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = defaults::KAFKA_BROKERS)]
     pub kafka_brokers: String,
 
     /// librdkafka property `key=value` for the collector's Kafka clients (TLS, SASL);
@@ -57,7 +60,7 @@ pub struct Config {
         long,
         env = "SLUICE_DATABASE_URL",
         hide_env_values = true,
-        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
+        default_value = defaults::DATABASE_URL
     )]
     pub database_url: String,
 
@@ -72,11 +75,11 @@ pub struct Config {
     /// Partitions of each topic created at start-up (existing topics are left as they are).
     /// The same default as the writer's, whichever service starts first: it caps how many
     /// writers a consumer group can use.
-    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = 12)]
+    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = defaults::TOPIC_PARTITIONS)]
     pub topic_partitions: i32,
 
     /// Replication factor of each topic created at start-up.
-    #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = 1)]
+    #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = defaults::TOPIC_REPLICATION)]
     pub topic_replication: i32,
 
     /// `min.insync.replicas` of topics created at start-up; 0 picks replication - 1 (at
@@ -117,24 +120,24 @@ pub struct Config {
     pub producer_compression: String,
 
     /// Largest single message, in bytes of its JSON (Segment's limit: 32 KB).
-    #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", default_value_t = 32_768)]
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", default_value_t = Limits::DEFAULT.max_message_bytes)]
     pub max_message_bytes: usize,
 
     /// Largest request body, in bytes, both as sent and after gzip decompression
     /// (Segment's limit: 500 KB).
-    #[arg(long, env = "SLUICE_MAX_REQUEST_BYTES", default_value_t = 512_000)]
+    #[arg(long, env = "SLUICE_MAX_REQUEST_BYTES", default_value_t = Limits::DEFAULT.max_request_bytes)]
     pub max_request_bytes: usize,
 
     /// Deepest nesting of JSON objects and arrays in a body. Bounds the parser's stack.
-    #[arg(long, env = "SLUICE_MAX_JSON_DEPTH", default_value_t = 32)]
+    #[arg(long, env = "SLUICE_MAX_JSON_DEPTH", default_value_t = Limits::DEFAULT.max_json_depth)]
     pub max_json_depth: usize,
 
     /// Longest id (`messageId`, `anonymousId`, `userId`, `sessionId`, `groupId`), in bytes.
-    #[arg(long, env = "SLUICE_MAX_ID_BYTES", default_value_t = 256)]
+    #[arg(long, env = "SLUICE_MAX_ID_BYTES", default_value_t = Limits::DEFAULT.max_id_bytes)]
     pub max_id_bytes: usize,
 
     /// Longest event, page or screen name, in bytes.
-    #[arg(long, env = "SLUICE_MAX_NAME_BYTES", default_value_t = 512)]
+    #[arg(long, env = "SLUICE_MAX_NAME_BYTES", default_value_t = Limits::DEFAULT.max_name_bytes)]
     pub max_name_bytes: usize,
 
     /// How far in the future (after receipt, after skew correction) an event may be, in
@@ -144,7 +147,7 @@ pub struct Config {
     pub max_future_ms: u64,
 
     /// Most messages in one batch request.
-    #[arg(long, env = "SLUICE_MAX_BATCH_MESSAGES", default_value_t = 2_500)]
+    #[arg(long, env = "SLUICE_MAX_BATCH_MESSAGES", default_value_t = Limits::DEFAULT.max_batch_messages)]
     pub max_batch_messages: usize,
 
     /// Sustained messages per second one write key may send THROUGH THIS COLLECTOR (token
@@ -222,7 +225,11 @@ pub struct Config {
     pub database_pool_size: usize,
 
     /// How often `/readyz`'s view of Kafka and PostgreSQL is refreshed, in milliseconds.
-    #[arg(long, env = "SLUICE_READINESS_INTERVAL_MS", default_value_t = 2_000)]
+    #[arg(
+        long,
+        env = "SLUICE_READINESS_INTERVAL_MS",
+        default_value_t = sluice_schema::readiness::DEFAULT_INTERVAL_MS
+    )]
     pub readiness_interval_ms: u64,
 
     /// How long a drain (SIGTERM) may take to flush the producer, in milliseconds.
@@ -435,6 +442,16 @@ impl FromStr for Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_declared_limits_are_the_payload_defaults() {
+        let parsed = Config::try_parse_from(["sluice-ingest"]).unwrap();
+        assert_eq!(
+            format!("{:?}", Limits::from_config(&parsed)),
+            format!("{:?}", Limits::default())
+        );
+        assert_eq!(parsed.readiness_interval_ms, 2_000);
+    }
 
     #[test]
     fn cidr_blocks_contain_their_addresses() {

@@ -359,16 +359,13 @@ fn event_message(
     }
 }
 
-/// Trait names whose values are personal data that sluice keeps only encrypted, in `lead`.
-const PII_TRAITS: [&str; 2] = ["email", "phone"];
-
 /// Removes personal data from traits that ride along on an event (analytics.js copies the
 /// user's traits into `context.traits` of every call; group calls carry `traits`): events are
 /// stored as they are, so email and phone would sit there in plaintext. Identify calls keep
 /// them here: [`crate::seal`] seals them before the messages are produced (and drops the
 /// other configured personal traits from events).
 fn strip_pii(traits: &mut JsonObject) {
-    for key in PII_TRAITS {
+    for key in sluice_schema::pii::SEALED_TRAITS {
         traits.remove(key);
     }
 }

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::Router;
+use sluice_schema::readiness::{Dependency, PROBE_TIMEOUT};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -156,17 +157,15 @@ fn database_pool(config: &Config) -> Result<deadpool_postgres::Pool, IngestError
     let target = sluice_schema::db::DbTarget::parse(&config.database_url)
         .map_err(|e| IngestError::DatabaseConfig(e.to_string()))?;
     tracing::info!(database = %target.redacted, kafka_properties = %config.kafka, "connecting");
-    let manager = target
-        .manager(deadpool_postgres::ManagerConfig::default())
-        .map_err(|e| IngestError::DatabaseConfig(e.to_string()))?;
-    let timeout = Some(Duration::from_secs(2));
-    deadpool_postgres::Pool::builder(manager)
-        .max_size(config.database_pool_size.max(1))
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(timeout)
-        .create_timeout(timeout)
-        .recycle_timeout(timeout)
-        .build()
+    // 2 s everywhere: a key look-up past it is answered 503, not left hanging.
+    let timeout = Duration::from_secs(2);
+    target
+        .pool(sluice_schema::db::PoolBounds {
+            max_size: config.database_pool_size,
+            wait_timeout: timeout,
+            create_timeout: timeout,
+            recycle_timeout: timeout,
+        })
         .map_err(|e| IngestError::DatabaseConfig(e.to_string()))
 }
 
@@ -206,14 +205,12 @@ async fn background<S: Sink, K: KeyStore>(app: Arc<App<S, K>>, stop: Cancellatio
                 }
                 let kafka = match topics_error {
                     Some(err) => Err(err),
-                    None => app.sink.probe(health::PROBE_TIMEOUT).await,
+                    None => app.sink.probe(PROBE_TIMEOUT).await,
                 };
-                app.health.record("kafka", started, kafka);
-                let started = Instant::now();
-                let pg = tokio::time::timeout(health::PROBE_TIMEOUT, app.auth.store().ping())
-                    .await
-                    .unwrap_or_else(|_| Err("timed out".into()));
-                app.health.record("postgres", started, pg);
+                let up = app.health.record(Dependency::Kafka, started, kafka);
+                metrics::dependency_up(Dependency::Kafka, up);
+                let up = app.health.probe(Dependency::Postgres, app.auth.store().ping()).await;
+                metrics::dependency_up(Dependency::Postgres, up);
             }
             _ = flush.tick() => app.auth.flush_last_used().await,
         }

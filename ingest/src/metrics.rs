@@ -3,13 +3,13 @@
 //! small functions below, so a name or a label cannot drift between call sites; the recorder.
 //! Label values are bounded: endpoints, statuses, types, outcomes and reasons are fixed sets.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use metrics::{Label, SharedString};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use sluice_schema::metrics::{Kind, Metric, SECONDS_BUCKETS};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sluice_schema::metrics::{BucketRule, Kind, Metric, SECONDS_BUCKETS};
+use sluice_schema::readiness::Dependency;
 
 /// Body sizes: 256 B to the 1 MiB a body can inflate to.
 pub const BYTES_BUCKETS: &[f64] = &[
@@ -255,8 +255,12 @@ pub fn key_cache_entries(entries: usize) {
 }
 
 /// `dependency` (kafka, postgres) answered its probe, or did not.
-pub fn dependency_up(dependency: &'static str, up: bool) {
-    set(&DEPENDENCY, [dependency.into()], if up { 1.0 } else { 0.0 });
+pub fn dependency_up(dependency: Dependency, up: bool) {
+    set(
+        &DEPENDENCY,
+        [dependency.as_str().into()],
+        if up { 1.0 } else { 0.0 },
+    );
 }
 
 /// This collector enforces `per_second` messages per key (0: no limit).
@@ -269,38 +273,10 @@ pub fn rate_limit_buckets(keys: usize) {
     set(&RATE_LIMIT_BUCKETS, [], keys as f64);
 }
 
-/// The process-wide Prometheus recorder, installed on first use. Several collectors in one
-/// process (tests) share it, since `metrics` allows one global recorder.
+/// The process-wide Prometheus recorder ([`sluice_schema::metrics::recorder`]), installed on
+/// first use with each declared histogram's own buckets from [`ALL`].
 pub fn handle() -> Result<PrometheusHandle, String> {
-    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let seconds = [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ];
-            let bytes = [
-                256.0,
-                1024.0,
-                4096.0,
-                16384.0,
-                65536.0,
-                262_144.0,
-                524_288.0,
-                1_048_576.0,
-            ];
-            let skew = [0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0];
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), &seconds)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_bytes".into()), &bytes))
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(CLOCK_SKEW_SECONDS.into()), &skew)
-                })
-                .map_err(|e| e.to_string())?
-                .install_recorder()
-                .map_err(|e| e.to_string())
-        })
-        .clone()
+    sluice_schema::metrics::recorder(&BucketRule::from_metrics(ALL))
 }
 
 #[cfg(test)]
@@ -360,9 +336,15 @@ mod tests {
         let builder = ALL
             .iter()
             .filter(|m| m.kind == Kind::Histogram)
-            .try_fold(PrometheusBuilder::new(), |b, m| {
-                b.set_buckets_for_metric(Matcher::Full(m.name.into()), m.buckets)
-            })
+            .try_fold(
+                metrics_exporter_prometheus::PrometheusBuilder::new(),
+                |b, m| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(m.name.into()),
+                        m.buckets,
+                    )
+                },
+            )
             .unwrap();
         let recorder = builder.build_recorder();
         let rendered = recorder.handle();
@@ -380,7 +362,7 @@ mod tests {
             producer_queue(0);
             key_cache_lookup(true);
             key_cache_entries(1);
-            dependency_up("kafka", true);
+            dependency_up(Dependency::Kafka, true);
             rate_limit_per_collector(0);
             rate_limit_buckets(0);
         });

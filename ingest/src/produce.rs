@@ -16,43 +16,18 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Serialize;
 use sluice_schema::kafka::{ErrorTap, TapContext};
 use sluice_schema::topics;
-use sluice_schema::topics::{message_key, Topics};
+use sluice_schema::topics::{message_key, DataTopic, Topics};
 
 use crate::config::Config;
 use crate::enrich::Outgoing;
 use crate::error::IngestError;
 use crate::metrics;
 
-/// Which of the data topics (docs/architecture.md §3.1) a record goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Topic {
-    /// `sluice.visitor.v1`.
-    Visitor,
-    /// `sluice.session.v1`.
-    Session,
-    /// `sluice.event.v1`.
-    Event,
-    /// `sluice.identity.v1`.
-    Identity,
-}
-
-impl Topic {
-    /// This topic's name among `topics`.
-    pub fn name(self, topics: &Topics) -> &str {
-        match self {
-            Topic::Visitor => &topics.visitor,
-            Topic::Session => &topics.session,
-            Topic::Event => &topics.event,
-            Topic::Identity => &topics.identity,
-        }
-    }
-}
-
 /// One Kafka record, serialised.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     /// Destination.
-    pub topic: Topic,
+    pub topic: DataTopic,
     /// `{tenant_id}/{anonymous_id or user_id}`.
     pub key: String,
     /// The message's JSON.
@@ -67,7 +42,7 @@ pub fn records(out: &Outgoing) -> Result<Vec<Record>, serde_json::Error> {
     );
     fn push<T: Serialize>(
         records: &mut Vec<Record>,
-        topic: Topic,
+        topic: DataTopic,
         key: String,
         msg: &T,
     ) -> Result<(), serde_json::Error> {
@@ -80,21 +55,21 @@ pub fn records(out: &Outgoing) -> Result<Vec<Record>, serde_json::Error> {
     }
     for e in &out.events {
         let key = message_key(e.tenant_id, e.anonymous_id.as_deref(), e.user_id.as_deref());
-        push(&mut records, Topic::Event, key, e)?;
+        push(&mut records, DataTopic::Event, key, e)?;
     }
     for i in &out.identities {
         // An alias has no anonymous id: key it by the previous id, the identity being merged.
         let who = i.anonymous_id.as_deref().or(i.previous_id.as_deref());
         let key = message_key(i.tenant_id, who, i.user_id.as_deref());
-        push(&mut records, Topic::Identity, key, i)?;
+        push(&mut records, DataTopic::Identity, key, i)?;
     }
     for v in &out.visitors {
         let key = message_key(v.tenant_id, Some(&v.anonymous_id), None);
-        push(&mut records, Topic::Visitor, key, v)?;
+        push(&mut records, DataTopic::Visitor, key, v)?;
     }
     for s in &out.sessions {
         let key = message_key(s.tenant_id, s.anonymous_id.as_deref(), s.user_id.as_deref());
-        push(&mut records, Topic::Session, key, s)?;
+        push(&mut records, DataTopic::Session, key, s)?;
     }
     Ok(records)
 }

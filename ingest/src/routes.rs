@@ -14,7 +14,7 @@ use tower_http::cors::{Any, CorsLayer};
 use crate::auth::{Authenticator, KeyStore};
 use crate::config::Config;
 use crate::error::IngestError;
-use crate::health::{healthz, Health};
+use crate::health::healthz;
 use crate::limits::RateLimiter;
 use crate::metrics;
 use crate::payload::{Endpoint, Kind, Limits};
@@ -22,6 +22,7 @@ use crate::pipeline::{ingest, read_body};
 use crate::posthog_config;
 use crate::produce::Sink;
 use crate::seal::Sealer;
+use sluice_schema::readiness::Readiness;
 
 /// Everything a request handler needs, shared by all requests.
 pub struct App<S, K> {
@@ -36,7 +37,7 @@ pub struct App<S, K> {
     /// Per-key token buckets.
     pub limiter: RateLimiter,
     /// Readiness, for `/readyz`.
-    pub health: Health,
+    pub health: Readiness,
     /// Seals personal data before it is produced; `None` without PII keys.
     pub sealer: Option<Sealer>,
 }
@@ -61,7 +62,7 @@ impl<S: Sink, K: KeyStore> App<S, K> {
             ),
             auth,
             sink,
-            health: Health::default(),
+            health: Readiness::default(),
             sealer: None,
             config,
         }
@@ -192,7 +193,7 @@ fn count_posthog_answer(endpoint: &'static str) {
 
 /// `/readyz` of the collector's state.
 pub async fn readyz<S: Sink, K: KeyStore>(State(app): State<Arc<App<S, K>>>) -> Response {
-    app.health.readyz()
+    crate::health::readyz(&app.health)
 }
 
 #[cfg(test)]

@@ -6,14 +6,10 @@
 
 use serde_json::Value;
 use sluice_schema::messages::{IdentityKind, JsonObject, IDENTITY_VERSION};
-use sluice_schema::pii::PiiKeys;
+use sluice_schema::pii::{PiiKeys, SEALED_TRAITS};
 
 use crate::enrich::Outgoing;
 use crate::payload::{Kind, Message};
-
-/// Trait names that are personal data whatever the setting says: they are the lead's sealed,
-/// fingerprinted columns.
-const ALWAYS: [&str; 2] = ["email", "phone"];
 
 /// The collector's PII settings: keys, and which traits are personal data.
 #[derive(Debug, Clone)]
@@ -30,7 +26,7 @@ impl Sealer {
         let mut others: Vec<String> = traits
             .iter()
             .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty() && !ALWAYS.contains(&t.as_str()))
+            .filter(|t| !t.is_empty() && !SEALED_TRAITS.contains(&t.as_str()))
             .collect();
         others.sort();
         others.dedup();
@@ -63,7 +59,7 @@ impl Sealer {
     }
 
     fn strip(&self, traits: &mut JsonObject) {
-        for name in ALWAYS
+        for name in SEALED_TRAITS
             .iter()
             .copied()
             .chain(self.others.iter().map(String::as_str))
@@ -77,7 +73,7 @@ impl Sealer {
 /// with an email or phone trait. (Other personal traits, and those on `context.traits`, are
 /// dropped without keys, since no column needs them.)
 pub fn needs_keys(m: &Message) -> bool {
-    m.kind == Kind::Identify && ALWAYS.iter().any(|k| m.traits.contains_key(*k))
+    m.kind == Kind::Identify && SEALED_TRAITS.iter().any(|k| m.traits.contains_key(*k))
 }
 
 /// Drops every personal trait from `out` when the collector has no keys (email and phone of
@@ -105,7 +101,7 @@ struct Stripper<'a>(&'a [String]);
 
 impl Stripper<'_> {
     fn strip(&self, traits: &mut JsonObject) {
-        for name in ALWAYS
+        for name in SEALED_TRAITS
             .iter()
             .copied()
             .chain(self.0.iter().map(|s| s.trim()))

@@ -276,6 +276,34 @@ impl DbTarget {
             config,
         ))
     }
+
+    /// The connection pool of a service (the writer's lanes, the collector's key store):
+    /// these settings' TLS connector, connections checked with `is_closed` on reuse
+    /// (deadpool's fast recycling), and every wait bounded as `bounds` says.
+    pub fn pool(&self, bounds: PoolBounds) -> Result<deadpool_postgres::Pool, SchemaError> {
+        let manager = self.manager(deadpool_postgres::ManagerConfig::default())?;
+        deadpool_postgres::Pool::builder(manager)
+            .max_size(bounds.max_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(bounds.wait_timeout))
+            .create_timeout(Some(bounds.create_timeout))
+            .recycle_timeout(Some(bounds.recycle_timeout))
+            .build()
+            .map_err(|e| SchemaError::Pool(e.to_string()))
+    }
+}
+
+/// The size and waits of a service's connection pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolBounds {
+    /// Most connections open at once (at least 1).
+    pub max_size: usize,
+    /// Longest a caller waits for a free connection.
+    pub wait_timeout: Duration,
+    /// Longest one new connection may take.
+    pub create_timeout: Duration,
+    /// Longest the check of a returned connection may take.
+    pub recycle_timeout: Duration,
 }
 
 /// A pool error as one line, with [`describe`]'s advice when a connection failed.
@@ -516,14 +544,16 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// TLS required or refused, host and port). Never holds the password.
 pub fn describe(err: &tokio_postgres::Error) -> String {
     if let Some(db) = err.as_db_error() {
-        let mut msg = db.message().to_owned();
+        let code = db.code().code();
+        // Severity and SQLSTATE let an operator (and a dead letter's reader) tell a refused
+        // row (class 22/23) from a missing table or a failed login at a glance.
+        let mut msg = format!("{}: {} (SQLSTATE {code})", db.severity(), db.message());
         if let Some(detail) = db.detail() {
-            msg.push_str(&format!(" ({detail})"));
+            msg.push_str(&format!(": {detail}"));
         }
         if let Some(hint) = db.hint() {
             msg.push_str(&format!("; hint: {hint}"));
         }
-        let code = db.code().code();
         let fix = match code {
             // invalid_password
             "28P01" => Some(

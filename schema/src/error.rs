@@ -7,7 +7,7 @@ pub enum SchemaError {
     /// A database call failed; `context` says which.
     // The server's message is in the text already, so the driver error is kept as a field
     // rather than a `source` (which would print it twice in a `{:#}` chain).
-    #[error("{context}: {}", db_message(.cause))]
+    #[error("{context}: {}", crate::db::describe(.cause))]
     Db {
         /// What was being done.
         context: String,
@@ -58,6 +58,10 @@ pub enum SchemaError {
     /// A certificate or key file named by the database URL cannot be used.
     #[error("PostgreSQL TLS: {0}")]
     DatabaseTls(String),
+    /// deadpool refused to build a connection pool: only possible with settings sluice never
+    /// gives it (no runtime), so a bug.
+    #[error("cannot build the PostgreSQL connection pool: {0}; this is a bug in sluice, please report it")]
+    Pool(String),
     /// A connection to PostgreSQL failed; `cause` says why and what to fix (see
     /// [`crate::db::describe`]), `target` is the redacted URL.
     #[error("cannot connect to PostgreSQL at {target}: {cause}")]
@@ -131,22 +135,5 @@ impl SchemaError {
     /// The PostgreSQL SQLSTATE code of a database error, when the server sent one.
     pub fn sql_state(&self) -> Option<&str> {
         self.db_error().and_then(|e| e.code()).map(|c| c.code())
-    }
-}
-
-/// The server's message with its detail and hint, or the driver's own text.
-fn db_message(err: &tokio_postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => {
-            let mut msg = db.message().to_owned();
-            if let Some(detail) = db.detail() {
-                msg.push_str(&format!(" ({detail})"));
-            }
-            if let Some(hint) = db.hint() {
-                msg.push_str(&format!("; hint: {hint}"));
-            }
-            msg
-        }
-        None => err.to_string(),
     }
 }

@@ -4,11 +4,14 @@
 //! - [`apikey`]: write keys: format, stored hash, constant-time check.
 //! - [`topics`]: Kafka topic names and the message key rule.
 //! - [`messages`]: the JSON values the collector produces and the writer consumes.
-//! - [`metrics`]: how a service declares its metrics (name, kind, labels, buckets).
-//! - [`runtime`]: what every sluice binary does at start-up (logs, metrics recorder, signals).
+//! - [`metrics`]: how a service declares its metrics (name, kind, labels, buckets); the
+//!   Prometheus recorder installed from those buckets.
+//! - [`runtime`]: what every sluice binary does at start-up (logs, signals).
+//! - [`readiness`]: `/readyz` of both services: the last probe of Kafka and PostgreSQL.
 //! - [`db`]: the PostgreSQL connector: libpq TLS parameters, OpenSSL, redacted URLs, errors
 //!   that name the setting to fix.
 //! - [`kafka`]: operator-given librdkafka properties (TLS, SASL), with sluice's own refused.
+//! - [`defaults`]: defaults of the settings several binaries read.
 //! - [`secrets`]: settings read from files (`SLUICE_DATABASE_URL_FILE`, ...).
 //! - [`migrate`]: the numbered SQL migrations of `schema/migrations/` and their runner.
 //! - [`partitions`]: month and tenant-hash partitions of `event`: create ahead, list, prune.
@@ -24,6 +27,7 @@
 pub mod apikey;
 pub mod control;
 pub mod db;
+pub mod defaults;
 pub mod erase;
 pub mod error;
 pub mod ids;
@@ -33,6 +37,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod partitions;
 pub mod pii;
+pub mod readiness;
 pub mod runtime;
 pub mod secrets;
 pub mod seed;

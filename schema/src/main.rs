@@ -29,7 +29,7 @@ struct Cli {
         global = true,
         env = "SLUICE_DATABASE_URL",
         hide_env_values = true,
-        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
+        default_value = sluice_schema::defaults::DATABASE_URL
     )]
     database_url: String,
     /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
@@ -184,10 +184,10 @@ enum PartitionAction {
     /// Create the current month and the months ahead, when missing.
     Ensure {
         /// Months to create beyond the current one.
-        #[arg(long, env = "SLUICE_PARTITION_MONTHS_AHEAD", default_value_t = 3)]
+        #[arg(long, env = "SLUICE_PARTITION_MONTHS_AHEAD", default_value_t = sluice_schema::defaults::PARTITION_MONTHS_AHEAD)]
         months_ahead: u32,
         /// Hash leaves per new month (an existing month keeps its own).
-        #[arg(long, env = "SLUICE_PARTITION_HASH_MODULUS", default_value_t = 8)]
+        #[arg(long, env = "SLUICE_PARTITION_HASH_MODULUS", default_value_t = sluice_schema::defaults::PARTITION_HASH_MODULUS)]
         hash_modulus: u32,
     },
     /// Detach and drop months older than the newest N (the current month counts as one).

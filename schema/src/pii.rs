@@ -24,6 +24,15 @@ use sha2::Sha256;
 
 use crate::SchemaError;
 
+/// The identify trait holding a person's email: sealed and fingerprinted into `lead`.
+pub const EMAIL_TRAIT: &str = "email";
+/// The identify trait holding a person's phone: sealed and fingerprinted into `lead`.
+pub const PHONE_TRAIT: &str = "phone";
+/// The traits that are personal data whatever `SLUICE_PII_TRAITS` says (the lead's sealed,
+/// fingerprinted columns): the collector seals them on identifies and drops them from
+/// events; the writer takes them out of traits.
+pub const SEALED_TRAITS: [&str; 2] = [EMAIL_TRAIT, PHONE_TRAIT];
+
 /// The key of the object that replaces a personal trait other than email and phone (see
 /// [`PiiKeys::sealed_envelope`]).
 pub const SEALED_ENVELOPE: &str = "$sealed";
@@ -167,7 +176,7 @@ impl PiiKeys {
                 _ => None,
             }
         };
-        let (email, phone) = (take("email"), take("phone"));
+        let (email, phone) = (take(EMAIL_TRAIT), take(PHONE_TRAIT));
         for name in others {
             if let Some(value) = traits.get_mut(name.as_str()) {
                 if !value.is_null() {

@@ -86,6 +86,47 @@ impl Topics {
     }
 }
 
+/// One of the four data topics (docs/architecture.md §3.1): what the collector produces to
+/// and the writer consumes from, independent of the deployment's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataTopic {
+    /// `sluice.visitor.v1`.
+    Visitor,
+    /// `sluice.session.v1`.
+    Session,
+    /// `sluice.event.v1`.
+    Event,
+    /// `sluice.identity.v1`.
+    Identity,
+}
+
+impl DataTopic {
+    /// The four, in the order [`Topics::data`] names them.
+    pub const ALL: [DataTopic; 4] = [
+        DataTopic::Visitor,
+        DataTopic::Session,
+        DataTopic::Event,
+        DataTopic::Identity,
+    ];
+
+    /// This topic's name among `topics`.
+    pub fn name(self, topics: &Topics) -> &str {
+        match self {
+            DataTopic::Visitor => &topics.visitor,
+            DataTopic::Session => &topics.session,
+            DataTopic::Event => &topics.event,
+            DataTopic::Identity => &topics.identity,
+        }
+    }
+}
+
+impl Topics {
+    /// Which data topic `name` is among these, if any (the DLQ is not one).
+    pub fn data_topic(&self, name: &str) -> Option<DataTopic> {
+        DataTopic::ALL.into_iter().find(|t| t.name(self) == name)
+    }
+}
+
 impl Default for Topics {
     fn default() -> Self {
         Topics::with_prefix("")
@@ -218,6 +259,18 @@ mod tests {
         assert_eq!(min_insync_replicas(3, 1).unwrap(), 1);
         let err = min_insync_replicas(3, 4).unwrap_err().to_string();
         assert!(err.contains("SLUICE_TOPIC_MIN_INSYNC_REPLICAS"), "{err}");
+    }
+
+    #[test]
+    fn data_topics_are_found_by_their_prefixed_names_only() {
+        let t = Topics::with_prefix("p.");
+        for topic in DataTopic::ALL {
+            assert_eq!(t.data_topic(topic.name(&t)), Some(topic));
+        }
+        assert_eq!(t.data_topic(&t.dlq), None);
+        assert_eq!(t.data_topic(EVENT), None);
+        let names: Vec<&str> = DataTopic::ALL.iter().map(|d| d.name(&t)).collect();
+        assert_eq!(names, t.data());
     }
 
     #[test]

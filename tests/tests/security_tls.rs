@@ -368,6 +368,9 @@ async fn collector_and_writer_store_exact_counts_through_tls_postgres_and_sasl_s
                 collector_props.display().to_string(),
             ),
             ("SLUICE_READINESS_INTERVAL_MS", "500".to_owned()),
+            // The collector seals the identify's email before Kafka (ingest/src/seal.rs).
+            ("SLUICE_PII_KEYS_FILE", pii_file.display().to_string()),
+            ("SLUICE_PII_ACTIVE_KEY", "k1".to_owned()),
         ]),
         logs("collector"),
     )?;

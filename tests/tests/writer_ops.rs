@@ -47,8 +47,18 @@ async fn health_readiness_and_metrics_answer_on_the_metrics_port() -> Result<()>
     let (status, body) = get(port, "/readyz").await?;
     assert_eq!(status, 200, "{body}");
     let ready: serde_json::Value = serde_json::from_str(&body)?;
-    assert_eq!(ready["postgres"]["ok"], true);
-    assert_eq!(ready["kafka"]["ok"], true);
+    assert_eq!(ready["dependencies"]["postgres"]["ok"], true);
+    assert_eq!(ready["dependencies"]["kafka"]["ok"], true);
+    // The collector's shape exactly (docs/architecture.md §4.7): one parser for both services.
+    let keys: Vec<&String> = ready
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    assert_eq!(keys, ["dependencies", "ready"], "{body}");
+    assert!(
+        ready["dependencies"]["postgres"]["latency_ms"].is_u64(),
+        "{body}"
+    );
     // The lag gauge is exported every 5 s.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (status, text) = get(port, "/metrics").await?;

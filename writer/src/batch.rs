@@ -35,11 +35,12 @@ use uuid::Uuid;
 use crate::consume::{Command, Record};
 use crate::decode::{Decoded, Rejection};
 use crate::dlq::{DeadLetter, Dlq};
-use crate::error::{is_concurrent_lead_insert, is_data_error, render_pg, StoreError};
+use crate::error::{is_concurrent_lead_insert, is_data_error, StoreError};
 use crate::offsets::{self, Assignments, Tp};
 use crate::partitions::Months;
 use crate::suppress::{Subject, Suppression};
 use crate::{copy, identity, merge, metrics};
+use sluice_schema::db::describe;
 
 /// Limits and timings of the pipeline, from [`crate::Config`].
 #[derive(Debug, Clone)]
@@ -482,10 +483,10 @@ impl Store {
                     // A month vanished after we saw it (pruned by an operator): forget what we
                     // know and retry the batch, which recreates it.
                     self.months.forget_all();
-                    return Err(StoreError::Transient(render_pg(&err)));
+                    return Err(StoreError::Transient(describe(&err)));
                 }
                 Err(err) if is_concurrent_lead_insert(&err) => {
-                    return Err(StoreError::Transient(render_pg(&err)));
+                    return Err(StoreError::Transient(describe(&err)));
                 }
                 Err(err) if is_data_error(&err) => {
                     tx.batch_execute(
@@ -501,7 +502,7 @@ impl Store {
                         };
                         bad.push((
                             batch_index,
-                            Rejection::new("rejected_by_database", render_pg(&err)),
+                            Rejection::new("rejected_by_database", describe(&err)),
                         ));
                     } else {
                         let mid = idx.len() / 2;

@@ -4,7 +4,31 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use sluice_schema::readiness;
 use sluice_schema::runtime::LogFormat;
+
+/// The writer's defaults, each used by its clap attribute and by [`Config::for_tests`]; the
+/// shared ones are `sluice_schema::defaults`'.
+pub mod defaults {
+    pub use sluice_schema::defaults::*;
+
+    /// `SLUICE_WRITER_BATCH_MAX_ROWS`.
+    pub const BATCH_MAX_ROWS: usize = 20_000;
+    /// `SLUICE_WRITER_LANES`.
+    pub const LANES: usize = 2;
+    /// `SLUICE_WRITER_BATCH_MAX_BYTES`: 32 MiB.
+    pub const BATCH_MAX_BYTES: usize = 32 * 1024 * 1024;
+    /// `SLUICE_WRITER_FLUSH_INTERVAL_MS`.
+    pub const FLUSH_INTERVAL_MS: u64 = 500;
+    /// `SLUICE_WRITER_RETENTION_DAYS`.
+    pub const RETENTION_DAYS: u32 = 400;
+    /// `SLUICE_WRITER_DEDUP_WINDOW_DAYS`.
+    pub const DEDUP_WINDOW_DAYS: u32 = 7;
+    /// `SLUICE_WRITER_SUPPRESSION_CACHE_MAX_ENTRIES`.
+    pub const SUPPRESSION_CACHE_MAX_ENTRIES: usize = 1_000_000;
+    /// `SLUICE_WRITER_RETRY_MAX_MS`.
+    pub const RETRY_MAX_MS: u64 = 5_000;
+}
 
 /// Everything `sluice-writer` can be told. Build it with `Config::parse()` in the binary, or
 /// with [`Config::for_tests`] and field updates in tests.
@@ -21,7 +45,7 @@ pub struct Config {
         long,
         env = "SLUICE_DATABASE_URL",
         hide_env_values = true,
-        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
+        default_value = defaults::DATABASE_URL
     )]
     pub database_url: String,
 
@@ -30,7 +54,7 @@ pub struct Config {
     pub database_url_file: Option<PathBuf>,
 
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
-    #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = defaults::KAFKA_BROKERS)]
     pub kafka_brokers: String,
 
     /// librdkafka property `key=value` for every Kafka client of the writer (TLS, SASL);
@@ -81,11 +105,11 @@ pub struct Config {
 
     /// Partitions of each topic created at start-up when missing (existing topics keep theirs).
     /// Writer instances beyond this number stay idle.
-    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = 12)]
+    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = defaults::TOPIC_PARTITIONS)]
     pub topic_partitions: i32,
 
     /// Replication factor of topics created at start-up.
-    #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = 1)]
+    #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = defaults::TOPIC_REPLICATION)]
     pub topic_replication: i32,
 
     /// `min.insync.replicas` of topics created at start-up; 0 picks replication - 1 (at
@@ -94,30 +118,30 @@ pub struct Config {
     pub topic_min_insync_replicas: i32,
 
     /// Most messages in one batch (one PostgreSQL transaction). Bounds the writer's memory.
-    #[arg(long, env = "SLUICE_WRITER_BATCH_MAX_ROWS", default_value_t = 20_000)]
+    #[arg(long, env = "SLUICE_WRITER_BATCH_MAX_ROWS", default_value_t = defaults::BATCH_MAX_ROWS)]
     pub batch_max_rows: usize,
 
     /// Batches stored at once, each on its own PostgreSQL connection. Partition `p` of every
     /// topic goes to lane `p % lanes`, so one visitor's messages (one key: the same
     /// partition number in topics of equal size, as created) meet in one lane. Memory bound: one batch and one channel per lane.
-    #[arg(long, env = "SLUICE_WRITER_LANES", default_value_t = 2)]
+    #[arg(long, env = "SLUICE_WRITER_LANES", default_value_t = defaults::LANES)]
     pub lanes: usize,
 
     /// Most payload bytes in one batch, the second memory bound.
-    #[arg(long, env = "SLUICE_WRITER_BATCH_MAX_BYTES", default_value_t = 32 * 1024 * 1024)]
+    #[arg(long, env = "SLUICE_WRITER_BATCH_MAX_BYTES", default_value_t = defaults::BATCH_MAX_BYTES)]
     pub batch_max_bytes: usize,
 
     /// Longest a message waits in a batch before the batch is stored, in milliseconds.
-    #[arg(long, env = "SLUICE_WRITER_FLUSH_INTERVAL_MS", default_value_t = 500)]
+    #[arg(long, env = "SLUICE_WRITER_FLUSH_INTERVAL_MS", default_value_t = defaults::FLUSH_INTERVAL_MS)]
     pub flush_interval_ms: u64,
 
     /// Events older than this many days are dead-lettered (`out_of_retention`) rather than
     /// creating partitions for long-gone months.
-    #[arg(long, env = "SLUICE_WRITER_RETENTION_DAYS", default_value_t = 400)]
+    #[arg(long, env = "SLUICE_WRITER_RETENTION_DAYS", default_value_t = defaults::RETENTION_DAYS)]
     pub retention_days: u32,
 
     /// How long a claimed event id blocks a client retry of the same `messageId`, in days.
-    #[arg(long, env = "SLUICE_WRITER_DEDUP_WINDOW_DAYS", default_value_t = 7)]
+    #[arg(long, env = "SLUICE_WRITER_DEDUP_WINDOW_DAYS", default_value_t = defaults::DEDUP_WINDOW_DAYS)]
     pub dedup_window_days: u32,
 
     /// Most entries of the erasure suppression list kept in memory. Past it, each batch asks
@@ -125,21 +149,25 @@ pub struct Config {
     #[arg(
         long,
         env = "SLUICE_WRITER_SUPPRESSION_CACHE_MAX_ENTRIES",
-        default_value_t = 1_000_000
+        default_value_t = defaults::SUPPRESSION_CACHE_MAX_ENTRIES
     )]
     pub suppression_cache_max_entries: usize,
 
     /// Month partitions created ahead of the current month.
-    #[arg(long, env = "SLUICE_PARTITION_MONTHS_AHEAD", default_value_t = 3)]
+    #[arg(long, env = "SLUICE_PARTITION_MONTHS_AHEAD", default_value_t = defaults::PARTITION_MONTHS_AHEAD)]
     pub partition_months_ahead: u32,
 
     /// Hash partitions (by tenant) of each new month; an existing month keeps its own.
-    #[arg(long, env = "SLUICE_PARTITION_HASH_MODULUS", default_value_t = 8)]
+    #[arg(long, env = "SLUICE_PARTITION_HASH_MODULUS", default_value_t = defaults::PARTITION_HASH_MODULUS)]
     pub partition_hash_modulus: u32,
 
     /// Most retry wait after PostgreSQL failures, in milliseconds (backoff doubles up to it).
-    #[arg(long, env = "SLUICE_WRITER_RETRY_MAX_MS", default_value_t = 5_000)]
+    #[arg(long, env = "SLUICE_WRITER_RETRY_MAX_MS", default_value_t = defaults::RETRY_MAX_MS)]
     pub retry_max_ms: u64,
+
+    /// How often `/readyz`'s view of Kafka and PostgreSQL is refreshed, in milliseconds.
+    #[arg(long, env = "SLUICE_READINESS_INTERVAL_MS", default_value_t = readiness::DEFAULT_INTERVAL_MS)]
+    pub readiness_interval_ms: u64,
 
     /// Log output format.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -167,20 +195,54 @@ impl Config {
             pii_keys: String::new(),
             pii_keys_file: None,
             pii_active_key: String::new(),
+            // Fewer partitions, a shorter flush and retry ceiling than production: tests
+            // create topics per case and wait on stored rows.
             topic_partitions: 4,
-            topic_replication: 1,
+            topic_replication: defaults::TOPIC_REPLICATION,
             topic_min_insync_replicas: 0,
-            batch_max_rows: 20_000,
-            lanes: 2,
-            batch_max_bytes: 32 * 1024 * 1024,
+            batch_max_rows: defaults::BATCH_MAX_ROWS,
+            lanes: defaults::LANES,
+            batch_max_bytes: defaults::BATCH_MAX_BYTES,
             flush_interval_ms: 200,
-            retention_days: 400,
-            dedup_window_days: 7,
-            suppression_cache_max_entries: 1_000_000,
-            partition_months_ahead: 3,
-            partition_hash_modulus: 8,
+            retention_days: defaults::RETENTION_DAYS,
+            dedup_window_days: defaults::DEDUP_WINDOW_DAYS,
+            suppression_cache_max_entries: defaults::SUPPRESSION_CACHE_MAX_ENTRIES,
+            partition_months_ahead: defaults::PARTITION_MONTHS_AHEAD,
+            partition_hash_modulus: defaults::PARTITION_HASH_MODULUS,
             retry_max_ms: 2_000,
+            readiness_interval_ms: readiness::DEFAULT_INTERVAL_MS,
             log_format: LogFormat::Text,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn test_config_differs_from_the_declared_defaults_only_where_it_says() {
+        let parsed = Config::try_parse_from(["sluice-writer"]).unwrap();
+        let mut tests = Config::for_tests(
+            &parsed.kafka_brokers,
+            &parsed.database_url,
+            &parsed.topic_prefix,
+            &parsed.group,
+        );
+        assert_eq!(
+            (
+                tests.topic_partitions,
+                tests.flush_interval_ms,
+                tests.retry_max_ms
+            ),
+            (4, 200, 2_000)
+        );
+        tests.metrics_listen = parsed.metrics_listen;
+        tests.topic_partitions = parsed.topic_partitions;
+        tests.flush_interval_ms = parsed.flush_interval_ms;
+        tests.retry_max_ms = parsed.retry_max_ms;
+        assert_eq!(format!("{tests:?}"), format!("{parsed:?}"));
     }
 }

@@ -24,11 +24,12 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext};
 use sluice_schema::kafka::KafkaProperties;
+use sluice_schema::topics::DataTopic;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::decode::{self, Decoded, Rejection, TimeWindow, TopicKind};
+use crate::decode::{self, Decoded, Rejection, TimeWindow};
 use crate::error::WriterError;
 use crate::offsets::{self, Assignments, PartState, Tp};
 
@@ -71,22 +72,20 @@ pub(crate) enum Command {
 /// Names of the data topics and their kinds.
 #[derive(Debug, Clone)]
 pub(crate) struct TopicMap {
-    entries: Vec<(Arc<str>, TopicKind)>,
+    entries: Vec<(Arc<str>, DataTopic)>,
 }
 
 impl TopicMap {
     pub fn new(topics: &sluice_schema::topics::Topics) -> TopicMap {
         TopicMap {
-            entries: vec![
-                (Arc::from(topics.visitor.as_str()), TopicKind::Visitor),
-                (Arc::from(topics.session.as_str()), TopicKind::Session),
-                (Arc::from(topics.event.as_str()), TopicKind::Event),
-                (Arc::from(topics.identity.as_str()), TopicKind::Identity),
-            ],
+            entries: DataTopic::ALL
+                .into_iter()
+                .map(|t| (Arc::from(t.name(topics)), t))
+                .collect(),
         }
     }
 
-    fn lookup(&self, topic: &str) -> Option<(Arc<str>, TopicKind)> {
+    fn lookup(&self, topic: &str) -> Option<(Arc<str>, DataTopic)> {
         self.entries
             .iter()
             .find(|(name, _)| &**name == topic)
@@ -208,7 +207,7 @@ impl WriterContext {
                 let client = self.pool.get().await.map_err(|e| e.to_string())?;
                 offsets::load(&**client, &self.group, parts)
                     .await
-                    .map_err(|e| crate::error::render_pg(&e))
+                    .map_err(|e| sluice_schema::db::describe(&e))
             });
             match attempt {
                 Ok(map) => return map,

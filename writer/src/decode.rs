@@ -8,19 +8,7 @@ use sluice_schema::messages::{
 };
 
 pub(crate) use sluice_schema::messages::JsonObject;
-
-/// Which data topic a record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum TopicKind {
-    /// `sluice.visitor.v1`.
-    Visitor,
-    /// `sluice.session.v1`.
-    Session,
-    /// `sluice.event.v1`.
-    Event,
-    /// `sluice.identity.v1`.
-    Identity,
-}
+use sluice_schema::topics::DataTopic;
 
 /// One decoded, valid message.
 #[derive(Debug)]
@@ -77,7 +65,7 @@ impl TimeWindow {
 
 /// Decodes and checks one value from a data topic.
 pub(crate) fn decode(
-    kind: TopicKind,
+    kind: DataTopic,
     payload: Option<&[u8]>,
     window: &TimeWindow,
 ) -> Result<Decoded, Rejection> {
@@ -91,10 +79,10 @@ pub(crate) fn decode(
         ));
     }
     let decoded = match kind {
-        TopicKind::Event => Decoded::Event(Box::new(read(bytes)?)),
-        TopicKind::Visitor => Decoded::Visitor(Box::new(read(bytes)?)),
-        TopicKind::Session => Decoded::Session(Box::new(read(bytes)?)),
-        TopicKind::Identity => Decoded::Identity(Box::new(read(bytes)?)),
+        DataTopic::Event => Decoded::Event(Box::new(read(bytes)?)),
+        DataTopic::Visitor => Decoded::Visitor(Box::new(read(bytes)?)),
+        DataTopic::Session => Decoded::Session(Box::new(read(bytes)?)),
+        DataTopic::Identity => Decoded::Identity(Box::new(read(bytes)?)),
     };
     validate(&decoded, window)?;
     Ok(decoded)
@@ -193,7 +181,7 @@ mod tests {
     #[test]
     fn valid_event_decodes() {
         assert!(matches!(
-            decode(TopicKind::Event, Some(&event(Utc::now())), &window()),
+            decode(DataTopic::Event, Some(&event(Utc::now())), &window()),
             Ok(Decoded::Event(_))
         ));
     }
@@ -201,7 +189,7 @@ mod tests {
     #[test]
     fn old_event_is_out_of_retention() {
         let err = decode(
-            TopicKind::Event,
+            DataTopic::Event,
             Some(&event(Utc::now() - Duration::days(31))),
             &window(),
         )
@@ -213,19 +201,19 @@ mod tests {
     fn nul_escape_and_garbage_are_refused() {
         let bad = br#"{"v":1,"name":"a\u0000b"}"#;
         assert_eq!(
-            decode(TopicKind::Event, Some(bad), &window())
+            decode(DataTopic::Event, Some(bad), &window())
                 .unwrap_err()
                 .reason,
             "invalid"
         );
         assert_eq!(
-            decode(TopicKind::Visitor, Some(b"{nope"), &window())
+            decode(DataTopic::Visitor, Some(b"{nope"), &window())
                 .unwrap_err()
                 .reason,
             "malformed"
         );
         assert_eq!(
-            decode(TopicKind::Session, None, &window())
+            decode(DataTopic::Session, None, &window())
                 .unwrap_err()
                 .reason,
             "malformed"

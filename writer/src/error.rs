@@ -100,23 +100,13 @@ pub(crate) enum StoreError {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        StoreError::Transient(render_pg(&err))
+        StoreError::Transient(sluice_schema::db::describe(&err))
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
         StoreError::Transient(sluice_schema::db::describe_pool(&err))
-    }
-}
-
-/// A PostgreSQL error with the server's message when there is one (the driver's Display
-/// alone says only "db error").
-pub(crate) fn render_pg(err: &tokio_postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        // Connection failures: the cause chain and which setting to fix.
-        None => sluice_schema::db::describe(err),
     }
 }
 

@@ -1,8 +1,9 @@
 //! `/metrics` (Prometheus text), `/healthz` (the process answers) and `/readyz` (PostgreSQL
-//! and Kafka reachable, with each one's latency in a JSON body) on the metrics port.
+//! and Kafka answered the last probe of a background loop, the body
+//! [`sluice_schema::readiness::Answer`] as the collector's) on the metrics port.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -11,28 +12,26 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::producer::{FutureProducer, Producer};
-use serde_json::json;
 use sluice_schema::kafka::{ErrorTap, TapContext};
+use sluice_schema::readiness::{Dependency, Readiness, PROBE_TIMEOUT};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::WriterError;
 
-/// The process-wide Prometheus recorder: installed by the first writer of the process (a
-/// test may run several writers; they share it).
-fn recorder() -> Option<&'static PrometheusHandle> {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| match builder().and_then(|b| b.install_recorder()) {
-            Ok(handle) => Some(handle),
-            Err(err) => {
-                tracing::warn!(cause = %err, "the metrics recorder could not be installed (another one is?); /metrics will be empty");
-                None
-            }
-        })
-        .as_ref()
+/// The process-wide Prometheus recorder ([`sluice_schema::metrics::recorder`]): installed by
+/// the first service of the process (a test may run several writers; they share it).
+fn recorder() -> Option<PrometheusHandle> {
+    match sluice_schema::metrics::recorder(crate::metrics::BUCKETS) {
+        Ok(handle) => Some(handle),
+        Err(err) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!(cause = %err, "the metrics recorder could not be installed (another one is?); /metrics will be empty"));
+            None
+        }
+    }
 }
 
 /// Installs the process-wide recorder, so metrics recorded at start-up (partitions ensured
@@ -41,37 +40,23 @@ pub(crate) fn install() {
     let _ = recorder();
 }
 
-/// The exporter with explicit buckets for every writer histogram: without them the exporter
-/// renders summaries, whose quantiles cannot be aggregated across instances (no `_bucket`).
-fn builder() -> Result<PrometheusBuilder, BuildError> {
-    // Batch sizes: from a single straggler to the largest configurable batch.
-    let rows = [
-        1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10_000.0, 20_000.0, 50_000.0, 100_000.0,
-    ];
-    // COPY and batch durations: a few ms (small batch) to the retry ceiling and beyond.
-    let seconds = [
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    ];
-    PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(crate::metrics::BATCH_ROWS.into()), &rows)?
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
-}
-
-/// What `/readyz` checks.
-#[derive(Clone)]
+/// What the probe loop checks.
 struct Deps {
     pool: Pool,
     producer: FutureProducer<TapContext>,
     tap: ErrorTap,
+    /// The DLQ topic: its metadata is what the writer needs from Kafka to dead-letter.
     topic: String,
 }
 
-/// Binds the metrics listener and serves it until `stop`; returns the bound address.
+/// Binds the metrics listener and serves it, and probes PostgreSQL and Kafka every
+/// `interval`, until `stop`; returns the bound address.
 pub(crate) async fn serve(
     addr: SocketAddr,
     pool: Pool,
     (producer, tap): (FutureProducer<TapContext>, ErrorTap),
     topic: String,
+    interval: Duration,
     stop: CancellationToken,
 ) -> Result<SocketAddr, WriterError> {
     let _ = recorder();
@@ -81,16 +66,19 @@ pub(crate) async fn serve(
     let local = listener
         .local_addr()
         .map_err(|source| WriterError::Listen { addr, source })?;
+    let readiness = Arc::new(Readiness::default());
+    let deps = Deps {
+        pool,
+        producer,
+        tap,
+        topic,
+    };
+    tokio::spawn(probe_loop(deps, readiness.clone(), interval, stop.clone()));
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Deps {
-            pool,
-            producer,
-            tap,
-            topic,
-        });
+        .with_state(readiness);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -103,6 +91,59 @@ pub(crate) async fn serve(
     Ok(local)
 }
 
+/// Probes both dependencies now and every `interval` until `stop`.
+async fn probe_loop(
+    deps: Deps,
+    readiness: Arc<Readiness>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {
+                readiness.probe(Dependency::Postgres, ping_postgres(&deps.pool)).await;
+                // Not through `probe`: its timeout would race the metadata call's own and
+                // replace the client's account of why (refused credentials, unknown CA).
+                let started = Instant::now();
+                let kafka = kafka_metadata(&deps).await;
+                readiness.record(Dependency::Kafka, started, kafka);
+            }
+        }
+    }
+}
+
+async fn ping_postgres(pool: &Pool) -> Result<(), String> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| sluice_schema::db::describe_pool(&e))?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map(|_| ())
+        .map_err(|e| sluice_schema::db::describe(&e))
+}
+
+/// A metadata request on a blocking thread (librdkafka's call blocks), bounded by
+/// [`PROBE_TIMEOUT`] by the call itself, so the thread is not left waiting.
+async fn kafka_metadata(deps: &Deps) -> Result<(), String> {
+    let producer = deps.producer.clone();
+    let tap = deps.tap.clone();
+    let topic = deps.topic.clone();
+    tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
+            .map(|_| ())
+            .map_err(|e| sluice_schema::kafka::describe_with_tap(&e, &tap))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
 async fn metrics_text() -> impl IntoResponse {
     match recorder() {
         Some(handle) => handle.render(),
@@ -110,49 +151,12 @@ async fn metrics_text() -> impl IntoResponse {
     }
 }
 
-async fn readyz(State(deps): State<Deps>) -> impl IntoResponse {
-    let started = Instant::now();
-    let pg = tokio::time::timeout(Duration::from_secs(2), async {
-        let client = deps
-            .pool
-            .get()
-            .await
-            .map_err(|e| sluice_schema::db::describe_pool(&e))?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map(|_| ())
-            .map_err(|e| crate::error::render_pg(&e))
-    })
-    .await
-    .unwrap_or_else(|_| Err("timed out after 2 s".into()));
-    let pg_ms = started.elapsed().as_secs_f64() * 1000.0;
-
-    let started = Instant::now();
-    let producer = deps.producer.clone();
-    let tap = deps.tap.clone();
-    let topic = deps.topic.clone();
-    let kafka = tokio::task::spawn_blocking(move || {
-        producer
-            .client()
-            .fetch_metadata(Some(&topic), Duration::from_secs(2))
-            .map(|_| ())
-            .map_err(|e| sluice_schema::kafka::describe_with_tap(&e, &tap))
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
-    let kafka_ms = started.elapsed().as_secs_f64() * 1000.0;
-
-    let ready = pg.is_ok() && kafka.is_ok();
-    let body = json!({
-        "ready": ready,
-        "postgres": { "ok": pg.is_ok(), "latency_ms": pg_ms, "error": pg.err() },
-        "kafka": { "ok": kafka.is_ok(), "latency_ms": kafka_ms, "error": kafka.err() },
-    });
-    let status = if ready {
+async fn readyz(State(readiness): State<Arc<Readiness>>) -> impl IntoResponse {
+    let answer = readiness.answer();
+    let status = if answer.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body))
+    (status, Json(answer))
 }

@@ -31,7 +31,7 @@ use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use serde_json::Value;
 use sluice_schema::messages::{IdentityKind, IdentityMessage, JsonObject, SealedField};
-use sluice_schema::pii::{PiiKeys, Sealed};
+use sluice_schema::pii::{PiiKeys, Sealed, EMAIL_TRAIT, PHONE_TRAIT};
 use tokio_postgres::{Statement, Transaction};
 
 use crate::error::is_data_error;
@@ -87,7 +87,7 @@ fn take_pii(msg: &IdentityMessage, keys: Option<&PiiKeys>) -> Result<Taken, Reje
         Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
     };
-    let (email, phone) = (take("email"), take("phone"));
+    let (email, phone) = (take(EMAIL_TRAIT), take(PHONE_TRAIT));
     let email_fp = keys
         .zip(email.as_deref())
         .and_then(|(k, e)| k.fingerprint_email(e))

@@ -27,7 +27,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use rdkafka::ClientConfig;
 use sluice_schema::db::DbTarget;
 use sluice_schema::kafka::KafkaProperties;
@@ -103,6 +103,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pool.clone(),
         (dlq.producer(), dlq.tap()),
         topics.dlq.clone(),
+        Duration::from_millis(config.readiness_interval_ms),
         consumer_stop.clone(),
     )
     .await?;
@@ -295,19 +296,14 @@ fn pool(target: &DbTarget, lanes: usize) -> Result<Pool, WriterError> {
         pg.get_options().unwrap_or_default()
     );
     pg.options(options.trim_start());
-    let manager = target
-        .manager(ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+    target
+        .pool(sluice_schema::db::PoolBounds {
+            max_size: lanes + 3,
+            wait_timeout: Duration::from_secs(10),
+            create_timeout: Duration::from_secs(5),
+            recycle_timeout: Duration::from_secs(5),
         })
-        .map_err(|e| WriterError::Config(e.to_string()))?;
-    Pool::builder(manager)
-        .max_size(lanes + 3)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .recycle_timeout(Some(Duration::from_secs(5)))
-        .build()
-        .map_err(|e| WriterError::Pool(e.to_string()))
+        .map_err(|e| WriterError::Config(e.to_string()))
 }
 
 /// Creates the topics when missing (docs/architecture.md §3.1); existing ones are left alone.
@@ -357,7 +353,7 @@ async fn maintenance(
             }
         }
         if let Err(err) = prune_dedup(&client, dedup_days).await {
-            tracing::warn!(cause = %crate::error::render_pg(&err), "cannot prune event_dedup; retrying later");
+            tracing::warn!(cause = %sluice_schema::db::describe(&err), "cannot prune event_dedup; retrying later");
         }
     }
 }

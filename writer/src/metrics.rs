@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use sluice_schema::metrics::BucketRule;
+
 /// Counter, rows stored per table. Labels: `table` (event, visitor, session, lead,
 /// identity_link).
 pub const ROWS_TOTAL: &str = "sluice_writer_rows_total";
@@ -47,6 +49,25 @@ pub const PAUSED: &str = "sluice_writer_paused";
 pub const PARTITIONS_UNTIL: &str = "sluice_writer_partitions_until_timestamp_seconds";
 /// Counter, rebalance events. Labels: `kind` (assign, revoke).
 pub const REBALANCES_TOTAL: &str = "sluice_writer_rebalances_total";
+
+/// The writer's histogram buckets (docs/architecture.md §7.3): batch sizes from a single
+/// straggler to the largest configurable batch; COPY and batch durations from a few ms (a
+/// small batch) to the retry ceiling and beyond.
+pub const BUCKETS: &[BucketRule] = &[
+    BucketRule::name(
+        BATCH_ROWS,
+        &[
+            1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10_000.0, 20_000.0, 50_000.0,
+            100_000.0,
+        ],
+    ),
+    BucketRule::suffix(
+        "_seconds",
+        &[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ],
+    ),
+];
 
 /// Records rows stored in `table`.
 pub(crate) fn rows(table: &'static str, n: u64) {

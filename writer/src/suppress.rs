@@ -49,8 +49,8 @@ impl<'a> Subject<'a> {
             Some(Value::Number(n)) => Some(Cow::Owned(n.to_string())),
             _ => None,
         };
-        self.email = text("email");
-        self.phone = text("phone");
+        self.email = text(sluice_schema::pii::EMAIL_TRAIT);
+        self.phone = text(sluice_schema::pii::PHONE_TRAIT);
         self
     }
 

@@ -72,6 +72,16 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The defaults of the `SLUICE_MAX_*` settings (their clap attributes read these).
+    pub const DEFAULT: Limits = Limits {
+        max_message_bytes: 32_768,
+        max_request_bytes: 512_000,
+        max_json_depth: 32,
+        max_id_bytes: 256,
+        max_name_bytes: 512,
+        max_batch_messages: 2_500,
+    };
+
     /// The limits of a configuration.
     pub fn from_config(c: &crate::config::Config) -> Limits {
         Limits {
@@ -87,14 +97,7 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits {
-            max_message_bytes: 32_768,
-            max_request_bytes: 512_000,
-            max_json_depth: 32,
-            max_id_bytes: 256,
-            max_name_bytes: 512,
-            max_batch_messages: 2_500,
-        }
+        Limits::DEFAULT
     }
 }
 

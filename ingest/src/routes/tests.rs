@@ -12,7 +12,8 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::auth::{KeyRow, StoreError};
-use crate::produce::{ProduceError, Record, Topic};
+use crate::produce::{ProduceError, Record};
+use sluice_schema::topics::DataTopic;
 
 /// Records what it is sent, or fails as told.
 #[derive(Default)]
@@ -96,8 +97,8 @@ async fn accepted_track_yields_event_and_visitor_records_keyed_by_visitor() {
     let resp = post(&app, &key, json!({"event": "E", "anonymousId": "a1"})).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let sent = app.sink.sent.lock().unwrap().clone();
-    let topics: Vec<Topic> = sent.iter().map(|r| r.topic).collect();
-    assert_eq!(topics, [Topic::Event, Topic::Visitor]);
+    let topics: Vec<DataTopic> = sent.iter().map(|r| r.topic).collect();
+    assert_eq!(topics, [DataTopic::Event, DataTopic::Visitor]);
     assert!(sent.iter().all(|r| r.key == "10/a1"));
 }
 
@@ -187,7 +188,7 @@ async fn segment_pixel_takes_base64_of_either_alphabet_and_answers_a_gif() {
     let sent = app.sink.sent.lock().unwrap().clone();
     let events: Vec<serde_json::Value> = sent
         .iter()
-        .filter(|r| r.topic == Topic::Event)
+        .filter(|r| r.topic == DataTopic::Event)
         .map(|r| serde_json::from_slice(&r.payload).unwrap())
         .collect();
     assert_eq!(events.len(), queries.len());
@@ -262,7 +263,7 @@ fn sent_events(app: &Arc<App<MemSink, MemStore>>) -> Vec<serde_json::Value> {
         .lock()
         .unwrap()
         .iter()
-        .filter(|r| r.topic == Topic::Event)
+        .filter(|r| r.topic == DataTopic::Event)
         .map(|r| serde_json::from_slice(&r.payload).unwrap())
         .collect()
 }
