@@ -85,7 +85,7 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<Record>,
     stop: CancellationToken,
 ) {
-    let buffered = ::metrics::gauge!(metrics::BUFFERED, "lane" => lane.to_string());
+    let buffered = metrics::buffered(lane);
     let mut batch: Vec<Record> = Vec::with_capacity(store.limits.max_rows.min(100_000));
     let mut bytes = 0usize;
     let mut opened = Instant::now();
@@ -576,11 +576,11 @@ impl Store {
             .zip(stored.suppressed)
         {
             if n > 0 {
-                ::metrics::counter!(metrics::SUPPRESSED_TOTAL, "kind" => kind).increment(n);
+                metrics::suppressed(kind, n);
             }
         }
         if stored.duplicates > 0 {
-            ::metrics::counter!(metrics::DUPLICATES_TOTAL).increment(stored.duplicates);
+            metrics::duplicates(stored.duplicates);
         }
         metrics::batch(messages, stored.copy_time, took);
         tracing::debug!(

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::decode::{self, Decoded, Rejection, TimeWindow, TopicKind};
 use crate::error::WriterError;
+use crate::metrics;
 use crate::offsets::{self, Assignments, PartState, Tp};
 
 /// One message as received, owned, stamped with its partition's epoch at receipt.
@@ -127,8 +128,7 @@ impl ConsumerContext for WriterContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                metrics::counter!(crate::metrics::REBALANCES_TOTAL, "kind" => "assign")
-                    .increment(1);
+                metrics::rebalance("assign");
                 let parts: Vec<Tp> = tpl
                     .elements()
                     .iter()
@@ -163,8 +163,7 @@ impl ConsumerContext for WriterContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                metrics::counter!(crate::metrics::REBALANCES_TOTAL, "kind" => "revoke")
-                    .increment(1);
+                metrics::rebalance("revoke");
                 for e in tpl.elements() {
                     self.assignments
                         .remove(&(e.topic().to_owned(), e.partition()));
@@ -390,7 +389,7 @@ pub(crate) fn poll_loop(
             }
         }
         let paused = lanes.iter().any(|l| l.paused);
-        metrics::gauge!(crate::metrics::PAUSED).set(if paused { 1.0 } else { 0.0 });
+        metrics::paused(paused);
         if last_lag.elapsed() >= Duration::from_secs(5) {
             export_lag(&consumer, &assignments);
             last_lag = Instant::now();
@@ -514,8 +513,7 @@ fn export_lag(consumer: &BaseConsumer<WriterContext>, assignments: &Assignments)
             }
         };
         let next = state.stored_next.unwrap_or(0);
-        metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string())
-            .set((high - next).max(0) as f64);
+        metrics::lag(&topic, partition, high - next);
     }
     if missing > 0 {
         tracing::debug!(
@@ -532,8 +530,7 @@ fn export_lag(consumer: &BaseConsumer<WriterContext>, assignments: &Assignments)
 /// paged "not storing" on an idle pipeline and kept the autoscaler from scaling in. 0 is what
 /// this writer has left to store of it.
 fn zero_lag(topic: &str, partition: i32) {
-    metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => topic.to_owned(), "partition" => partition.to_string())
-        .set(0.0);
+    metrics::lag(topic, partition, 0);
 }
 
 /// Leaves the group cleanly: unsubscribing triggers the final revocation here, so the other

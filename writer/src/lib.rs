@@ -17,6 +17,7 @@
 //! - `identity`: identify/alias -> lead (PII sealed) and identity_link.
 //! - `offsets`: `writer_offset` reads and conditional moves; owned partitions.
 //! - `partitions`: month partitions ahead, on a timer and on demand.
+//! - `maintenance`: the timer off the hot path: months ahead, expired dedup claims pruned.
 //! - `suppress`: the erasure suppression list: messages of erased people are dropped.
 //! - `dlq`: the dead-letter producer.
 //! - [`metrics`]: metric names.
@@ -47,6 +48,7 @@ mod dlq;
 pub mod error;
 mod health;
 mod identity;
+mod maintenance;
 mod merge;
 pub mod metrics;
 mod offsets;
@@ -55,6 +57,7 @@ mod suppress;
 
 pub use config::Config;
 pub use error::WriterError;
+pub use maintenance::prune_dedup;
 
 /// Runs a writer until `shutdown` resolves: finishes (or, when PostgreSQL is failing,
 /// abandons) the open batch, leaves the consumer group and returns.
@@ -173,7 +176,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })
         .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
 
-    tokio::spawn(maintenance(
+    tokio::spawn(maintenance::run(
         pool.clone(),
         months.clone(),
         config.dedup_window_days,
@@ -329,64 +332,4 @@ async fn create_topics(
     )
     .await
     .map_err(WriterError::schema("creating topics"))
-}
-
-/// Off the hot path: expired dedup claims at start-up and every ten minutes, months ahead
-/// every hour.
-async fn maintenance(
-    pool: Pool,
-    months: Arc<partitions::Months>,
-    dedup_days: u32,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
-    let mut ticks: u64 = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        ticks += 1;
-        let Ok(client) = pool.get().await else {
-            continue;
-        };
-        // Start-up ensured the months already; then hourly.
-        if ticks % 6 == 0 {
-            if let Err(err) = months.ensure_ahead(&client, chrono::Utc::now()).await {
-                tracing::warn!(cause = %err, "cannot create month partitions ahead; retrying later");
-            }
-        }
-        if let Err(err) = prune_dedup(&client, dedup_days).await {
-            tracing::warn!(cause = %crate::error::render_pg(&err), "cannot prune event_dedup; retrying later");
-        }
-    }
-}
-
-/// Claims deleted per statement: each delete is a short transaction that never holds many
-/// row locks, so it does not hold up a batch claiming ids.
-const DEDUP_PRUNE_BATCH: i64 = 10_000;
-
-/// Deletes the `event_dedup` claims whose event was received more than `window_days` days
-/// ago: a client retry of such an event is stored again. Claims inside the window stay, so
-/// retries within it are dropped as duplicates (docs/writer.md). Returns the claims deleted.
-pub async fn prune_dedup(
-    client: &tokio_postgres::Client,
-    window_days: u32,
-) -> Result<u64, tokio_postgres::Error> {
-    let days = i32::try_from(window_days).unwrap_or(i32::MAX);
-    let mut total = 0;
-    loop {
-        let deleted = client
-            .execute(
-                "DELETE FROM event_dedup WHERE ctid = ANY (ARRAY(SELECT ctid FROM event_dedup \
-                 WHERE received_at < now() - make_interval(days => $1) LIMIT $2))",
-                &[&days, &DEDUP_PRUNE_BATCH],
-            )
-            .await?;
-        total += deleted;
-        ::metrics::counter!(metrics::DEDUP_PRUNED_TOTAL).increment(deleted);
-        if deleted < DEDUP_PRUNE_BATCH as u64 {
-            return Ok(total);
-        }
-    }
 }
