@@ -39,7 +39,7 @@ use crate::error::{is_concurrent_lead_insert, is_data_error, render_pg, StoreErr
 use crate::offsets::{self, Assignments, Tp};
 use crate::partitions::Months;
 use crate::suppress::{Subject, Suppression};
-use crate::{copy, identity, merge, metrics};
+use crate::{claim, identity, merge, metrics};
 
 /// Limits and timings of the pipeline, from [`crate::Config`].
 #[derive(Debug, Clone)]
@@ -528,7 +528,7 @@ impl Store {
             Step::Events => {
                 let rows: Vec<&EventMessage<RawObject>> =
                     idx.iter().map(|&i| p.events[i].1).collect();
-                let out = copy::events(tx, &rows).await?;
+                let out = claim::events(tx, &rows).await?;
                 stored.events += out.stored;
                 stored.duplicates += out.duplicates;
             }

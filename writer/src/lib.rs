@@ -11,8 +11,8 @@
 //!   and resume.
 //! - `batch`: the store pipeline: batching, the transaction, retries, splitting bad batches.
 //! - `decode`: Kafka values -> typed, validated messages.
-//! - [`copy`]: binary COPY encoding; event rows and their dedup claims (public for the
-//!   benchmark).
+//! - [`copy`]: binary COPY encoding and the event row format (public for the benchmark).
+//! - `claim`: the events' dedup claims in `event_dedup`, then their COPY into `event`.
 //! - `merge`: visitor and session upserts from a staged COPY.
 //! - `identity`: identify/alias -> lead (PII sealed) and identity_link.
 //! - `offsets`: `writer_offset` reads and conditional moves; owned partitions.
@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 mod batch;
+mod claim;
 pub mod config;
 mod consume;
 pub mod copy;

@@ -115,7 +115,7 @@ pub(crate) async fn visitors(
     }
     let mut rows: Vec<VisitorMessage> = folded.into_values().collect();
     rows.sort_by(|a, b| (a.tenant_id, &a.anonymous_id).cmp(&(b.tenant_id, &b.anonymous_id)));
-    let mut enc = CopyEncoder::new(11);
+    let mut enc = CopyEncoder::new(COPY_VISITOR);
     for m in &rows {
         enc.row();
         enc.i64(m.tenant_id);
@@ -131,7 +131,7 @@ pub(crate) async fn visitors(
         enc.bool(m.bot);
     }
     tx.batch_execute(STAGE_VISITOR).await?;
-    copy::send(tx, COPY_VISITOR, enc.finish()).await?;
+    copy::copy_in(tx, enc).await?;
     tx.execute(MERGE_VISITOR, &[]).await
 }
 
@@ -180,7 +180,7 @@ pub(crate) async fn sessions(
     }
     let mut rows: Vec<SessionMessage> = folded.into_values().collect();
     rows.sort_by(|a, b| (a.tenant_id, &a.session_id).cmp(&(b.tenant_id, &b.session_id)));
-    let mut enc = CopyEncoder::new(12);
+    let mut enc = CopyEncoder::new(COPY_SESSION);
     for m in &rows {
         enc.row();
         enc.i64(m.tenant_id);
@@ -197,7 +197,7 @@ pub(crate) async fn sessions(
         enc.jsonb(&m.geo);
     }
     tx.batch_execute(STAGE_SESSION).await?;
-    copy::send(tx, COPY_SESSION, enc.finish()).await?;
+    copy::copy_in(tx, enc).await?;
     tx.execute(MERGE_SESSION, &[]).await
 }
 
