@@ -283,52 +283,135 @@ fn lane_of(partition: i32, lanes: usize) -> usize {
     usize::try_from(partition).unwrap_or(0) % lanes
 }
 
-/// The consumer thread's loop: poll, stamp, forward to the partition's lane; pause a lane's
-/// partitions while it is full; run the pipeline's commands. Returns on `stop` after leaving
-/// the group.
-pub(crate) fn poll_loop(
+/// What the consumer thread needs besides its channels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PollSettings {
+    /// Records held per lane beyond its channel before the lane's partitions are paused.
+    pub max_pending: usize,
+    /// Days back a message's time may lie (`SLUICE_RETENTION_DAYS`).
+    pub retention_days: u32,
+    /// Months ahead a message's time may lie (`SLUICE_PARTITION_MONTHS_AHEAD`).
+    pub months_ahead: u32,
+}
+
+/// The window of accepted message times, recomputed at most once a second.
+struct WindowClock {
+    retention_days: u32,
+    months_ahead: u32,
+    current: TimeWindow,
+    since: Instant,
+}
+
+impl WindowClock {
+    fn new(retention_days: u32, months_ahead: u32) -> WindowClock {
+        WindowClock {
+            retention_days,
+            months_ahead,
+            current: TimeWindow::at(chrono::Utc::now(), retention_days, months_ahead),
+            since: Instant::now(),
+        }
+    }
+
+    fn now(&mut self) -> &TimeWindow {
+        if self.since.elapsed() >= Duration::from_secs(1) {
+            self.current =
+                TimeWindow::at(chrono::Utc::now(), self.retention_days, self.months_ahead);
+            self.since = Instant::now();
+        }
+        &self.current
+    }
+}
+
+/// The consumer thread: poll, stamp, forward to the partition's lane; pause a lane's
+/// partitions while it is full; run the pipeline's commands.
+pub(crate) struct Poller {
     consumer: BaseConsumer<WriterContext>,
     topics: TopicMap,
-    senders: Vec<mpsc::Sender<Record>>,
+    lanes: Vec<Lane>,
     commands: std_mpsc::Receiver<Command>,
     max_pending: usize,
-    window: (u32, u32),
-    stop: CancellationToken,
-) {
-    let (retention_days, months_ahead) = window;
-    let window_at = || TimeWindow::at(chrono::Utc::now(), retention_days, months_ahead);
-    let mut window = window_at();
-    let mut window_since = Instant::now();
-    let assignments = consumer.context().assignments.clone();
-    let n = senders.len().max(1);
-    let mut lanes: Vec<Lane> = senders
-        .into_iter()
-        .map(|tx| Lane {
-            tx,
-            pending: VecDeque::new(),
-            paused: false,
-        })
-        .collect();
-    let mut last_lag = Instant::now();
-    let mut last_pause = Instant::now();
-    // Repositions whose seek failed (a partition not fetching yet refuses seeks): retried.
-    let mut retry: Vec<Tp> = Vec::new();
-    let mut last_retry = Instant::now();
-    while !stop.is_cancelled() {
-        while let Ok(cmd) = commands.try_recv() {
-            retry.extend(run_command(&consumer, &assignments, cmd));
+    window: WindowClock,
+    assignments: Arc<Assignments>,
+    /// Repositions whose seek failed (a partition not fetching yet refuses seeks): retried.
+    retry: Vec<Tp>,
+    last_retry: Instant,
+    last_lag: Instant,
+    last_pause: Instant,
+}
+
+impl Poller {
+    /// A poller feeding one lane per sender.
+    pub fn new(
+        consumer: BaseConsumer<WriterContext>,
+        topics: TopicMap,
+        senders: Vec<mpsc::Sender<Record>>,
+        commands: std_mpsc::Receiver<Command>,
+        settings: PollSettings,
+    ) -> Poller {
+        let assignments = consumer.context().assignments.clone();
+        let lanes = senders
+            .into_iter()
+            .map(|tx| Lane {
+                tx,
+                pending: VecDeque::new(),
+                paused: false,
+            })
+            .collect();
+        Poller {
+            consumer,
+            topics,
+            lanes,
+            commands,
+            max_pending: settings.max_pending,
+            window: WindowClock::new(settings.retention_days, settings.months_ahead),
+            assignments,
+            retry: Vec::new(),
+            last_retry: Instant::now(),
+            last_lag: Instant::now(),
+            last_pause: Instant::now(),
         }
-        if !retry.is_empty() && last_retry.elapsed() >= Duration::from_millis(200) {
-            last_retry = Instant::now();
-            for tp in std::mem::take(&mut retry) {
-                retry.extend(run_command(
-                    &consumer,
-                    &assignments,
+    }
+
+    /// Runs until `stop` (or until the pipeline's channels close), then leaves the group.
+    pub fn run(mut self, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            self.run_commands();
+            if self.forward().is_err() {
+                break;
+            }
+            self.poll_once();
+            metrics::paused(self.lanes.iter().any(|l| l.paused));
+            if self.last_lag.elapsed() >= Duration::from_secs(5) {
+                export_lag(&self.consumer, &self.assignments);
+                self.last_lag = Instant::now();
+            }
+        }
+        leave(self.consumer);
+    }
+
+    /// The pipeline's commands, and the repositions to retry (every 200 ms).
+    fn run_commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.retry
+                .extend(run_command(&self.consumer, &self.assignments, cmd));
+        }
+        if !self.retry.is_empty() && self.last_retry.elapsed() >= Duration::from_millis(200) {
+            self.last_retry = Instant::now();
+            for tp in std::mem::take(&mut self.retry) {
+                self.retry.extend(run_command(
+                    &self.consumer,
+                    &self.assignments,
                     Command::Reposition(tp),
                 ));
             }
         }
-        for (i, lane) in lanes.iter_mut().enumerate() {
+    }
+
+    /// Hands each lane's pending records to its channel; pauses a lane past `max_pending`,
+    /// resumes it once drained. Err when a channel closed (the pipeline is gone).
+    fn forward(&mut self) -> Result<(), ()> {
+        let n = self.lanes.len().max(1);
+        for (i, lane) in self.lanes.iter_mut().enumerate() {
             while let Some(rec) = lane.pending.pop_front() {
                 match lane.tx.try_send(rec) {
                     Ok(()) => {}
@@ -336,74 +419,76 @@ pub(crate) fn poll_loop(
                         lane.pending.push_front(rec);
                         break;
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return leave(consumer),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(()),
                 }
             }
             if lane.pending.is_empty() && lane.paused {
-                set_paused(&consumer, (i, n), false);
+                set_paused(&self.consumer, i, n, false);
                 lane.paused = false;
-            } else if lane.pending.len() >= max_pending && !lane.paused {
-                set_paused(&consumer, (i, n), true);
+            } else if lane.pending.len() >= self.max_pending && !lane.paused {
+                set_paused(&self.consumer, i, n, true);
                 lane.paused = true;
             }
         }
-        let any_pending = lanes.iter().any(|l| !l.pending.is_empty());
+        Ok(())
+    }
+
+    /// Polls once (briefly when records wait for a lane) and queues what came on its lane.
+    fn poll_once(&mut self) {
+        let any_pending = self.lanes.iter().any(|l| !l.pending.is_empty());
         let timeout = if any_pending { 5 } else { 100 };
-        match consumer.poll(Duration::from_millis(timeout)) {
+        match self.consumer.poll(Duration::from_millis(timeout)) {
             None => {}
             Some(Ok(msg)) => {
-                // A partition assigned while its lane is paused is not paused yet: pause it too.
-                if last_pause.elapsed() >= Duration::from_secs(1) {
-                    for (i, lane) in lanes.iter().enumerate() {
-                        if lane.paused {
-                            set_paused(&consumer, (i, n), true);
-                        }
-                    }
-                    last_pause = Instant::now();
-                }
-                let Some((topic, kind)) = topics.lookup(msg.topic()) else {
-                    continue;
+                repause(&self.consumer, &self.lanes, &mut self.last_pause);
+                let Some((topic, kind)) = self.topics.lookup(msg.topic()) else {
+                    return;
                 };
                 // Unowned partition (revoked between fetch and poll): drop.
-                let Some(epoch) = assignments.epoch_of(msg.topic(), msg.partition()) else {
-                    continue;
+                let Some(epoch) = self.assignments.epoch_of(msg.topic(), msg.partition()) else {
+                    return;
                 };
-                if window_since.elapsed() >= Duration::from_secs(1) {
-                    window = window_at();
-                    window_since = Instant::now();
-                }
-                let lane = lane_of(msg.partition(), n);
-                lanes[lane].pending.push_back(Record {
+                let record = Record {
                     topic,
                     partition: msg.partition(),
                     offset: msg.offset(),
                     epoch,
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec),
-                    decoded: decode::decode(kind, msg.payload(), &window),
-                });
+                    decoded: decode::decode(kind, msg.payload(), self.window.now()),
+                };
+                let lane = lane_of(msg.partition(), self.lanes.len().max(1));
+                self.lanes[lane].pending.push_back(record);
             }
             Some(Err(err)) => {
                 // Broker down, partition EOF and the like: librdkafka reconnects by itself.
                 tracing::warn!(cause = %err, "Kafka consumer error");
             }
         }
-        let paused = lanes.iter().any(|l| l.paused);
-        metrics::paused(paused);
-        if last_lag.elapsed() >= Duration::from_secs(5) {
-            export_lag(&consumer, &assignments);
-            last_lag = Instant::now();
-        }
     }
-    leave(consumer);
 }
 
-/// Pauses or resumes the assigned partitions of lane `lane.0` of `lane.1`.
-fn set_paused(consumer: &BaseConsumer<WriterContext>, lane: (usize, usize), pause: bool) {
+/// A partition assigned while its lane is paused is not paused yet: pause it too (at most once
+/// a second).
+fn repause(consumer: &BaseConsumer<WriterContext>, lanes: &[Lane], last: &mut Instant) {
+    if last.elapsed() < Duration::from_secs(1) {
+        return;
+    }
+    let n = lanes.len().max(1);
+    for (i, lane) in lanes.iter().enumerate() {
+        if lane.paused {
+            set_paused(consumer, i, n, true);
+        }
+    }
+    *last = Instant::now();
+}
+
+/// Pauses or resumes the assigned partitions of lane `lane` of `lanes`.
+fn set_paused(consumer: &BaseConsumer<WriterContext>, lane: usize, lanes: usize, pause: bool) {
     let result: KafkaResult<()> = consumer.assignment().and_then(|all| {
         let mut tpl = TopicPartitionList::new();
         for e in all.elements() {
-            if lane_of(e.partition(), lane.1) == lane.0 {
+            if lane_of(e.partition(), lanes) == lane {
                 tpl.add_partition(e.topic(), e.partition());
             }
         }
@@ -414,9 +499,9 @@ fn set_paused(consumer: &BaseConsumer<WriterContext>, lane: (usize, usize), paus
         }
     });
     match result {
-        Ok(()) => tracing::debug!(pause, lane = lane.0, "consumption paused/resumed"),
+        Ok(()) => tracing::debug!(pause, lane, "consumption paused/resumed"),
         Err(err) => {
-            tracing::warn!(pause, lane = lane.0, cause = %err, "cannot pause/resume partitions")
+            tracing::warn!(pause, lane, cause = %err, "cannot pause/resume partitions")
         }
     }
 }

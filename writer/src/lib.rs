@@ -165,15 +165,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let consumer_thread = std::thread::Builder::new()
         .name("sluice-consumer".into())
         .spawn(move || {
-            consume::poll_loop(
-                consumer,
-                topic_map,
-                senders,
-                cmd_rx,
+            let settings = consume::PollSettings {
                 max_pending,
-                (config.retention_days, config.partition_months_ahead),
-                thread_stop,
-            )
+                retention_days: config.retention_days,
+                months_ahead: config.partition_months_ahead,
+            };
+            consume::Poller::new(consumer, topic_map, senders, cmd_rx, settings).run(thread_stop)
         })
         .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
 
