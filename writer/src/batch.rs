@@ -334,36 +334,8 @@ impl Store {
             step_ms[k] = step_started.elapsed().as_millis() as u64;
             refused.extend(bad);
         }
-        let letters: Vec<DeadLetter<'_>> = prepared
-            .rejected
-            .iter()
-            .chain(refused.iter())
-            .map(|(i, rej)| {
-                let r = &batch[*i];
-                DeadLetter {
-                    topic: &r.topic,
-                    partition: r.partition,
-                    offset: r.offset,
-                    key: r.key.as_deref(),
-                    payload: r.payload.as_deref(),
-                    reason: rej.reason,
-                    detail: &rej.detail,
-                }
-            })
-            .collect();
-        if !letters.is_empty() {
-            for l in &letters {
-                tracing::warn!(
-                    topic = l.topic,
-                    partition = l.partition,
-                    offset = l.offset,
-                    reason = l.reason,
-                    detail = l.detail,
-                    "dead-lettering a message"
-                );
-            }
-            self.dlq.send(&letters).await.map_err(StoreError::Dlq)?;
-        }
+        self.dead_letter(batch, prepared.rejected.iter().chain(refused.iter()))
+            .await?;
         let before_commit = Instant::now();
         tx.commit().await?;
         tracing::debug!(
@@ -382,6 +354,43 @@ impl Store {
             "batch timings"
         );
         Ok(stored)
+    }
+
+    /// Sends the rejected messages of `batch` (index, reason) to the DLQ, each logged, inside
+    /// the batch's transaction: the offsets move only when the letters are out.
+    async fn dead_letter(
+        &self,
+        batch: &[Record],
+        rejections: impl Iterator<Item = &(usize, Rejection)>,
+    ) -> Result<(), StoreError> {
+        let letters: Vec<DeadLetter<'_>> = rejections
+            .map(|(i, rej)| {
+                let r = &batch[*i];
+                DeadLetter {
+                    topic: &r.topic,
+                    partition: r.partition,
+                    offset: r.offset,
+                    key: r.key.as_deref(),
+                    payload: r.payload.as_deref(),
+                    reason: rej.reason,
+                    detail: &rej.detail,
+                }
+            })
+            .collect();
+        if letters.is_empty() {
+            return Ok(());
+        }
+        for l in &letters {
+            tracing::warn!(
+                topic = l.topic,
+                partition = l.partition,
+                offset = l.offset,
+                reason = l.reason,
+                detail = l.detail,
+                "dead-lettering a message"
+            );
+        }
+        self.dlq.send(&letters).await.map_err(StoreError::Dlq)
     }
 
     /// Drops the prepared messages the suppression list names (read in `tx`); returns how

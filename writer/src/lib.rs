@@ -7,8 +7,8 @@
 //!
 //! # Layout
 //! - [`config`]: settings (flags and `SLUICE_*` variables).
-//! - `consume`: the Kafka consumer thread; rebalances positioned from `writer_offset`; pause
-//!   and resume.
+//! - `consume`: the Kafka consumer thread (`Poller`): lanes fed, paused and resumed.
+//! - `rebalance`: the consumer's context: rebalances positioned from `writer_offset`; lag.
 //! - `batch`: the store pipeline: batching, the transaction, retries, splitting bad batches.
 //! - `decode`: Kafka values -> typed, validated messages.
 //! - [`copy`]: binary COPY encoding and the event row format (public for the benchmark).
@@ -54,6 +54,7 @@ mod merge;
 pub mod metrics;
 mod offsets;
 mod partitions;
+mod rebalance;
 mod suppress;
 
 pub use config::Config;
@@ -66,33 +67,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     check(&config)?;
     health::install();
     let topics = Topics::with_prefix(&config.topic_prefix);
-    let config_err = |e: sluice_schema::SchemaError| WriterError::Config(e.to_string());
-    let database_url = secrets::value_or_file(
-        &config.database_url,
-        config.database_url_file.as_deref(),
-        "SLUICE_DATABASE_URL_FILE",
-    )
-    .map_err(config_err)?;
-    let pii_keys = secrets::value_or_file(
-        &config.pii_keys,
-        config.pii_keys_file.as_deref(),
-        "SLUICE_PII_KEYS_FILE",
-    )
-    .map_err(config_err)?;
-    let kafka = KafkaProperties::load(
-        &config.kafka_properties,
-        config.kafka_properties_file.as_deref(),
-    )
-    .map_err(config_err)?;
-    let keys = match pii_keys.trim() {
-        "" => None,
-        keys => Some(
-            PiiKeys::from_env_strings(keys, &config.pii_active_key).map_err(|e| {
-                WriterError::Config(format!("SLUICE_PII_KEYS / SLUICE_PII_ACTIVE_KEY: {e}"))
-            })?,
-        ),
-    };
-    let target = DbTarget::parse(&database_url).map_err(config_err)?;
+    let Secrets {
+        target,
+        kafka,
+        keys,
+    } = Secrets::load(&config)?;
     let pool = pool(&target, config.lanes)?;
     tracing::info!(database = %target.redacted, kafka_properties = %kafka, "connecting");
 
@@ -116,31 +95,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         months_ahead: config.partition_months_ahead,
     }));
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match start_up_checks(&pool, &months, &config, &kafka, &topics).await {
-            Ok(()) => break,
-            Err(err) => {
-                // An admin call that times out does not say why; the DLQ producer's client,
-                // connected to the same brokers with the same settings, does.
-                let err = match (&err, dlq.tap().recent()) {
-                    (WriterError::Schema { .. }, Some(cause)) => {
-                        format!("{err}; Kafka client error: {cause}")
-                    }
-                    _ => err.to_string(),
-                };
-                tracing::error!(cause = %err, retry_in = ?backoff, "writer not ready");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = &mut shutdown => {
-                        consumer_stop.cancel();
-                        tracing::info!("shutdown requested before the writer was ready");
-                        return Ok(());
-                    }
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
+    let checks = || start_up_checks(&pool, &months, &config, &kafka, &topics);
+    if !until_ready(checks, &dlq, &mut shutdown).await {
+        consumer_stop.cancel();
+        tracing::info!("shutdown requested before the writer was ready");
+        return Ok(());
     }
 
     let assignments = Arc::new(offsets::Assignments::default());
@@ -162,14 +121,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         (0..lanes).map(|_| mpsc::channel(max_pending)).unzip();
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
     let thread_stop = consumer_stop.clone();
+    let settings = consume::PollSettings {
+        max_pending,
+        retention_days: config.retention_days,
+        months_ahead: config.partition_months_ahead,
+    };
     let consumer_thread = std::thread::Builder::new()
         .name("sluice-consumer".into())
         .spawn(move || {
-            let settings = consume::PollSettings {
-                max_pending,
-                retention_days: config.retention_days,
-                months_ahead: config.partition_months_ahead,
-            };
             consume::Poller::new(consumer, topic_map, senders, cmd_rx, settings).run(thread_stop)
         })
         .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
@@ -205,18 +164,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .enumerate()
             .map(|(lane, rx)| tokio::spawn(batch::run(store.clone(), lane, rx, stop.clone()))),
     );
-    tokio::pin!(pipeline);
-    let mut shutting_down = false;
-    loop {
-        tokio::select! {
-            _ = &mut pipeline => break,
-            () = &mut shutdown, if !shutting_down => {
-                tracing::info!("shutdown requested: storing the open batch, then leaving the group");
-                shutting_down = true;
-                stop.cancel();
-            }
-        }
-    }
+    let shutting_down = until_stored(pipeline, &mut shutdown, &stop).await;
     // Only now may the consumer leave: its revocation would make the last batch's partitions
     // unowned and that batch unstorable.
     consumer_stop.cancel();
@@ -234,6 +182,103 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         _ => Err(WriterError::ConsumerThread(
             "it panicked while leaving the group".into(),
         )),
+    }
+}
+
+/// The settings read from values or files: the database, Kafka client properties, PII keys.
+struct Secrets {
+    target: DbTarget,
+    kafka: KafkaProperties,
+    keys: Option<PiiKeys>,
+}
+
+impl Secrets {
+    fn load(config: &Config) -> Result<Secrets, WriterError> {
+        let config_err = |e: sluice_schema::SchemaError| WriterError::Config(e.to_string());
+        let database_url = secrets::value_or_file(
+            &config.database_url,
+            config.database_url_file.as_deref(),
+            "SLUICE_DATABASE_URL_FILE",
+        )
+        .map_err(config_err)?;
+        let pii_keys = secrets::value_or_file(
+            &config.pii_keys,
+            config.pii_keys_file.as_deref(),
+            "SLUICE_PII_KEYS_FILE",
+        )
+        .map_err(config_err)?;
+        let kafka = KafkaProperties::load(
+            &config.kafka_properties,
+            config.kafka_properties_file.as_deref(),
+        )
+        .map_err(config_err)?;
+        let keys = match pii_keys.trim() {
+            "" => None,
+            keys => Some(
+                PiiKeys::from_env_strings(keys, &config.pii_active_key).map_err(|e| {
+                    WriterError::Config(format!("SLUICE_PII_KEYS / SLUICE_PII_ACTIVE_KEY: {e}"))
+                })?,
+            ),
+        };
+        let target = DbTarget::parse(&database_url).map_err(config_err)?;
+        Ok(Secrets {
+            target,
+            kafka,
+            keys,
+        })
+    }
+}
+
+/// Runs the start-up checks until they pass, logging why not with a growing backoff (1 s to
+/// 30 s). False when `shutdown` came first.
+async fn until_ready<C>(
+    checks: impl Fn() -> C,
+    dlq: &dlq::Dlq,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> bool
+where
+    C: Future<Output = Result<(), WriterError>>,
+{
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let Err(err) = checks().await else {
+            return true;
+        };
+        // An admin call that times out does not say why; the DLQ producer's client,
+        // connected to the same brokers with the same settings, does.
+        let err = match (&err, dlq.tap().recent()) {
+            (WriterError::Schema { .. }, Some(cause)) => {
+                format!("{err}; Kafka client error: {cause}")
+            }
+            _ => err.to_string(),
+        };
+        tracing::error!(cause = %err, retry_in = ?backoff, "writer not ready");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = &mut *shutdown => return false,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Waits for the lanes to end; on `shutdown`, cancels `stop` so that they store their open
+/// batch and end. True when they ended because of a shutdown.
+async fn until_stored(
+    pipeline: impl Future,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    stop: &CancellationToken,
+) -> bool {
+    tokio::pin!(pipeline);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            _ = &mut pipeline => return shutting_down,
+            () = &mut *shutdown, if !shutting_down => {
+                tracing::info!("shutdown requested: storing the open batch, then leaving the group");
+                shutting_down = true;
+                stop.cancel();
+            }
+        }
     }
 }
 

@@ -107,32 +107,7 @@ pub(super) fn lead_pii(
         .or(new_phone.as_ref())
         .map(|s| s.key_id.clone())
     else {
-        // Nothing new: move the kept values to the active key only when all of them open.
-        if let (Some(keys), Some(old_key)) = (keys, old_key) {
-            if old_key != keys.active_key_id() {
-                let move_one = |ct: &Option<Vec<u8>>| -> Result<Option<Vec<u8>>, ()> {
-                    match ct {
-                        Some(ct) => {
-                            let plain = keys.decrypt(old_key, ct).map_err(|_| ())?;
-                            Ok(Some(keys.encrypt(&plain).ciphertext))
-                        }
-                        None => Ok(None),
-                    }
-                };
-                if let (Ok(email), Ok(phone)) = (move_one(&kept_email), move_one(&kept_phone)) {
-                    return Ok(LeadPii {
-                        email,
-                        phone,
-                        key_id: Some(keys.active_key_id().to_owned()),
-                    });
-                }
-            }
-        }
-        return Ok(LeadPii {
-            email: kept_email,
-            phone: kept_phone,
-            key_id: old_key.map(str::to_owned),
-        });
+        return Ok(kept_only(keys, old_key, kept_email, kept_phone));
     };
     // Brings one value under `target`: as it is when already there, else opened and sealed.
     let under_target = |ct: Vec<u8>, from: &str| -> Result<Vec<u8>, Rejection> {
@@ -145,21 +120,52 @@ pub(super) fn lead_pii(
             .map(|s| s.ciphertext)
             .map_err(|_| key_missing(&target))
     };
-    let email = match (new_email, kept_email) {
-        (Some(s), _) => Some(under_target(s.ciphertext, &s.key_id)?),
-        (None, Some(ct)) => Some(under_target(ct, old_key.unwrap_or(&target))?),
-        (None, None) => None,
-    };
-    let phone = match (new_phone, kept_phone) {
-        (Some(s), _) => Some(under_target(s.ciphertext, &s.key_id)?),
-        (None, Some(ct)) => Some(under_target(ct, old_key.unwrap_or(&target))?),
-        (None, None) => None,
+    // The new value, else the kept one, under `target`.
+    let one = |new: Option<Sealed>, kept: Option<Vec<u8>>| match (new, kept) {
+        (Some(s), _) => under_target(s.ciphertext, &s.key_id).map(Some),
+        (None, Some(ct)) => under_target(ct, old_key.unwrap_or(&target)).map(Some),
+        (None, None) => Ok(None),
     };
     Ok(LeadPii {
+        email: one(new_email, kept_email)?,
+        phone: one(new_phone, kept_phone)?,
+        key_id: Some(target.clone()),
+    })
+}
+
+/// What a lead keeps when an identify brings no new value: its values moved to the writer's
+/// active key when all of them open, else exactly as they are, under their own key id.
+fn kept_only(
+    keys: Option<&PiiKeys>,
+    old_key: Option<&str>,
+    email: Option<Vec<u8>>,
+    phone: Option<Vec<u8>>,
+) -> LeadPii {
+    if let (Some(keys), Some(old_key)) = (keys, old_key) {
+        if old_key != keys.active_key_id() {
+            let move_one = |ct: &Option<Vec<u8>>| -> Result<Option<Vec<u8>>, ()> {
+                match ct {
+                    Some(ct) => {
+                        let plain = keys.decrypt(old_key, ct).map_err(|_| ())?;
+                        Ok(Some(keys.encrypt(&plain).ciphertext))
+                    }
+                    None => Ok(None),
+                }
+            };
+            if let (Ok(email), Ok(phone)) = (move_one(&email), move_one(&phone)) {
+                return LeadPii {
+                    email,
+                    phone,
+                    key_id: Some(keys.active_key_id().to_owned()),
+                };
+            }
+        }
+    }
+    LeadPii {
         email,
         phone,
-        key_id: Some(target),
-    })
+        key_id: old_key.map(str::to_owned),
+    }
 }
 
 #[cfg(test)]

@@ -284,50 +284,34 @@ fn settle<T>(
     }
 }
 
-/// The statements, prepared once per batch (an unprepared query costs a second round trip).
-struct Statements {
-    find_matches: Statement,
-    find_leads: Statement,
-    update_lead: Statement,
-    insert_lead: Statement,
-    find_alias: Statement,
-    rename_lead: Statement,
-    insert_alias: Statement,
-    link: Statement,
+/// Declares [`Statements`] with one field per statement and its `prepare`, each name given
+/// once next to its SQL.
+macro_rules! statements {
+    ($($name:ident = $sql:path),* $(,)?) => {
+        /// The statements, prepared once per batch (an unprepared query costs a second round
+        /// trip).
+        struct Statements {
+            $($name: Statement,)*
+        }
+
+        impl Statements {
+            async fn prepare(tx: &Transaction<'_>) -> Result<Statements, tokio_postgres::Error> {
+                let ($($name,)*) = futures::try_join!($(tx.prepare($sql),)*)?;
+                Ok(Statements { $($name,)* })
+            }
+        }
+    };
 }
 
-impl Statements {
-    async fn prepare(tx: &Transaction<'_>) -> Result<Statements, tokio_postgres::Error> {
-        let (
-            find_matches,
-            find_leads,
-            update_lead,
-            insert_lead,
-            find_alias,
-            rename_lead,
-            insert_alias,
-            link,
-        ) = futures::try_join!(
-            tx.prepare(sql::FIND_MATCHES),
-            tx.prepare(sql::FIND_LEADS),
-            tx.prepare(sql::UPDATE_LEAD),
-            tx.prepare(sql::INSERT_LEAD),
-            tx.prepare(sql::FIND_ALIAS),
-            tx.prepare(sql::RENAME_LEAD),
-            tx.prepare(sql::INSERT_ALIAS),
-            tx.prepare(sql::LINK),
-        )?;
-        Ok(Statements {
-            find_matches,
-            find_leads,
-            update_lead,
-            insert_lead,
-            find_alias,
-            rename_lead,
-            insert_alias,
-            link,
-        })
-    }
+statements! {
+    find_matches = sql::FIND_MATCHES,
+    find_leads = sql::FIND_LEADS,
+    update_lead = sql::UPDATE_LEAD,
+    insert_lead = sql::INSERT_LEAD,
+    find_alias = sql::FIND_ALIAS,
+    rename_lead = sql::RENAME_LEAD,
+    insert_alias = sql::INSERT_ALIAS,
+    link = sql::LINK,
 }
 
 impl<'a> Plan<'a> {
