@@ -103,35 +103,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let assignments = Arc::new(offsets::Assignments::default());
-    let topic_map = consume::TopicMap::new(&topics);
-    let consumer = consume::create(
-        &config.kafka_brokers,
+    let ConsumerThread {
+        thread: consumer_thread,
+        receivers,
+        commands: cmd_tx,
+    } = start_consumer(
+        &config,
         &kafka,
-        &config.group,
-        &topic_map,
-        assignments.clone(),
+        &topics,
         pool.clone(),
+        assignments.clone(),
         consumer_stop.clone(),
     )?;
-    // Per lane, the channel and the consumer thread's overflow bound the records waiting
-    // behind the open batch: one batch's worth each.
     let lanes = config.lanes;
-    let max_pending = config.batch_max_rows.max(1000);
-    let (senders, receivers): (Vec<_>, Vec<_>) =
-        (0..lanes).map(|_| mpsc::channel(max_pending)).unzip();
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
-    let thread_stop = consumer_stop.clone();
-    let settings = consume::PollSettings {
-        max_pending,
-        retention_days: config.retention_days,
-        months_ahead: config.partition_months_ahead,
-    };
-    let consumer_thread = std::thread::Builder::new()
-        .name("sluice-consumer".into())
-        .spawn(move || {
-            consume::Poller::new(consumer, topic_map, senders, cmd_rx, settings).run(thread_stop)
-        })
-        .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
 
     tokio::spawn(maintenance::run(
         pool.clone(),
@@ -183,6 +167,59 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "it panicked while leaving the group".into(),
         )),
     }
+}
+
+/// The consumer thread and the pipeline's ends of its channels.
+struct ConsumerThread {
+    thread: std::thread::JoinHandle<()>,
+    /// One per lane: the records of its partitions.
+    receivers: Vec<mpsc::Receiver<consume::Record>>,
+    /// Commands to the consumer thread (Kafka commits, repositions).
+    commands: std::sync::mpsc::Sender<consume::Command>,
+}
+
+/// Creates the consumer and starts its thread, one bounded channel per lane.
+fn start_consumer(
+    config: &Config,
+    kafka: &KafkaProperties,
+    topics: &Topics,
+    pool: Pool,
+    assignments: Arc<offsets::Assignments>,
+    stop: CancellationToken,
+) -> Result<ConsumerThread, WriterError> {
+    let topic_map = consume::TopicMap::new(topics);
+    let consumer = consume::create(
+        &config.kafka_brokers,
+        kafka,
+        &config.group,
+        &topic_map,
+        assignments,
+        pool,
+        stop.clone(),
+    )?;
+    // Per lane, the channel and the consumer thread's overflow bound the records waiting
+    // behind the open batch: one batch's worth each.
+    let max_pending = config.batch_max_rows.max(1000);
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.lanes)
+        .map(|_| mpsc::channel(max_pending))
+        .unzip();
+    let (commands, cmd_rx) = std::sync::mpsc::channel();
+    let settings = consume::PollSettings {
+        max_pending,
+        retention_days: config.retention_days,
+        months_ahead: config.partition_months_ahead,
+    };
+    let thread = std::thread::Builder::new()
+        .name("sluice-consumer".into())
+        .spawn(move || {
+            consume::Poller::new(consumer, topic_map, senders, cmd_rx, settings).run(stop)
+        })
+        .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
+    Ok(ConsumerThread {
+        thread,
+        receivers,
+        commands,
+    })
 }
 
 /// The settings read from values or files: the database, Kafka client properties, PII keys.
