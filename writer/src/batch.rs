@@ -39,7 +39,7 @@ use crate::error::{is_concurrent_lead_insert, is_data_error, StoreError};
 use crate::offsets::{self, Assignments, Tp};
 use crate::partitions::Months;
 use crate::suppress::{Subject, Suppression};
-use crate::{copy, identity, merge, metrics};
+use crate::{claim, identity, merge, metrics};
 use sluice_schema::db::describe;
 
 /// Limits and timings of the pipeline, from [`crate::Config`].
@@ -86,7 +86,7 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<Record>,
     stop: CancellationToken,
 ) {
-    let buffered = ::metrics::gauge!(metrics::BUFFERED, "lane" => lane.to_string());
+    let buffered = metrics::buffered(lane);
     let mut batch: Vec<Record> = Vec::with_capacity(store.limits.max_rows.min(100_000));
     let mut bytes = 0usize;
     let mut opened = Instant::now();
@@ -335,36 +335,8 @@ impl Store {
             step_ms[k] = step_started.elapsed().as_millis() as u64;
             refused.extend(bad);
         }
-        let letters: Vec<DeadLetter<'_>> = prepared
-            .rejected
-            .iter()
-            .chain(refused.iter())
-            .map(|(i, rej)| {
-                let r = &batch[*i];
-                DeadLetter {
-                    topic: &r.topic,
-                    partition: r.partition,
-                    offset: r.offset,
-                    key: r.key.as_deref(),
-                    payload: r.payload.as_deref(),
-                    reason: rej.reason,
-                    detail: &rej.detail,
-                }
-            })
-            .collect();
-        if !letters.is_empty() {
-            for l in &letters {
-                tracing::warn!(
-                    topic = l.topic,
-                    partition = l.partition,
-                    offset = l.offset,
-                    reason = l.reason,
-                    detail = l.detail,
-                    "dead-lettering a message"
-                );
-            }
-            self.dlq.send(&letters).await.map_err(StoreError::Dlq)?;
-        }
+        self.dead_letter(batch, prepared.rejected.iter().chain(refused.iter()))
+            .await?;
         let before_commit = Instant::now();
         tx.commit().await?;
         tracing::debug!(
@@ -383,6 +355,43 @@ impl Store {
             "batch timings"
         );
         Ok(stored)
+    }
+
+    /// Sends the rejected messages of `batch` (index, reason) to the DLQ, each logged, inside
+    /// the batch's transaction: the offsets move only when the letters are out.
+    async fn dead_letter(
+        &self,
+        batch: &[Record],
+        rejections: impl Iterator<Item = &(usize, Rejection)>,
+    ) -> Result<(), StoreError> {
+        let letters: Vec<DeadLetter<'_>> = rejections
+            .map(|(i, rej)| {
+                let r = &batch[*i];
+                DeadLetter {
+                    topic: &r.topic,
+                    partition: r.partition,
+                    offset: r.offset,
+                    key: r.key.as_deref(),
+                    payload: r.payload.as_deref(),
+                    reason: rej.reason,
+                    detail: &rej.detail,
+                }
+            })
+            .collect();
+        if letters.is_empty() {
+            return Ok(());
+        }
+        for l in &letters {
+            tracing::warn!(
+                topic = l.topic,
+                partition = l.partition,
+                offset = l.offset,
+                reason = l.reason,
+                detail = l.detail,
+                "dead-lettering a message"
+            );
+        }
+        self.dlq.send(&letters).await.map_err(StoreError::Dlq)
     }
 
     /// Drops the prepared messages the suppression list names (read in `tx`); returns how
@@ -529,7 +538,7 @@ impl Store {
             Step::Events => {
                 let rows: Vec<&EventMessage<RawObject>> =
                     idx.iter().map(|&i| p.events[i].1).collect();
-                let out = copy::events(tx, &rows).await?;
+                let out = claim::events(tx, &rows).await?;
                 stored.events += out.stored;
                 stored.duplicates += out.duplicates;
             }
@@ -577,11 +586,11 @@ impl Store {
             .zip(stored.suppressed)
         {
             if n > 0 {
-                ::metrics::counter!(metrics::SUPPRESSED_TOTAL, "kind" => kind).increment(n);
+                metrics::suppressed(kind, n);
             }
         }
         if stored.duplicates > 0 {
-            ::metrics::counter!(metrics::DUPLICATES_TOTAL).increment(stored.duplicates);
+            metrics::duplicates(stored.duplicates);
         }
         metrics::batch(messages, stored.copy_time, took);
         tracing::debug!(

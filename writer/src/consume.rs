@@ -1,10 +1,11 @@
 //! The Kafka side: one consumer on a thread of its own, feeding the store pipeline's lanes
 //! through one bounded channel each (partition `p` of every topic to lane `p % lanes`).
 //!
-//! - Rebalances are handled here, not by librdkafka's default: on assignment, each partition's
-//!   start is read from `writer_offset` and handed to `incremental_assign` (cooperative-sticky),
-//!   so a partition is positioned once, from the database, before any fetch. On revocation it
-//!   is forgotten; records of it still in flight are dropped by the pipeline.
+//! - Rebalances are handled in `rebalance.rs`, not by librdkafka's default: on assignment, each
+//!   partition's start is read from `writer_offset` and handed to `incremental_assign`
+//!   (cooperative-sticky), so a partition is positioned once, from the database, before any
+//!   fetch. On revocation it is forgotten; records of it still in flight are dropped by the
+//!   pipeline.
 //! - When a lane's channel is full (the store is slower than Kafka, or PostgreSQL is down), the
 //!   consumer pauses that lane's partitions but keeps polling, so it stays in the group; it
 //!   resumes them when the lane catches up.
@@ -17,21 +18,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::ClientConfig;
 use sluice_schema::kafka::KafkaProperties;
-use sluice_schema::topics::DataTopic;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::decode::{self, Decoded, Rejection, TimeWindow};
 use crate::error::WriterError;
-use crate::offsets::{self, Assignments, PartState, Tp};
+use crate::metrics;
+use crate::offsets::{Assignments, PartState, Tp};
+use crate::rebalance::{export_lag, WriterContext};
+use sluice_schema::topics::DataTopic;
 
 /// One message as received, owned, stamped with its partition's epoch at receipt.
 #[derive(Debug)]
@@ -97,136 +99,6 @@ impl TopicMap {
     }
 }
 
-/// The consumer's context: where rebalances are decided.
-pub(crate) struct WriterContext {
-    /// Partitions owned and their positions, shared with the pipeline.
-    assignments: Arc<Assignments>,
-    /// Connections for reading `writer_offset` on assignment.
-    pool: Pool,
-    /// The runtime the pool's connections run on; this thread blocks on it.
-    rt: Handle,
-    /// Consumer group (the `writer_offset.consumer_group` value).
-    group: String,
-    /// Set on shutdown: stop retrying the offset read.
-    stop: CancellationToken,
-}
-
-impl ClientContext for WriterContext {}
-
-impl ConsumerContext for WriterContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                metrics::counter!(crate::metrics::REBALANCES_TOTAL, "kind" => "assign")
-                    .increment(1);
-                let parts: Vec<Tp> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                let stored = self.load_offsets(&parts);
-                for tp in &parts {
-                    let next = stored.get(tp).copied();
-                    let offset = next.map_or(Offset::Beginning, Offset::Offset);
-                    if let Err(err) = tpl.set_partition_offset(&tp.0, tp.1, offset) {
-                        tracing::error!(topic = %tp.0, partition = tp.1, cause = %err, "cannot set start offset");
-                    }
-                    self.assignments.set(
-                        tp.clone(),
-                        PartState {
-                            epoch: self.assignments.next_epoch(),
-                            stored_next: next,
-                        },
-                    );
-                }
-                tracing::info!(
-                    partitions = parts.len(),
-                    "partitions assigned, positioned from writer_offset"
-                );
-                let result = if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                if let Err(err) = result {
-                    tracing::error!(cause = %err, "assigning partitions failed");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                metrics::counter!(crate::metrics::REBALANCES_TOTAL, "kind" => "revoke")
-                    .increment(1);
-                for e in tpl.elements() {
-                    self.assignments
-                        .remove(&(e.topic().to_owned(), e.partition()));
-                    zero_lag(e.topic(), e.partition());
-                }
-                tracing::info!(
-                    partitions = tpl.count(),
-                    lost = consumer.assignment_lost(),
-                    "partitions revoked"
-                );
-                let result = if cooperative {
-                    consumer.incremental_unassign(tpl)
-                } else {
-                    consumer.unassign()
-                };
-                if let Err(err) = result {
-                    tracing::error!(cause = %err, "unassigning partitions failed");
-                }
-            }
-            other => {
-                tracing::error!(code = ?other, "rebalance error: dropping every partition");
-                for ((topic, partition), _) in self.assignments.snapshot() {
-                    zero_lag(&topic, partition);
-                }
-                self.assignments.clear();
-                if let Err(err) = consumer.unassign() {
-                    tracing::error!(cause = %err, "unassigning after a rebalance error failed");
-                }
-            }
-        }
-    }
-}
-
-impl WriterContext {
-    /// Reads stored offsets, retrying with backoff while PostgreSQL is unreachable: a partition
-    /// must not start anywhere but where the table says.
-    fn load_offsets(&self, parts: &[Tp]) -> std::collections::HashMap<Tp, i64> {
-        let mut wait = Duration::from_millis(100);
-        loop {
-            let attempt = self.rt.block_on(async {
-                let client = self.pool.get().await.map_err(|e| e.to_string())?;
-                offsets::load(&**client, &self.group, parts)
-                    .await
-                    .map_err(|e| sluice_schema::db::describe(&e))
-            });
-            match attempt {
-                Ok(map) => return map,
-                Err(err) if self.stop.is_cancelled() => {
-                    // Shutting down: the partitions are assigned at the beginning but nothing
-                    // will be stored from them; the conditional update refuses stale work.
-                    tracing::warn!(cause = %err, "shutdown while reading offsets");
-                    return Default::default();
-                }
-                Err(err) => {
-                    tracing::warn!(cause = %err, retry_in_ms = wait.as_millis() as u64, "cannot read writer_offset; retrying");
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-}
-
 /// Creates the consumer and subscribes it to the data topics.
 pub(crate) fn create(
     brokers: &str,
@@ -283,52 +155,135 @@ fn lane_of(partition: i32, lanes: usize) -> usize {
     usize::try_from(partition).unwrap_or(0) % lanes
 }
 
-/// The consumer thread's loop: poll, stamp, forward to the partition's lane; pause a lane's
-/// partitions while it is full; run the pipeline's commands. Returns on `stop` after leaving
-/// the group.
-pub(crate) fn poll_loop(
+/// What the consumer thread needs besides its channels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PollSettings {
+    /// Records held per lane beyond its channel before the lane's partitions are paused.
+    pub max_pending: usize,
+    /// Days back a message's time may lie (`SLUICE_RETENTION_DAYS`).
+    pub retention_days: u32,
+    /// Months ahead a message's time may lie (`SLUICE_PARTITION_MONTHS_AHEAD`).
+    pub months_ahead: u32,
+}
+
+/// The window of accepted message times, recomputed at most once a second.
+struct WindowClock {
+    retention_days: u32,
+    months_ahead: u32,
+    current: TimeWindow,
+    since: Instant,
+}
+
+impl WindowClock {
+    fn new(retention_days: u32, months_ahead: u32) -> WindowClock {
+        WindowClock {
+            retention_days,
+            months_ahead,
+            current: TimeWindow::at(chrono::Utc::now(), retention_days, months_ahead),
+            since: Instant::now(),
+        }
+    }
+
+    fn now(&mut self) -> &TimeWindow {
+        if self.since.elapsed() >= Duration::from_secs(1) {
+            self.current =
+                TimeWindow::at(chrono::Utc::now(), self.retention_days, self.months_ahead);
+            self.since = Instant::now();
+        }
+        &self.current
+    }
+}
+
+/// The consumer thread: poll, stamp, forward to the partition's lane; pause a lane's
+/// partitions while it is full; run the pipeline's commands.
+pub(crate) struct Poller {
     consumer: BaseConsumer<WriterContext>,
     topics: TopicMap,
-    senders: Vec<mpsc::Sender<Record>>,
+    lanes: Vec<Lane>,
     commands: std_mpsc::Receiver<Command>,
     max_pending: usize,
-    window: (u32, u32),
-    stop: CancellationToken,
-) {
-    let (retention_days, months_ahead) = window;
-    let window_at = || TimeWindow::at(chrono::Utc::now(), retention_days, months_ahead);
-    let mut window = window_at();
-    let mut window_since = Instant::now();
-    let assignments = consumer.context().assignments.clone();
-    let n = senders.len().max(1);
-    let mut lanes: Vec<Lane> = senders
-        .into_iter()
-        .map(|tx| Lane {
-            tx,
-            pending: VecDeque::new(),
-            paused: false,
-        })
-        .collect();
-    let mut last_lag = Instant::now();
-    let mut last_pause = Instant::now();
-    // Repositions whose seek failed (a partition not fetching yet refuses seeks): retried.
-    let mut retry: Vec<Tp> = Vec::new();
-    let mut last_retry = Instant::now();
-    while !stop.is_cancelled() {
-        while let Ok(cmd) = commands.try_recv() {
-            retry.extend(run_command(&consumer, &assignments, cmd));
+    window: WindowClock,
+    assignments: Arc<Assignments>,
+    /// Repositions whose seek failed (a partition not fetching yet refuses seeks): retried.
+    retry: Vec<Tp>,
+    last_retry: Instant,
+    last_lag: Instant,
+    last_pause: Instant,
+}
+
+impl Poller {
+    /// A poller feeding one lane per sender.
+    pub fn new(
+        consumer: BaseConsumer<WriterContext>,
+        topics: TopicMap,
+        senders: Vec<mpsc::Sender<Record>>,
+        commands: std_mpsc::Receiver<Command>,
+        settings: PollSettings,
+    ) -> Poller {
+        let assignments = consumer.context().assignments.clone();
+        let lanes = senders
+            .into_iter()
+            .map(|tx| Lane {
+                tx,
+                pending: VecDeque::new(),
+                paused: false,
+            })
+            .collect();
+        Poller {
+            consumer,
+            topics,
+            lanes,
+            commands,
+            max_pending: settings.max_pending,
+            window: WindowClock::new(settings.retention_days, settings.months_ahead),
+            assignments,
+            retry: Vec::new(),
+            last_retry: Instant::now(),
+            last_lag: Instant::now(),
+            last_pause: Instant::now(),
         }
-        if !retry.is_empty() && last_retry.elapsed() >= Duration::from_millis(200) {
-            last_retry = Instant::now();
-            for tp in std::mem::take(&mut retry) {
-                retry.extend(run_command(
-                    &consumer,
-                    &assignments,
+    }
+
+    /// Runs until `stop` (or until the pipeline's channels close), then leaves the group.
+    pub fn run(mut self, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            self.run_commands();
+            if self.forward().is_err() {
+                break;
+            }
+            self.poll_once();
+            metrics::paused(self.lanes.iter().any(|l| l.paused));
+            if self.last_lag.elapsed() >= Duration::from_secs(5) {
+                export_lag(&self.consumer, &self.assignments);
+                self.last_lag = Instant::now();
+            }
+        }
+        leave(self.consumer);
+    }
+
+    /// The pipeline's commands, and the repositions to retry (every 200 ms).
+    fn run_commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.retry
+                .extend(run_command(&self.consumer, &self.assignments, cmd));
+        }
+        if !self.retry.is_empty() && self.last_retry.elapsed() >= Duration::from_millis(200) {
+            self.last_retry = Instant::now();
+            for tp in std::mem::take(&mut self.retry) {
+                self.retry.extend(run_command(
+                    &self.consumer,
+                    &self.assignments,
                     Command::Reposition(tp),
                 ));
             }
         }
-        for (i, lane) in lanes.iter_mut().enumerate() {
+    }
+
+    /// Hands each lane's pending records to its channel; pauses a lane past `max_pending`,
+    /// resumes it once drained. Err when a channel closed (the pipeline is gone).
+    fn forward(&mut self) -> Result<(), ()> {
+        let n = self.lanes.len().max(1);
+        for (i, lane) in self.lanes.iter_mut().enumerate() {
             while let Some(rec) = lane.pending.pop_front() {
                 match lane.tx.try_send(rec) {
                     Ok(()) => {}
@@ -336,74 +291,76 @@ pub(crate) fn poll_loop(
                         lane.pending.push_front(rec);
                         break;
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return leave(consumer),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(()),
                 }
             }
             if lane.pending.is_empty() && lane.paused {
-                set_paused(&consumer, (i, n), false);
+                set_paused(&self.consumer, i, n, false);
                 lane.paused = false;
-            } else if lane.pending.len() >= max_pending && !lane.paused {
-                set_paused(&consumer, (i, n), true);
+            } else if lane.pending.len() >= self.max_pending && !lane.paused {
+                set_paused(&self.consumer, i, n, true);
                 lane.paused = true;
             }
         }
-        let any_pending = lanes.iter().any(|l| !l.pending.is_empty());
+        Ok(())
+    }
+
+    /// Polls once (briefly when records wait for a lane) and queues what came on its lane.
+    fn poll_once(&mut self) {
+        let any_pending = self.lanes.iter().any(|l| !l.pending.is_empty());
         let timeout = if any_pending { 5 } else { 100 };
-        match consumer.poll(Duration::from_millis(timeout)) {
+        match self.consumer.poll(Duration::from_millis(timeout)) {
             None => {}
             Some(Ok(msg)) => {
-                // A partition assigned while its lane is paused is not paused yet: pause it too.
-                if last_pause.elapsed() >= Duration::from_secs(1) {
-                    for (i, lane) in lanes.iter().enumerate() {
-                        if lane.paused {
-                            set_paused(&consumer, (i, n), true);
-                        }
-                    }
-                    last_pause = Instant::now();
-                }
-                let Some((topic, kind)) = topics.lookup(msg.topic()) else {
-                    continue;
+                repause(&self.consumer, &self.lanes, &mut self.last_pause);
+                let Some((topic, kind)) = self.topics.lookup(msg.topic()) else {
+                    return;
                 };
                 // Unowned partition (revoked between fetch and poll): drop.
-                let Some(epoch) = assignments.epoch_of(msg.topic(), msg.partition()) else {
-                    continue;
+                let Some(epoch) = self.assignments.epoch_of(msg.topic(), msg.partition()) else {
+                    return;
                 };
-                if window_since.elapsed() >= Duration::from_secs(1) {
-                    window = window_at();
-                    window_since = Instant::now();
-                }
-                let lane = lane_of(msg.partition(), n);
-                lanes[lane].pending.push_back(Record {
+                let record = Record {
                     topic,
                     partition: msg.partition(),
                     offset: msg.offset(),
                     epoch,
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec),
-                    decoded: decode::decode(kind, msg.payload(), &window),
-                });
+                    decoded: decode::decode(kind, msg.payload(), self.window.now()),
+                };
+                let lane = lane_of(msg.partition(), self.lanes.len().max(1));
+                self.lanes[lane].pending.push_back(record);
             }
             Some(Err(err)) => {
                 // Broker down, partition EOF and the like: librdkafka reconnects by itself.
                 tracing::warn!(cause = %err, "Kafka consumer error");
             }
         }
-        let paused = lanes.iter().any(|l| l.paused);
-        metrics::gauge!(crate::metrics::PAUSED).set(if paused { 1.0 } else { 0.0 });
-        if last_lag.elapsed() >= Duration::from_secs(5) {
-            export_lag(&consumer, &assignments);
-            last_lag = Instant::now();
-        }
     }
-    leave(consumer);
 }
 
-/// Pauses or resumes the assigned partitions of lane `lane.0` of `lane.1`.
-fn set_paused(consumer: &BaseConsumer<WriterContext>, lane: (usize, usize), pause: bool) {
+/// A partition assigned while its lane is paused is not paused yet: pause it too (at most once
+/// a second).
+fn repause(consumer: &BaseConsumer<WriterContext>, lanes: &[Lane], last: &mut Instant) {
+    if last.elapsed() < Duration::from_secs(1) {
+        return;
+    }
+    let n = lanes.len().max(1);
+    for (i, lane) in lanes.iter().enumerate() {
+        if lane.paused {
+            set_paused(consumer, i, n, true);
+        }
+    }
+    *last = Instant::now();
+}
+
+/// Pauses or resumes the assigned partitions of lane `lane` of `lanes`.
+fn set_paused(consumer: &BaseConsumer<WriterContext>, lane: usize, lanes: usize, pause: bool) {
     let result: KafkaResult<()> = consumer.assignment().and_then(|all| {
         let mut tpl = TopicPartitionList::new();
         for e in all.elements() {
-            if lane_of(e.partition(), lane.1) == lane.0 {
+            if lane_of(e.partition(), lanes) == lane {
                 tpl.add_partition(e.topic(), e.partition());
             }
         }
@@ -414,9 +371,9 @@ fn set_paused(consumer: &BaseConsumer<WriterContext>, lane: (usize, usize), paus
         }
     });
     match result {
-        Ok(()) => tracing::debug!(pause, lane = lane.0, "consumption paused/resumed"),
+        Ok(()) => tracing::debug!(pause, lane, "consumption paused/resumed"),
         Err(err) => {
-            tracing::warn!(pause, lane = lane.0, cause = %err, "cannot pause/resume partitions")
+            tracing::warn!(pause, lane, cause = %err, "cannot pause/resume partitions")
         }
     }
 }
@@ -474,65 +431,6 @@ fn run_command(
             }
         }
     }
-}
-
-/// Exports each owned partition's lag: high watermark minus the stored position.
-///
-/// All high watermarks come from one `ListOffsets` request (`offsets_for_times` with -1, the
-/// latest offset, for every owned partition). The first version asked for each partition in
-/// turn (`fetch_watermarks`, 500 ms timeout each): under load those requests timed out, the
-/// gauges kept their old values (non-zero lag on drained partitions) and the pass held this
-/// polling thread for up to 48 x 500 ms.
-fn export_lag(consumer: &BaseConsumer<WriterContext>, assignments: &Assignments) {
-    let owned = assignments.snapshot();
-    let mut query = TopicPartitionList::new();
-    for ((topic, partition), _) in &owned {
-        // Offset::End is -1, which `ListOffsets` reads as "the latest offset".
-        if let Err(err) = query.add_partition_offset(topic, *partition, Offset::End) {
-            tracing::warn!(cause = %err, "cannot build the high-watermark query");
-            return;
-        }
-    }
-    if query.count() == 0 {
-        return;
-    }
-    let highs = match consumer.offsets_for_times(query, Duration::from_secs(2)) {
-        Ok(tpl) => tpl,
-        Err(err) => {
-            tracing::warn!(cause = %err, "cannot read high watermarks; lag gauges not updated this time");
-            return;
-        }
-    };
-    let mut missing = 0;
-    for ((topic, partition), state) in owned {
-        let high = match highs.find_partition(&topic, partition).map(|e| e.offset()) {
-            Some(Offset::Offset(high)) => high,
-            _ => {
-                missing += 1;
-                continue;
-            }
-        };
-        let next = state.stored_next.unwrap_or(0);
-        metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => topic, "partition" => partition.to_string())
-            .set((high - next).max(0) as f64);
-    }
-    if missing > 0 {
-        tracing::debug!(
-            missing,
-            "no high watermark for some partitions (just assigned?)"
-        );
-    }
-}
-
-/// Sets a partition's lag gauge to 0 when this writer stops owning it. The exporter keeps a
-/// series until the process ends (the `metrics` facade has no removal), and a revoked
-/// partition's last value would otherwise stay: the alerts and the KEDA query take
-/// `max by (topic, partition)` over all writers, so a stale non-zero beat the new owner's 0,
-/// paged "not storing" on an idle pipeline and kept the autoscaler from scaling in. 0 is what
-/// this writer has left to store of it.
-fn zero_lag(topic: &str, partition: i32) {
-    metrics::gauge!(crate::metrics::CONSUMER_LAG, "topic" => topic.to_owned(), "partition" => partition.to_string())
-        .set(0.0);
 }
 
 /// Leaves the group cleanly: unsubscribing triggers the final revocation here, so the other

@@ -1,16 +1,17 @@
-//! PostgreSQL binary `COPY` encoding, done by hand into large buffers.
+//! PostgreSQL binary `COPY` encoding, done by hand into large buffers, and the `event` row
+//! format (the dedup claim around it is in `claim.rs`).
 //!
 //! tokio-postgres' `BinaryCopyInWriter` sends a message every 4 KB and goes through the
 //! generic `ToSql` machinery per value; encoding the tuples ourselves into multi-megabyte
 //! chunks and handing them to `CopyInSink` saves both (figures in docs/writer.md).
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::SinkExt;
-use sluice_schema::messages::{EventMessage, RawObject};
+use sluice_schema::messages::EventMessage;
+use sluice_schema::messages::RawObject;
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
@@ -42,21 +43,47 @@ pub const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-/// Builds one `COPY ... FROM STDIN (FORMAT binary)` stream.
+/// The number of columns in the column list of a `COPY table (a, b, ...) FROM ...` statement:
+/// the encoder takes its tuple width from the statement it feeds, so the two cannot disagree.
+/// Evaluated at compile time for the constants; a statement without a list counts 0.
+pub const fn columns_of(statement: &str) -> i16 {
+    let b = statement.as_bytes();
+    let mut i = 0;
+    while i < b.len() && b[i] != b'(' {
+        i += 1;
+    }
+    if i == b.len() {
+        return 0;
+    }
+    let mut columns = 1;
+    while i < b.len() && b[i] != b')' {
+        if b[i] == b',' {
+            columns += 1;
+        }
+        i += 1;
+    }
+    columns
+}
+
+/// Builds one `COPY ... FROM STDIN (FORMAT binary)` stream for one statement.
 pub(crate) struct CopyEncoder {
     /// The chunk being filled.
     buf: BytesMut,
     /// Chunks full and ready to send.
     done: Vec<Bytes>,
-    /// Columns per tuple, written at the start of each row.
+    /// The `COPY` statement the stream is for.
+    statement: &'static str,
+    /// Columns per tuple (of `statement`'s column list), written at the start of each row.
     columns: i16,
+    /// Fields written in the current row, checked against `columns` in debug builds.
+    fields: i16,
     /// Rows encoded so far.
     pub rows: u64,
 }
 
 impl CopyEncoder {
-    /// Starts a stream of tuples of `columns` fields.
-    pub fn new(columns: i16) -> CopyEncoder {
+    /// Starts a stream for `statement`, whose column list gives the fields per tuple.
+    pub fn new(statement: &'static str) -> CopyEncoder {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         buf.put_slice(b"PGCOPY\n\xff\r\n\0");
         buf.put_i32(0); // flags
@@ -64,40 +91,69 @@ impl CopyEncoder {
         CopyEncoder {
             buf,
             done: Vec::new(),
-            columns,
+            statement,
+            columns: columns_of(statement),
+            fields: 0,
             rows: 0,
         }
     }
 
     /// Starts a tuple; the caller then writes exactly `columns` fields.
     pub fn row(&mut self) {
+        self.check_row_complete();
         if self.buf.len() >= CHUNK_BYTES {
             self.done.push(self.buf.split().freeze());
         }
         self.buf.put_i16(self.columns);
         self.rows += 1;
+        self.fields = 0;
+    }
+
+    /// A row with fewer or more fields than the statement's columns is refused by PostgreSQL
+    /// for the whole batch; debug builds (every test) name the mistake where it is made.
+    fn check_row_complete(&self) {
+        debug_assert!(
+            self.rows == 0 || self.fields == self.columns,
+            "a COPY row got {} fields for {} columns: {}",
+            self.fields,
+            self.columns,
+            self.statement
+        );
+    }
+
+    /// Starts a field: its length on the wire (-1 for NULL).
+    fn field(&mut self, len: i32) {
+        self.fields += 1;
+        debug_assert!(
+            self.rows > 0 && self.fields <= self.columns,
+            "COPY field {} outside a row of {} columns: {}",
+            self.fields,
+            self.columns,
+            self.statement
+        );
+        self.buf.put_i32(len);
     }
 
     /// A NULL field.
     pub fn null(&mut self) {
-        self.buf.put_i32(-1);
+        self.field(-1);
     }
 
     /// `bigint`.
     pub fn i64(&mut self, v: i64) {
-        self.buf.put_i32(8);
+        self.field(8);
         self.buf.put_i64(v);
     }
 
     /// `boolean`.
     pub fn bool(&mut self, v: bool) {
-        self.buf.put_i32(1);
+        self.field(1);
         self.buf.put_u8(u8::from(v));
     }
 
     /// `timestamptz`.
     pub fn ts(&mut self, v: DateTime<Utc>) {
-        self.buf.put_i32(8);
+        self.field(8);
         self.buf.put_i64(v.timestamp_micros() - PG_EPOCH_MICROS);
     }
 
@@ -111,13 +167,13 @@ impl CopyEncoder {
 
     /// `uuid`.
     pub fn uuid(&mut self, v: &Uuid) {
-        self.buf.put_i32(16);
+        self.field(16);
         self.buf.put_slice(v.as_bytes());
     }
 
     /// `text` (the caller has refused strings holding NUL, which PostgreSQL rejects).
     pub fn text(&mut self, v: &str) {
-        self.buf.put_i32(len_i32(v.len()));
+        self.field(len_i32(v.len()));
         self.buf.put_slice(v.as_bytes());
     }
 
@@ -132,7 +188,7 @@ impl CopyEncoder {
     /// `jsonb`: version byte 1, then the JSON text, written straight into the buffer.
     pub fn jsonb(&mut self, v: &impl Jsonb) {
         let at = self.buf.len();
-        self.buf.put_i32(0); // length, patched below
+        self.field(0); // length, patched below
         self.buf.put_u8(1);
         // Neither kind can fail writing into memory (no I/O; a map has string keys only).
         if v.put_json(&mut self.buf).is_err() {
@@ -150,12 +206,12 @@ impl CopyEncoder {
     pub fn inet_opt(&mut self, v: Option<&str>) {
         match v.and_then(|s| s.parse::<IpAddr>().ok()) {
             Some(IpAddr::V4(a)) => {
-                self.buf.put_i32(8);
+                self.field(8);
                 self.buf.put_slice(&[2, 32, 0, 4]); // PGSQL_AF_INET, bits, is_cidr, length
                 self.buf.put_slice(&a.octets());
             }
             Some(IpAddr::V6(a)) => {
-                self.buf.put_i32(20);
+                self.field(20);
                 self.buf.put_slice(&[3, 128, 0, 16]); // PGSQL_AF_INET6
                 self.buf.put_slice(&a.octets());
             }
@@ -165,6 +221,7 @@ impl CopyEncoder {
 
     /// Ends the stream: the chunks to send, trailer included.
     pub fn finish(mut self) -> Vec<Bytes> {
+        self.check_row_complete();
         self.buf.put_i16(-1);
         self.done.push(self.buf.freeze());
         self.done
@@ -192,117 +249,20 @@ pub async fn send(
     sink.finish().await
 }
 
+/// Sends an encoder's stream with the statement it was built for; returns the rows the server
+/// took.
+pub(crate) async fn copy_in(
+    tx: &Transaction<'_>,
+    enc: CopyEncoder,
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = enc.statement;
+    send(tx, statement, enc.finish()).await
+}
+
 /// `COPY event ...` of the writer (column order of [`encode_event`]).
 pub const COPY_EVENT: &str = "COPY event (tenant_id, occurred_at, event_id, workspace_id, type, \
     name, anonymous_id, user_id, session_id, message_id, received_at, sent_at, \
     original_timestamp, properties, context, ip, user_agent, bot) FROM STDIN (FORMAT binary)";
-
-/// What storing a batch's events did.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct EventsStored {
-    /// Rows copied into `event`.
-    pub stored: u64,
-    /// Events dropped because their id was already claimed (client retry or redelivery).
-    pub duplicates: u64,
-}
-
-/// Claims the events' ids in `event_dedup`, copies the newly claimed ones into `event` and
-/// adds them, and only them, to their visitor's and session's counters. The caller has
-/// removed duplicates inside the batch.
-///
-/// The claim is first a binary `COPY` into `event_dedup` under a savepoint: the usual case,
-/// since client retries and redeliveries are rare, and about a quarter less of the
-/// database's time than the `ON CONFLICT` statement (23.6 against 30.8 µs a row, measured). An id already claimed (an earlier delivery of the same
-/// `messageId`, possibly with another skew-corrected `occurred_at`) makes the COPY fail on the
-/// primary key; it is rolled back and the claim is made again by `INSERT ... SELECT FROM
-/// unnest(...) ON CONFLICT DO NOTHING RETURNING`, whose absent ids are the duplicates.
-pub(crate) async fn events(
-    tx: &Transaction<'_>,
-    events: &[&EventMessage<RawObject>],
-) -> Result<EventsStored, tokio_postgres::Error> {
-    if events.is_empty() {
-        return Ok(EventsStored::default());
-    }
-    let mut enc = CopyEncoder::new(18);
-    if claim_all(tx, events).await? {
-        for e in events {
-            encode_event(&mut enc, e);
-        }
-        let stored = send(tx, COPY_EVENT, enc.finish()).await?;
-        crate::merge::count_claimed(tx, events).await?;
-        return Ok(EventsStored {
-            stored,
-            duplicates: 0,
-        });
-    }
-    let tenants: Vec<i64> = events.iter().map(|e| e.tenant_id).collect();
-    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    let received: Vec<DateTime<Utc>> = events.iter().map(|e| e.received_at).collect();
-    let claimed: HashSet<(i64, Uuid)> = tx
-        .query(
-            "INSERT INTO event_dedup (tenant_id, event_id, received_at) \
-             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::timestamptz[]) \
-             ON CONFLICT DO NOTHING RETURNING tenant_id, event_id",
-            &[&tenants, &ids, &received],
-        )
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let fresh: Vec<&EventMessage<RawObject>> = events
-        .iter()
-        .filter(|e| claimed.contains(&(e.tenant_id, e.event_id)))
-        .copied()
-        .collect();
-    for e in &fresh {
-        encode_event(&mut enc, e);
-    }
-    let duplicates = events.len() as u64 - enc.rows;
-    let stored = if enc.rows > 0 {
-        send(tx, COPY_EVENT, enc.finish()).await?
-    } else {
-        0
-    };
-    crate::merge::count_claimed(tx, &fresh).await?;
-    Ok(EventsStored { stored, duplicates })
-}
-
-/// Claims every event's id by COPY; false (and nothing claimed) when one was claimed before.
-async fn claim_all(
-    tx: &Transaction<'_>,
-    events: &[&EventMessage<RawObject>],
-) -> Result<bool, tokio_postgres::Error> {
-    let mut enc = CopyEncoder::new(3);
-    for e in events {
-        enc.row();
-        enc.i64(e.tenant_id);
-        enc.uuid(&e.event_id);
-        enc.ts(e.received_at);
-    }
-    tx.batch_execute("SAVEPOINT dedup_claim").await?;
-    match send(tx, COPY_DEDUP, enc.finish()).await {
-        Ok(_) => {
-            tx.batch_execute("RELEASE SAVEPOINT dedup_claim").await?;
-            Ok(true)
-        }
-        Err(err) if is_dedup_conflict(&err) => {
-            tx.batch_execute("ROLLBACK TO SAVEPOINT dedup_claim; RELEASE SAVEPOINT dedup_claim")
-                .await?;
-            Ok(false)
-        }
-        Err(err) => Err(err),
-    }
-}
-
-const COPY_DEDUP: &str =
-    "COPY event_dedup (tenant_id, event_id, received_at) FROM STDIN (FORMAT binary)";
-
-fn is_dedup_conflict(err: &tokio_postgres::Error) -> bool {
-    err.as_db_error().is_some_and(|db| {
-        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-            && db.table() == Some("event_dedup")
-    })
-}
 
 /// The same COPY into another table of `event`'s columns (a leaf, for the benchmark).
 pub fn copy_event_into(table: &str) -> String {
@@ -313,7 +273,7 @@ pub fn copy_event_into(table: &str) -> String {
 pub fn encode_events<'a, J: Jsonb + 'a>(
     events: impl IntoIterator<Item = &'a EventMessage<J>>,
 ) -> Vec<Bytes> {
-    let mut enc = CopyEncoder::new(18);
+    let mut enc = CopyEncoder::new(COPY_EVENT);
     for e in events {
         encode_event(&mut enc, e);
     }
@@ -350,7 +310,7 @@ mod tests {
 
     #[test]
     fn header_row_and_trailer_follow_the_format() {
-        let mut e = CopyEncoder::new(2);
+        let mut e = CopyEncoder::new("COPY t (a, b) FROM STDIN (FORMAT binary)");
         e.row();
         e.i64(7);
         e.null();
@@ -365,7 +325,7 @@ mod tests {
 
     #[test]
     fn jsonb_length_covers_version_byte_and_text() {
-        let mut e = CopyEncoder::new(1);
+        let mut e = CopyEncoder::new("COPY t (a) FROM STDIN (FORMAT binary)");
         e.row();
         let mut m = JsonObject::new();
         m.insert("a".into(), Value::from(1));
@@ -379,7 +339,7 @@ mod tests {
 
     #[test]
     fn large_streams_are_cut_into_chunks() {
-        let mut e = CopyEncoder::new(1);
+        let mut e = CopyEncoder::new("COPY t (a) FROM STDIN (FORMAT binary)");
         let big = "x".repeat(64 * 1024);
         for _ in 0..100 {
             e.row();
@@ -388,5 +348,42 @@ mod tests {
         let chunks = e.finish();
         assert!(chunks.len() >= 2, "{} chunks", chunks.len());
         assert!(chunks.iter().all(|c| c.len() <= CHUNK_BYTES + 70 * 1024));
+    }
+
+    #[test]
+    fn column_counts_come_from_the_statements_column_list() {
+        assert_eq!(columns_of(COPY_EVENT), 18);
+        assert_eq!(columns_of("COPY t (a) FROM STDIN"), 1);
+        assert_eq!(columns_of("COPY t FROM STDIN"), 0);
+        assert_eq!(columns_of(&copy_event_into("event_y2026m01")), 18);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a COPY row got 1 fields for 2 columns")]
+    fn a_short_row_is_caught_in_debug_builds() {
+        let mut e = CopyEncoder::new("COPY t (a, b) FROM STDIN (FORMAT binary)");
+        e.row();
+        e.i64(1);
+        e.row();
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "COPY field 2 outside a row of 1 columns")]
+    fn an_extra_field_is_caught_in_debug_builds() {
+        let mut e = CopyEncoder::new("COPY t (a) FROM STDIN (FORMAT binary)");
+        e.row();
+        e.i64(1);
+        e.null();
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a COPY row got 0 fields for 1 columns")]
+    fn an_unfinished_last_row_is_caught_in_debug_builds() {
+        let mut e = CopyEncoder::new("COPY t (a) FROM STDIN (FORMAT binary)");
+        e.row();
+        let _ = e.finish();
     }
 }

@@ -15,6 +15,7 @@ use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::producer::{FutureProducer, Producer};
 use sluice_schema::kafka::{ErrorTap, TapContext};
+use sluice_schema::metrics::BucketRule;
 use sluice_schema::readiness::{Dependency, Readiness, PROBE_TIMEOUT};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,7 @@ use crate::error::WriterError;
 /// The process-wide Prometheus recorder ([`sluice_schema::metrics::recorder`]): installed by
 /// the first service of the process (a test may run several writers; they share it).
 fn recorder() -> Option<PrometheusHandle> {
-    match sluice_schema::metrics::recorder(crate::metrics::BUCKETS) {
+    match sluice_schema::metrics::recorder(&BucketRule::from_metrics(crate::metrics::ALL)) {
         Ok(handle) => Some(handle),
         Err(err) => {
             static WARNED: std::sync::Once = std::sync::Once::new();

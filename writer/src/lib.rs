@@ -7,16 +7,17 @@
 //!
 //! # Layout
 //! - [`config`]: settings (flags and `SLUICE_*` variables).
-//! - `consume`: the Kafka consumer thread; rebalances positioned from `writer_offset`; pause
-//!   and resume.
+//! - `consume`: the Kafka consumer thread (`Poller`): lanes fed, paused and resumed.
+//! - `rebalance`: the consumer's context: rebalances positioned from `writer_offset`; lag.
 //! - `batch`: the store pipeline: batching, the transaction, retries, splitting bad batches.
 //! - `decode`: Kafka values -> typed, validated messages.
-//! - [`copy`]: binary COPY encoding; event rows and their dedup claims (public for the
-//!   benchmark).
+//! - [`copy`]: binary COPY encoding and the event row format (public for the benchmark).
+//! - `claim`: the events' dedup claims in `event_dedup`, then their COPY into `event`.
 //! - `merge`: visitor and session upserts from a staged COPY.
 //! - `identity`: identify/alias -> lead (PII sealed) and identity_link.
 //! - `offsets`: `writer_offset` reads and conditional moves; owned partitions.
 //! - `partitions`: month partitions ahead, on a timer and on demand.
+//! - `maintenance`: the timer off the hot path: months ahead, expired dedup claims pruned.
 //! - `suppress`: the erasure suppression list: messages of erased people are dropped.
 //! - `dlq`: the dead-letter producer.
 //! - [`metrics`]: metric names.
@@ -39,6 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 mod batch;
+mod claim;
 pub mod config;
 mod consume;
 pub mod copy;
@@ -47,14 +49,17 @@ mod dlq;
 pub mod error;
 mod health;
 mod identity;
+mod maintenance;
 mod merge;
 pub mod metrics;
 mod offsets;
 mod partitions;
+mod rebalance;
 mod suppress;
 
 pub use config::Config;
 pub use error::WriterError;
+pub use maintenance::prune_dedup;
 
 /// Runs a writer until `shutdown` resolves: finishes (or, when PostgreSQL is failing,
 /// abandons) the open batch, leaves the consumer group and returns.
@@ -62,33 +67,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     check(&config)?;
     health::install();
     let topics = Topics::with_prefix(&config.topic_prefix);
-    let config_err = |e: sluice_schema::SchemaError| WriterError::Config(e.to_string());
-    let database_url = secrets::value_or_file(
-        &config.database_url,
-        config.database_url_file.as_deref(),
-        "SLUICE_DATABASE_URL_FILE",
-    )
-    .map_err(config_err)?;
-    let pii_keys = secrets::value_or_file(
-        &config.pii_keys,
-        config.pii_keys_file.as_deref(),
-        "SLUICE_PII_KEYS_FILE",
-    )
-    .map_err(config_err)?;
-    let kafka = KafkaProperties::load(
-        &config.kafka_properties,
-        config.kafka_properties_file.as_deref(),
-    )
-    .map_err(config_err)?;
-    let keys = match pii_keys.trim() {
-        "" => None,
-        keys => Some(
-            PiiKeys::from_env_strings(keys, &config.pii_active_key).map_err(|e| {
-                WriterError::Config(format!("SLUICE_PII_KEYS / SLUICE_PII_ACTIVE_KEY: {e}"))
-            })?,
-        ),
-    };
-    let target = DbTarget::parse(&database_url).map_err(config_err)?;
+    let Secrets {
+        target,
+        kafka,
+        keys,
+    } = Secrets::load(&config)?;
     let pool = pool(&target, config.lanes)?;
     tracing::info!(database = %target.redacted, kafka_properties = %kafka, "connecting");
 
@@ -113,68 +96,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         months_ahead: config.partition_months_ahead,
     }));
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match start_up_checks(&pool, &months, &config, &kafka, &topics).await {
-            Ok(()) => break,
-            Err(err) => {
-                // An admin call that times out does not say why; the DLQ producer's client,
-                // connected to the same brokers with the same settings, does.
-                let err = match (&err, dlq.tap().recent()) {
-                    (WriterError::Schema { .. }, Some(cause)) => {
-                        format!("{err}; Kafka client error: {cause}")
-                    }
-                    _ => err.to_string(),
-                };
-                tracing::error!(cause = %err, retry_in = ?backoff, "writer not ready");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = &mut shutdown => {
-                        consumer_stop.cancel();
-                        tracing::info!("shutdown requested before the writer was ready");
-                        return Ok(());
-                    }
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
+    let checks = || start_up_checks(&pool, &months, &config, &kafka, &topics);
+    if !until_ready(checks, &dlq, &mut shutdown).await {
+        consumer_stop.cancel();
+        tracing::info!("shutdown requested before the writer was ready");
+        return Ok(());
     }
 
     let assignments = Arc::new(offsets::Assignments::default());
-    let topic_map = consume::TopicMap::new(&topics);
-    let consumer = consume::create(
-        &config.kafka_brokers,
+    let ConsumerThread {
+        thread: consumer_thread,
+        receivers,
+        commands: cmd_tx,
+    } = start_consumer(
+        &config,
         &kafka,
-        &config.group,
-        &topic_map,
-        assignments.clone(),
+        &topics,
         pool.clone(),
+        assignments.clone(),
         consumer_stop.clone(),
     )?;
-    // Per lane, the channel and the consumer thread's overflow bound the records waiting
-    // behind the open batch: one batch's worth each.
     let lanes = config.lanes;
-    let max_pending = config.batch_max_rows.max(1000);
-    let (senders, receivers): (Vec<_>, Vec<_>) =
-        (0..lanes).map(|_| mpsc::channel(max_pending)).unzip();
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
-    let thread_stop = consumer_stop.clone();
-    let consumer_thread = std::thread::Builder::new()
-        .name("sluice-consumer".into())
-        .spawn(move || {
-            consume::poll_loop(
-                consumer,
-                topic_map,
-                senders,
-                cmd_rx,
-                max_pending,
-                (config.retention_days, config.partition_months_ahead),
-                thread_stop,
-            )
-        })
-        .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
 
-    tokio::spawn(maintenance(
+    tokio::spawn(maintenance::run(
         pool.clone(),
         months.clone(),
         config.dedup_window_days,
@@ -205,18 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .enumerate()
             .map(|(lane, rx)| tokio::spawn(batch::run(store.clone(), lane, rx, stop.clone()))),
     );
-    tokio::pin!(pipeline);
-    let mut shutting_down = false;
-    loop {
-        tokio::select! {
-            _ = &mut pipeline => break,
-            () = &mut shutdown, if !shutting_down => {
-                tracing::info!("shutdown requested: storing the open batch, then leaving the group");
-                shutting_down = true;
-                stop.cancel();
-            }
-        }
-    }
+    let shutting_down = until_stored(pipeline, &mut shutdown, &stop).await;
     // Only now may the consumer leave: its revocation would make the last batch's partitions
     // unowned and that batch unstorable.
     consumer_stop.cancel();
@@ -234,6 +167,156 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         _ => Err(WriterError::ConsumerThread(
             "it panicked while leaving the group".into(),
         )),
+    }
+}
+
+/// The consumer thread and the pipeline's ends of its channels.
+struct ConsumerThread {
+    thread: std::thread::JoinHandle<()>,
+    /// One per lane: the records of its partitions.
+    receivers: Vec<mpsc::Receiver<consume::Record>>,
+    /// Commands to the consumer thread (Kafka commits, repositions).
+    commands: std::sync::mpsc::Sender<consume::Command>,
+}
+
+/// Creates the consumer and starts its thread, one bounded channel per lane.
+fn start_consumer(
+    config: &Config,
+    kafka: &KafkaProperties,
+    topics: &Topics,
+    pool: Pool,
+    assignments: Arc<offsets::Assignments>,
+    stop: CancellationToken,
+) -> Result<ConsumerThread, WriterError> {
+    let topic_map = consume::TopicMap::new(topics);
+    let consumer = consume::create(
+        &config.kafka_brokers,
+        kafka,
+        &config.group,
+        &topic_map,
+        assignments,
+        pool,
+        stop.clone(),
+    )?;
+    // Per lane, the channel and the consumer thread's overflow bound the records waiting
+    // behind the open batch: one batch's worth each.
+    let max_pending = config.batch_max_rows.max(1000);
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.lanes)
+        .map(|_| mpsc::channel(max_pending))
+        .unzip();
+    let (commands, cmd_rx) = std::sync::mpsc::channel();
+    let settings = consume::PollSettings {
+        max_pending,
+        retention_days: config.retention_days,
+        months_ahead: config.partition_months_ahead,
+    };
+    let thread = std::thread::Builder::new()
+        .name("sluice-consumer".into())
+        .spawn(move || {
+            consume::Poller::new(consumer, topic_map, senders, cmd_rx, settings).run(stop)
+        })
+        .map_err(|e| WriterError::ConsumerThread(e.to_string()))?;
+    Ok(ConsumerThread {
+        thread,
+        receivers,
+        commands,
+    })
+}
+
+/// The settings read from values or files: the database, Kafka client properties, PII keys.
+struct Secrets {
+    target: DbTarget,
+    kafka: KafkaProperties,
+    keys: Option<PiiKeys>,
+}
+
+impl Secrets {
+    fn load(config: &Config) -> Result<Secrets, WriterError> {
+        let config_err = |e: sluice_schema::SchemaError| WriterError::Config(e.to_string());
+        let database_url = secrets::value_or_file(
+            &config.database_url,
+            config.database_url_file.as_deref(),
+            "SLUICE_DATABASE_URL_FILE",
+        )
+        .map_err(config_err)?;
+        let pii_keys = secrets::value_or_file(
+            &config.pii_keys,
+            config.pii_keys_file.as_deref(),
+            "SLUICE_PII_KEYS_FILE",
+        )
+        .map_err(config_err)?;
+        let kafka = KafkaProperties::load(
+            &config.kafka_properties,
+            config.kafka_properties_file.as_deref(),
+        )
+        .map_err(config_err)?;
+        let keys = match pii_keys.trim() {
+            "" => None,
+            keys => Some(
+                PiiKeys::from_env_strings(keys, &config.pii_active_key).map_err(|e| {
+                    WriterError::Config(format!("SLUICE_PII_KEYS / SLUICE_PII_ACTIVE_KEY: {e}"))
+                })?,
+            ),
+        };
+        let target = DbTarget::parse(&database_url).map_err(config_err)?;
+        Ok(Secrets {
+            target,
+            kafka,
+            keys,
+        })
+    }
+}
+
+/// Runs the start-up checks until they pass, logging why not with a growing backoff (1 s to
+/// 30 s). False when `shutdown` came first.
+async fn until_ready<C>(
+    checks: impl Fn() -> C,
+    dlq: &dlq::Dlq,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> bool
+where
+    C: Future<Output = Result<(), WriterError>>,
+{
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let Err(err) = checks().await else {
+            return true;
+        };
+        // An admin call that times out does not say why; the DLQ producer's client,
+        // connected to the same brokers with the same settings, does.
+        let err = match (&err, dlq.tap().recent()) {
+            (WriterError::Schema { .. }, Some(cause)) => {
+                format!("{err}; Kafka client error: {cause}")
+            }
+            _ => err.to_string(),
+        };
+        tracing::error!(cause = %err, retry_in = ?backoff, "writer not ready");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = &mut *shutdown => return false,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Waits for the lanes to end; on `shutdown`, cancels `stop` so that they store their open
+/// batch and end. True when they ended because of a shutdown.
+async fn until_stored(
+    pipeline: impl Future,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    stop: &CancellationToken,
+) -> bool {
+    tokio::pin!(pipeline);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            _ = &mut pipeline => return shutting_down,
+            () = &mut *shutdown, if !shutting_down => {
+                tracing::info!("shutdown requested: storing the open batch, then leaving the group");
+                shutting_down = true;
+                stop.cancel();
+            }
+        }
     }
 }
 
@@ -325,64 +408,4 @@ async fn create_topics(
     )
     .await
     .map_err(WriterError::schema("creating topics"))
-}
-
-/// Off the hot path: expired dedup claims at start-up and every ten minutes, months ahead
-/// every hour.
-async fn maintenance(
-    pool: Pool,
-    months: Arc<partitions::Months>,
-    dedup_days: u32,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
-    let mut ticks: u64 = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        ticks += 1;
-        let Ok(client) = pool.get().await else {
-            continue;
-        };
-        // Start-up ensured the months already; then hourly.
-        if ticks % 6 == 0 {
-            if let Err(err) = months.ensure_ahead(&client, chrono::Utc::now()).await {
-                tracing::warn!(cause = %err, "cannot create month partitions ahead; retrying later");
-            }
-        }
-        if let Err(err) = prune_dedup(&client, dedup_days).await {
-            tracing::warn!(cause = %sluice_schema::db::describe(&err), "cannot prune event_dedup; retrying later");
-        }
-    }
-}
-
-/// Claims deleted per statement: each delete is a short transaction that never holds many
-/// row locks, so it does not hold up a batch claiming ids.
-const DEDUP_PRUNE_BATCH: i64 = 10_000;
-
-/// Deletes the `event_dedup` claims whose event was received more than `window_days` days
-/// ago: a client retry of such an event is stored again. Claims inside the window stay, so
-/// retries within it are dropped as duplicates (docs/writer.md). Returns the claims deleted.
-pub async fn prune_dedup(
-    client: &tokio_postgres::Client,
-    window_days: u32,
-) -> Result<u64, tokio_postgres::Error> {
-    let days = i32::try_from(window_days).unwrap_or(i32::MAX);
-    let mut total = 0;
-    loop {
-        let deleted = client
-            .execute(
-                "DELETE FROM event_dedup WHERE ctid = ANY (ARRAY(SELECT ctid FROM event_dedup \
-                 WHERE received_at < now() - make_interval(days => $1) LIMIT $2))",
-                &[&days, &DEDUP_PRUNE_BATCH],
-            )
-            .await?;
-        total += deleted;
-        ::metrics::counter!(metrics::DEDUP_PRUNED_TOTAL).increment(deleted);
-        if deleted < DEDUP_PRUNE_BATCH as u64 {
-            return Ok(total);
-        }
-    }
 }

@@ -13,6 +13,7 @@
 //! A row the counters create before its visitor or session message arrives has no first
 //! touch yet; the message fills it in even at an equal first-seen time.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -96,6 +97,27 @@ const MERGE_VISITOR: &str = "WITH s AS (DELETE FROM writer_stage_visitor RETURNI
       user_agent = CASE WHEN excluded.last_seen_at >= v.last_seen_at THEN coalesce(excluded.user_agent, v.user_agent) ELSE coalesce(v.user_agent, excluded.user_agent) END, \
       bot = v.bot OR excluded.bot";
 
+/// Folds messages with the same key into one, in arrival order, and returns one per key,
+/// sorted by key: the merge then locks rows in one order in every transaction.
+fn fold_by<'a, M: Clone, K: Ord + std::hash::Hash>(
+    msgs: &[&'a M],
+    key: impl Fn(&'a M) -> K,
+    fold: impl Fn(&mut M, &M),
+) -> Vec<M> {
+    let mut folded: HashMap<K, M> = HashMap::with_capacity(msgs.len());
+    for &m in msgs {
+        match folded.entry(key(m)) {
+            Entry::Occupied(mut acc) => fold(acc.get_mut(), m),
+            Entry::Vacant(slot) => {
+                slot.insert(m.clone());
+            }
+        }
+    }
+    let mut rows: Vec<(K, M)> = folded.into_iter().collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows.into_iter().map(|(_, m)| m).collect()
+}
+
 /// Merges visitor messages into `visitor`; returns the rows inserted or updated.
 pub(crate) async fn visitors(
     tx: &Transaction<'_>,
@@ -104,18 +126,12 @@ pub(crate) async fn visitors(
     if msgs.is_empty() {
         return Ok(0);
     }
-    let mut folded: HashMap<(i64, &str), VisitorMessage> = HashMap::with_capacity(msgs.len());
-    for m in msgs {
-        match folded.get_mut(&(m.tenant_id, m.anonymous_id.as_str())) {
-            Some(acc) => fold_visitor(acc, m),
-            None => {
-                folded.insert((m.tenant_id, m.anonymous_id.as_str()), (*m).clone());
-            }
-        }
-    }
-    let mut rows: Vec<VisitorMessage> = folded.into_values().collect();
-    rows.sort_by(|a, b| (a.tenant_id, &a.anonymous_id).cmp(&(b.tenant_id, &b.anonymous_id)));
-    let mut enc = CopyEncoder::new(11);
+    let rows = fold_by(
+        msgs,
+        |m| (m.tenant_id, m.anonymous_id.as_str()),
+        fold_visitor,
+    );
+    let mut enc = CopyEncoder::new(COPY_VISITOR);
     for m in &rows {
         enc.row();
         enc.i64(m.tenant_id);
@@ -131,7 +147,7 @@ pub(crate) async fn visitors(
         enc.bool(m.bot);
     }
     tx.batch_execute(STAGE_VISITOR).await?;
-    copy::send(tx, COPY_VISITOR, enc.finish()).await?;
+    copy::copy_in(tx, enc).await?;
     tx.execute(MERGE_VISITOR, &[]).await
 }
 
@@ -169,18 +185,8 @@ pub(crate) async fn sessions(
     if msgs.is_empty() {
         return Ok(0);
     }
-    let mut folded: HashMap<(i64, &str), SessionMessage> = HashMap::with_capacity(msgs.len());
-    for m in msgs {
-        match folded.get_mut(&(m.tenant_id, m.session_id.as_str())) {
-            Some(acc) => fold_session(acc, m),
-            None => {
-                folded.insert((m.tenant_id, m.session_id.as_str()), (*m).clone());
-            }
-        }
-    }
-    let mut rows: Vec<SessionMessage> = folded.into_values().collect();
-    rows.sort_by(|a, b| (a.tenant_id, &a.session_id).cmp(&(b.tenant_id, &b.session_id)));
-    let mut enc = CopyEncoder::new(12);
+    let rows = fold_by(msgs, |m| (m.tenant_id, m.session_id.as_str()), fold_session);
+    let mut enc = CopyEncoder::new(COPY_SESSION);
     for m in &rows {
         enc.row();
         enc.i64(m.tenant_id);
@@ -197,7 +203,7 @@ pub(crate) async fn sessions(
         enc.jsonb(&m.geo);
     }
     tx.batch_execute(STAGE_SESSION).await?;
-    copy::send(tx, COPY_SESSION, enc.finish()).await?;
+    copy::copy_in(tx, enc).await?;
     tx.execute(MERGE_SESSION, &[]).await
 }
 

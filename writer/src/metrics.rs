@@ -1,94 +1,256 @@
-//! The writer's metrics (docs/architecture.md §7.3), named in one place. Emitted once per batch or
+//! The writer's metrics (docs/architecture.md §7.3), each defined once here with its kind,
+//! labels and buckets, and emitted only through the functions below. Emitted once per batch or
 //! per partition, never per message, with bounded label values.
 
 use std::time::Duration;
 
-use sluice_schema::metrics::BucketRule;
+use sluice_schema::metrics::Metric;
 
-/// Counter, rows stored per table. Labels: `table` (event, visitor, session, lead,
-/// identity_link).
-pub const ROWS_TOTAL: &str = "sluice_writer_rows_total";
-/// Histogram, messages per stored batch. No labels.
-pub const BATCH_ROWS: &str = "sluice_writer_batch_rows";
-/// Histogram, seconds spent in the event COPY of a batch. No labels.
-pub const COPY_DURATION: &str = "sluice_writer_copy_duration_seconds";
-/// Histogram, seconds from the start of a batch's transaction to its commit. No labels.
-pub const COMMIT_DURATION: &str = "sluice_writer_batch_duration_seconds";
-/// Gauge, messages between a partition's high watermark and the writer's position. Labels:
-/// `topic`, `partition`.
-pub const CONSUMER_LAG: &str = "sluice_writer_consumer_lag";
-/// Counter, messages dead-lettered. Labels: `reason` (a fixed snake_case set).
-pub const DLQ_TOTAL: &str = "sluice_writer_dlq_total";
-/// Counter, batch attempts that failed and were retried. Labels: `cause` (transient,
-/// offset_conflict, dlq).
-pub const RETRIES_TOTAL: &str = "sluice_writer_retries_total";
-/// Counter, events dropped because their event id was already claimed (client retries,
-/// redelivery). No labels.
-pub const DUPLICATES_TOTAL: &str = "sluice_writer_duplicate_events_total";
-/// Counter, messages dropped because they belong to an erased person or a deleted tenant
-/// (the suppression list). Labels: `kind` (event, visitor, session, identity).
-pub const SUPPRESSED_TOTAL: &str = "sluice_writer_suppressed_messages_total";
-/// Gauge, person entries of the suppression list held in memory (bounded by
-/// `SLUICE_WRITER_SUPPRESSION_CACHE_MAX_ENTRIES`). No labels.
-pub const SUPPRESSION_CACHE_ENTRIES: &str = "sluice_writer_suppression_cache_entries";
-/// Gauge, 1 once the suppression list outgrew its bound and batches ask the database. No
-/// labels.
-pub const SUPPRESSION_CACHE_OVERFLOW: &str = "sluice_writer_suppression_cache_overflow";
-/// Counter, expired `event_dedup` claims deleted (older than the dedup window). No labels.
-pub const DEDUP_PRUNED_TOTAL: &str = "sluice_writer_dedup_pruned_total";
-/// Counter, month partitions created by the writer. No labels.
-pub const PARTITIONS_CREATED: &str = "sluice_writer_partitions_created_total";
-/// Gauge, messages in a lane's open batch, not yet stored. Labels: `lane` (0 to lanes - 1).
-pub const BUFFERED: &str = "sluice_writer_buffered_messages";
-/// Gauge, 1 while consumption is paused because the store is behind or PostgreSQL is down.
-pub const PAUSED: &str = "sluice_writer_paused";
-/// Gauge, the end (Unix epoch seconds, UTC) of the last month whose event partitions this
-/// writer has ensured ahead; set each time the ensure-ahead pass succeeds (start-up, hourly).
-/// An alert fires when it comes within two months of now (partitions not being created).
-/// No labels.
-pub const PARTITIONS_UNTIL: &str = "sluice_writer_partitions_until_timestamp_seconds";
-/// Counter, rebalance events. Labels: `kind` (assign, revoke).
-pub const REBALANCES_TOTAL: &str = "sluice_writer_rebalances_total";
+/// Batch sizes: from a single straggler to the largest configurable batch.
+pub const ROWS_BUCKETS: &[f64] = &[
+    1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10_000.0, 20_000.0, 50_000.0, 100_000.0,
+];
 
-/// The writer's histogram buckets (docs/architecture.md §7.3): batch sizes from a single
-/// straggler to the largest configurable batch; COPY and batch durations from a few ms (a
-/// small batch) to the retry ceiling and beyond.
-pub const BUCKETS: &[BucketRule] = &[
-    BucketRule::name(
-        BATCH_ROWS,
-        &[
-            1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10_000.0, 20_000.0, 50_000.0,
-            100_000.0,
-        ],
-    ),
-    BucketRule::suffix(
-        "_seconds",
-        &[
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-        ],
-    ),
+/// COPY and batch durations: a few ms (small batch) to the retry ceiling and beyond.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Rows stored per table; `table` is event, visitor, session, lead or identity_link.
+pub const ROWS_TOTAL: Metric = Metric::counter(
+    "sluice_writer_rows_total",
+    &["table"],
+    "Rows stored per table.",
+);
+/// Messages per stored batch.
+pub const BATCH_ROWS_HISTOGRAM: Metric = Metric::histogram(
+    "sluice_writer_batch_rows",
+    &[],
+    ROWS_BUCKETS,
+    "Messages per stored batch.",
+);
+/// The batch-size histogram's name, for the recorder's bucket setting in health.rs (which
+/// moves to the shared runtime shell, reading [`ALL`]).
+pub const BATCH_ROWS: &str = BATCH_ROWS_HISTOGRAM.name;
+/// Seconds spent in the event COPY of a batch.
+pub const COPY_DURATION: Metric = Metric::histogram(
+    "sluice_writer_copy_duration_seconds",
+    &[],
+    SECONDS_BUCKETS,
+    "Seconds spent in the event COPY of a batch.",
+);
+/// Seconds from the start of a batch's transaction to its commit.
+pub const BATCH_DURATION: Metric = Metric::histogram(
+    "sluice_writer_batch_duration_seconds",
+    &[],
+    SECONDS_BUCKETS,
+    "Seconds from the start of a batch's transaction to its commit.",
+);
+/// Messages between a partition's high watermark and the writer's position.
+pub const CONSUMER_LAG: Metric = Metric::gauge(
+    "sluice_writer_consumer_lag",
+    &["topic", "partition"],
+    "Messages between a partition's high watermark and the writer's stored position.",
+);
+/// Messages dead-lettered; `reason` is a fixed snake_case set.
+pub const DLQ_TOTAL: Metric = Metric::counter(
+    "sluice_writer_dlq_total",
+    &["reason"],
+    "Messages dead-lettered, by reason.",
+);
+/// Batch attempts that failed and were retried; `cause` is transient, offset_conflict or dlq.
+pub const RETRIES_TOTAL: Metric = Metric::counter(
+    "sluice_writer_retries_total",
+    &["cause"],
+    "Batch attempts that failed and were retried, by cause.",
+);
+/// Events dropped because their event id was already claimed (client retries, redelivery).
+pub const DUPLICATE_EVENTS_TOTAL: Metric = Metric::counter(
+    "sluice_writer_duplicate_events_total",
+    &[],
+    "Events dropped because their event id was already claimed.",
+);
+/// Messages dropped because they belong to an erased person or a deleted tenant (the
+/// suppression list); `kind` is event, visitor, session or identity.
+pub const SUPPRESSED_MESSAGES_TOTAL: Metric = Metric::counter(
+    "sluice_writer_suppressed_messages_total",
+    &["kind"],
+    "Messages dropped because they belong to an erased person or a deleted tenant.",
+);
+/// Person entries of the suppression list held in memory (bounded by
+/// `SLUICE_WRITER_SUPPRESSION_CACHE_MAX_ENTRIES`).
+pub const SUPPRESSION_CACHE_ENTRIES: Metric = Metric::gauge(
+    "sluice_writer_suppression_cache_entries",
+    &[],
+    "Person entries of the suppression list held in memory.",
+);
+/// 1 once the suppression list outgrew its bound and batches ask the database.
+pub const SUPPRESSION_CACHE_OVERFLOW: Metric = Metric::gauge(
+    "sluice_writer_suppression_cache_overflow",
+    &[],
+    "1 once the suppression list outgrew its bound and batches ask the database.",
+);
+/// Expired `event_dedup` claims deleted (older than the dedup window).
+pub const DEDUP_PRUNED_TOTAL: Metric = Metric::counter(
+    "sluice_writer_dedup_pruned_total",
+    &[],
+    "Expired event_dedup claims deleted.",
+);
+/// Month partitions created by the writer.
+pub const PARTITIONS_CREATED_TOTAL: Metric = Metric::counter(
+    "sluice_writer_partitions_created_total",
+    &[],
+    "Month partitions created by the writer.",
+);
+/// Messages in a lane's open batch, not yet stored; `lane` is 0 to lanes - 1.
+pub const BUFFERED_MESSAGES: Metric = Metric::gauge(
+    "sluice_writer_buffered_messages",
+    &["lane"],
+    "Messages in a lane's open batch, not yet stored.",
+);
+/// 1 while consumption is paused because the store is behind or PostgreSQL is down.
+pub const PAUSED: Metric = Metric::gauge(
+    "sluice_writer_paused",
+    &[],
+    "1 while consumption is paused because the store is behind or PostgreSQL is down.",
+);
+/// The end (Unix epoch seconds, UTC) of the last month whose event partitions this writer has
+/// ensured ahead; set each time the ensure-ahead pass succeeds (start-up, hourly). An alert
+/// fires when it comes within two months of now (partitions not being created).
+pub const PARTITIONS_UNTIL: Metric = Metric::gauge(
+    "sluice_writer_partitions_until_timestamp_seconds",
+    &[],
+    "End (Unix seconds) of the last month whose event partitions are ensured ahead.",
+);
+/// Rebalance events; `kind` is assign or revoke.
+pub const REBALANCES_TOTAL: Metric = Metric::counter(
+    "sluice_writer_rebalances_total",
+    &["kind"],
+    "Rebalance events, by kind.",
+);
+
+/// Every metric the writer exports: what the recorder and the deploy checks read.
+pub const ALL: &[Metric] = &[
+    ROWS_TOTAL,
+    BATCH_ROWS_HISTOGRAM,
+    COPY_DURATION,
+    BATCH_DURATION,
+    CONSUMER_LAG,
+    DLQ_TOTAL,
+    RETRIES_TOTAL,
+    DUPLICATE_EVENTS_TOTAL,
+    SUPPRESSED_MESSAGES_TOTAL,
+    SUPPRESSION_CACHE_ENTRIES,
+    SUPPRESSION_CACHE_OVERFLOW,
+    DEDUP_PRUNED_TOTAL,
+    PARTITIONS_CREATED_TOTAL,
+    BUFFERED_MESSAGES,
+    PAUSED,
+    PARTITIONS_UNTIL,
+    REBALANCES_TOTAL,
 ];
 
 /// Records rows stored in `table`.
 pub(crate) fn rows(table: &'static str, n: u64) {
     if n > 0 {
-        metrics::counter!(ROWS_TOTAL, "table" => table).increment(n);
+        metrics::counter!(ROWS_TOTAL.name, "table" => table).increment(n);
     }
 }
 
 /// Records a dead-lettered message.
 pub(crate) fn dlq(reason: &'static str) {
-    metrics::counter!(DLQ_TOTAL, "reason" => reason).increment(1);
+    metrics::counter!(DLQ_TOTAL.name, "reason" => reason).increment(1);
 }
 
 /// Records one retried batch attempt.
 pub(crate) fn retry(cause: &'static str) {
-    metrics::counter!(RETRIES_TOTAL, "cause" => cause).increment(1);
+    metrics::counter!(RETRIES_TOTAL.name, "cause" => cause).increment(1);
 }
 
 /// Records a stored batch's size and durations.
 pub(crate) fn batch(messages: usize, copy: Duration, total: Duration) {
-    metrics::histogram!(BATCH_ROWS).record(messages as f64);
-    metrics::histogram!(COPY_DURATION).record(copy.as_secs_f64());
-    metrics::histogram!(COMMIT_DURATION).record(total.as_secs_f64());
+    metrics::histogram!(BATCH_ROWS_HISTOGRAM.name).record(messages as f64);
+    metrics::histogram!(COPY_DURATION.name).record(copy.as_secs_f64());
+    metrics::histogram!(BATCH_DURATION.name).record(total.as_secs_f64());
+}
+
+/// Records `n` events dropped as already claimed.
+pub(crate) fn duplicates(n: u64) {
+    metrics::counter!(DUPLICATE_EVENTS_TOTAL.name).increment(n);
+}
+
+/// Records `n` messages of `kind` dropped by the suppression list.
+pub(crate) fn suppressed(kind: &'static str, n: u64) {
+    metrics::counter!(SUPPRESSED_MESSAGES_TOTAL.name, "kind" => kind).increment(n);
+}
+
+/// Sets the suppression list's size and whether it overflowed its bound.
+pub(crate) fn suppression_cache(entries: usize, overflow: bool) {
+    metrics::gauge!(SUPPRESSION_CACHE_ENTRIES.name).set(entries as f64);
+    metrics::gauge!(SUPPRESSION_CACHE_OVERFLOW.name).set(f64::from(u8::from(overflow)));
+}
+
+/// Records `n` expired dedup claims deleted.
+pub(crate) fn dedup_pruned(n: u64) {
+    metrics::counter!(DEDUP_PRUNED_TOTAL.name).increment(n);
+}
+
+/// Records `n` month partitions created.
+pub(crate) fn partitions_created(n: u64) {
+    metrics::counter!(PARTITIONS_CREATED_TOTAL.name).increment(n);
+}
+
+/// Sets the end (Unix seconds) of the last month ensured ahead.
+pub(crate) fn partitions_until(unix_seconds: i64) {
+    metrics::gauge!(PARTITIONS_UNTIL.name).set(unix_seconds as f64);
+}
+
+/// The gauge of messages buffered in `lane`'s open batch (a handle: the lane sets it often).
+pub(crate) fn buffered(lane: usize) -> metrics::Gauge {
+    metrics::gauge!(BUFFERED_MESSAGES.name, "lane" => lane.to_string())
+}
+
+/// Sets whether any lane's partitions are paused.
+pub(crate) fn paused(paused: bool) {
+    metrics::gauge!(PAUSED.name).set(if paused { 1.0 } else { 0.0 });
+}
+
+/// Sets a partition's lag, in messages.
+pub(crate) fn lag(topic: &str, partition: i32, messages: i64) {
+    metrics::gauge!(CONSUMER_LAG.name, "topic" => topic.to_owned(), "partition" => partition.to_string())
+        .set(messages.max(0) as f64);
+}
+
+/// Records a rebalance event of `kind` (assign, revoke).
+pub(crate) fn rebalance(kind: &'static str) {
+    metrics::counter!(REBALANCES_TOTAL.name, "kind" => kind).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_schema::metrics::Kind;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_metric_is_named_for_the_writer_once_with_its_kind_rules() {
+        let mut names = HashSet::new();
+        for m in ALL {
+            assert!(names.insert(m.name), "{} listed twice", m.name);
+            assert!(m.name.starts_with("sluice_writer_"), "{}", m.name);
+            assert!(!m.help.is_empty(), "{} has no help", m.name);
+            match m.kind {
+                Kind::Counter => assert!(m.name.ends_with("_total"), "{}", m.name),
+                Kind::Histogram => {
+                    assert!(!m.buckets.is_empty(), "{} has no buckets", m.name);
+                    assert!(m.buckets.windows(2).all(|w| w[0] < w[1]), "{}", m.name);
+                }
+                Kind::Gauge => assert!(m.buckets.is_empty(), "{}", m.name),
+            }
+        }
+        assert_eq!(ALL.len(), 17);
+        assert_eq!(BATCH_ROWS, "sluice_writer_batch_rows");
+        // The misleadingly named constant of before: a batch's whole duration, not a commit's.
+        assert_eq!(BATCH_DURATION.name, "sluice_writer_batch_duration_seconds");
+    }
 }

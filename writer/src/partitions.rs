@@ -9,6 +9,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sluice_schema::partitions::{self, PartitionConfig};
 use tokio_postgres::Client;
 
+use crate::metrics;
+
 /// Months known to exist, so the common case (current month) costs a set lookup.
 #[derive(Debug)]
 pub(crate) struct Months {
@@ -39,10 +41,10 @@ impl Months {
     ) -> Result<(), sluice_schema::SchemaError> {
         let ensured = partitions::ensure_ahead(client, now, &self.cfg).await?;
         let created = ensured.iter().filter(|e| e.created).count();
-        metrics::counter!(crate::metrics::PARTITIONS_CREATED).increment(created as u64);
+        metrics::partitions_created(created as u64);
         if let Some(last) = ensured.iter().map(|e| e.month).max() {
             let until = partitions::month_bounds(last).1.timestamp();
-            metrics::gauge!(crate::metrics::PARTITIONS_UNTIL).set(until as f64);
+            metrics::partitions_until(until);
         }
         self.lock().extend(ensured.into_iter().map(|e| e.month));
         Ok(())
@@ -65,7 +67,7 @@ impl Months {
         for month in missing {
             if partitions::ensure_month(client, month, self.cfg.hash_modulus).await? {
                 created += 1;
-                metrics::counter!(crate::metrics::PARTITIONS_CREATED).increment(1);
+                metrics::partitions_created(1);
             }
             self.lock().insert(month);
         }

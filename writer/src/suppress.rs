@@ -184,8 +184,7 @@ impl Suppression {
                 s.entries = HashSet::new();
             }
         }
-        ::metrics::gauge!(metrics::SUPPRESSION_CACHE_ENTRIES).set(s.entries.len() as f64);
-        ::metrics::gauge!(metrics::SUPPRESSION_CACHE_OVERFLOW).set(f64::from(u8::from(s.overflow)));
+        metrics::suppression_cache(s.entries.len(), s.overflow);
         Ok(())
     }
 
