@@ -1,8 +1,8 @@
 //! Kafka with replicas, and a broker lost under load. A private three-node KRaft cluster
 //! (256 MB heaps); the collector creates its topics with three replicas and, by default,
 //! `min.insync.replicas` = 2. Under HTTP load the broker leading the first event partition is
-//! SIGKILLed: every event the collector acknowledged is stored, once (and is on the topic
-//! once: the idempotent producer's retries across the leader change add no copy), the
+//! SIGKILLed: every event the collector acknowledged is stored, once (and is on the topic;
+//! copies there across the leader change are possible and stored once), the
 //! collector's 503s during the failover are counted (by the load and in its own metric, which
 //! agree), and the writer carries on. With a second broker killed, two of three are down: no
 //! write can reach two replicas, and the collector answers 503, never 200.
@@ -157,11 +157,13 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
         Duration::from_secs(30),
     )
     .await?;
-    // On the topic, an acknowledged event is there once. A request answered 503 during the
-    // failover may be there twice: its messages timed out in the producer while possibly
-    // written, the producer bumped its epoch, and a retry under the new epoch is not
-    // recognised as the same write. That is the "503 means maybe stored" of docs/ingest.md;
-    // the writer's messageId dedup stores it once (checked above).
+    // On the topic, no acknowledged event is missing. Copies are possible during a failover:
+    // a message that timed out in the producer while written makes librdkafka bump the
+    // idempotent producer's epoch, and messages still in flight on that partition are then
+    // re-sent under the new epoch, which the broker cannot recognise as the same writes, so
+    // they land twice even when their own request was acknowledged (seen: 20 of 1,880 in one
+    // CI run). The writer's messageId claim stores each once (checked above): that, not the
+    // topic, is the guarantee (docs/reliability.md).
     let acked: std::collections::HashSet<&str> = report.acked.iter().map(String::as_str).collect();
     let acked_on_topic: Vec<String> = on_topic
         .iter()
@@ -170,9 +172,8 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
         .collect();
     let in_kafka = reconcile(&report, &acked_on_topic);
     assert_eq!(
-        (in_kafka.lost, in_kafka.duplicates),
-        (0, 0),
-        "acknowledged events lost or duplicated on the topic: {in_kafka:?}"
+        in_kafka.lost, 0,
+        "acknowledged events missing from the topic: {in_kafka:?}"
     );
     let unacked_copies = reconcile(&report, &on_topic).duplicates;
     let metric_503 = requests_with_status(&collector.metrics().await?, 503);
@@ -183,8 +184,9 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
         report.statuses
     );
     eprintln!(
-        "broker {victim} killed under load: new leader after {failover:?}; {} events acknowledged ({acked_before} before the kill), statuses {:?}, stored exactly once; {unacked_copies} extra copies of unacknowledged events on the topic",
+        "broker {victim} killed under load: new leader after {failover:?}; {} events acknowledged ({acked_before} before the kill), statuses {:?}, stored exactly once; {} extra copies of acknowledged and {unacked_copies} of unacknowledged events on the topic",
         report.acked.len(),
+        in_kafka.duplicates,
         report.statuses
     );
     writer.stop().await?;
