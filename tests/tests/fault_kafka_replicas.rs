@@ -186,8 +186,8 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     eprintln!(
         "broker {victim} killed under load: new leader after {failover:?}; {} events acknowledged ({acked_before} before the kill), statuses {:?}, stored exactly once; {} extra copies of acknowledged and {unacked_copies} of unacknowledged events on the topic",
         report.acked.len(),
+        report.statuses,
         in_kafka.duplicates,
-        report.statuses
     );
     writer.stop().await?;
 
