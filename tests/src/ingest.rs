@@ -51,6 +51,16 @@ pub async fn account(db: &TestDb, name: &str) -> Result<Account> {
     })
 }
 
+/// A migrated database of the test's own, an account `name` in it and a ready collector on
+/// it: how most collector tests begin. Bind the database to a name (`_db`, not `_`) for as long
+/// as the collector runs, because dropping it drops the database.
+pub async fn served(name: &str) -> Result<(TestDb, Account, Collector)> {
+    let db = TestDb::migrated().await?;
+    let acct = account(&db, name).await?;
+    let collector = Collector::start(Collector::config(&db)).await?;
+    Ok((db, acct, collector))
+}
+
 /// A collector running in the test's process.
 pub struct Collector {
     /// API address.

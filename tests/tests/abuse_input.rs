@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_tests::faults::vm_kib;
-use sluice_tests::ingest::{account, consume, Collector};
+use sluice_tests::ingest::{account, consume, served, Collector};
 use sluice_tests::private::free_port;
 use sluice_tests::{bin_path, unique_name, Stack, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -316,9 +316,7 @@ async fn produced_message_ids(collector: &Collector, expect: usize) -> Vec<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_body_gets_a_4xx_with_a_reason_and_nothing_reaches_kafka() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "abuse").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("abuse").await.unwrap();
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
     let cases = cases();
@@ -370,9 +368,7 @@ async fn every_bad_body_gets_a_4xx_with_a_reason_and_nothing_reaches_kafka() {
 /// a 5xx or a crash.
 #[tokio::test]
 async fn a_400_digit_integer_is_refused_or_kept_never_a_crash() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "bignum").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("bignum").await.unwrap();
     let body = format!(
         r#"{{"event":"e","anonymousId":"a","messageId":"big","properties":{{"n":{}}}}}"#,
         "9".repeat(400)
@@ -413,9 +409,7 @@ fn status_of(answer: &str) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lying_content_length_and_header_floods_are_refused() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "transport").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("transport").await.unwrap();
     let key = acct.key.plaintext.clone();
     let body = r#"{"event":"e","anonymousId":"a","messageId":"lie"}"#;
 
@@ -501,9 +495,7 @@ async fn lying_content_length_and_header_floods_are_refused() {
 /// serving others, and are closed by the server instead of held for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_connections_are_closed_and_do_not_starve_others() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "loris").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("loris").await.unwrap();
     let mut lorises = Vec::new();
     for _ in 0..300 {
         let mut sock = TcpStream::connect(collector.addr).await.unwrap();
@@ -546,9 +538,7 @@ async fn slow_loris_connections_are_closed_and_do_not_starve_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_thousand_idle_connections_and_500_concurrent_requests_are_served() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "crowd").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("crowd").await.unwrap();
     let mut idle = Vec::new();
     for _ in 0..3_000 {
         idle.push(TcpStream::connect(collector.addr).await.unwrap());

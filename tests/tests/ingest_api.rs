@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sluice_schema::messages::{
     self, EventMessage, IdentityMessage, SessionMessage, VisitorMessage,
 };
-use sluice_tests::ingest::{account, consume, Collector};
+use sluice_tests::ingest::{account, consume, served, Collector};
 use sluice_tests::{Stack, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -23,9 +23,7 @@ fn http() -> reqwest::Client {
 
 #[tokio::test]
 async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let c = http();
     let sent_at = Utc::now() + chrono::Duration::hours(1); // client clock one hour ahead
@@ -427,9 +425,7 @@ async fn over_the_rate_limit_answers_429_with_retry_after() {
 
 #[tokio::test]
 async fn gzip_beacon_form_pixel_and_cors_are_accepted() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let c = http();
 
@@ -580,9 +576,7 @@ async fn gzip_beacon_form_pixel_and_cors_are_accepted() {
 
 #[tokio::test]
 async fn a_500_message_batch_arrives_in_order_per_visitor() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let batch: Vec<Value> = (0..500)
         .map(|i| {
             json!({"type": "track", "event": "Step", "anonymousId": format!("v-{}", i % 10),

@@ -13,7 +13,7 @@ use chrono::Utc;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_schema::messages::{self, EventMessage, EventType};
-use sluice_tests::ingest::{account, consume, Collector};
+use sluice_tests::ingest::{consume, served, Collector};
 use sluice_tests::{Stack, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -36,9 +36,7 @@ fn form(json: &Value) -> String {
 
 #[tokio::test]
 async fn every_capture_path_and_encoding_is_stored_under_the_events_uuid() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
     let event = |id: &str| {
@@ -110,9 +108,7 @@ async fn every_capture_path_and_encoding_is_stored_under_the_events_uuid() {
 
 #[tokio::test]
 async fn a_clients_clock_skew_is_corrected_from_sent_at_and_offset() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     // The client's clock runs an hour ahead: its event happened 10 s before it sent it.
     let sent_at = Utc::now() + chrono::Duration::hours(1);
     let ts = sent_at - chrono::Duration::seconds(10);
@@ -201,9 +197,7 @@ async fn remote_config_and_flags_switch_every_feature_off_for_any_origin() {
 
 #[tokio::test]
 async fn bodies_that_cannot_be_taken_are_4xx_with_the_reason_counted_by_endpoint_and_reason() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
     for (path, body, status, says) in [
