@@ -10,6 +10,7 @@
 //! - [`Stack`]: where the broker and the database are.
 //! - [`TestDb`]: a fresh database per test, empty or migrated ([`TestDb::migrated`]),
 //!   dropped when the test is done with it.
+//! - [`query_scalar`]: the one value of a query, for counts and flags.
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
@@ -191,6 +192,15 @@ impl TestDb {
 /// apply), driving the connection on a background task.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     Ok(sluice_schema::db::connect(url).await?)
+}
+
+/// The one value of `sql` (no parameters): a count or a flag, the way most tests read what a
+/// run left behind.
+pub async fn query_scalar<T>(client: &tokio_postgres::Client, sql: &str) -> Result<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    Ok(client.query_one(sql, &[]).await?.try_get(0)?)
 }
 
 /// `url` with its database path replaced by `name`.

@@ -52,14 +52,7 @@ async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()>
     wconfig.flush_interval_ms = 100;
     let writer = RunningWriter::start(wconfig);
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "pc",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "pc", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -111,14 +104,7 @@ async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing(
         spawn_writer(&db, &prefix, &group, &log)?,
         spawn_writer(&db, &prefix, &group, &log)?,
     ];
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "wk",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "wk", 4, 25);
     let client = db.client().await?;
     const KILLS: usize = 6;
     let mut last = 0;
@@ -191,14 +177,7 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() -> Result<
     wconfig.flush_interval_ms = 100;
     let writer = RunningWriter::start(wconfig);
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "pr",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "pr", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     pg.stop().await?;
     tokio::time::sleep(Duration::from_secs(8)).await;

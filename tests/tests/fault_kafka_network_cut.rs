@@ -134,14 +134,7 @@ async fn collector_cut_from_kafka_answers_503_never_200_and_loses_nothing() -> R
         Duration::from_millis(250),
     );
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "kc",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "kc", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let before = load.acked_so_far().await;
     let cut = collector_outage(&proxy, &load, &ready, Fault::Cut, Duration::from_secs(12)).await?;
@@ -256,14 +249,7 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
         Duration::from_millis(250),
     );
     let client = db.client().await?;
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "wc",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "wc", 4, 25);
 
     let outcome = async {
         // The writer starts slower than the load (migrations checked, month partitions made,

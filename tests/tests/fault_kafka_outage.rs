@@ -23,14 +23,7 @@ async fn broker_down_means_503_never_200_and_nothing_acknowledged_is_lost() -> R
     config.produce_timeout_ms = 2_000;
     let collector = Collector::start(config).await?;
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "ko",
-        4,
-        10,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "ko", 4, 10);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let before = load.statuses_so_far().await;
     kafka.stop().await?;

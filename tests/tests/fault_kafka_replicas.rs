@@ -99,14 +99,7 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     let writer = RunningWriter::start(wconfig);
 
     // Load, then the leader of event partition 0 is lost mid-load.
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "rep",
-        4,
-        20,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "rep", 4, 20);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let victim = leader_of(0)?;
     let acked_before = load.acked_so_far().await;
