@@ -61,6 +61,16 @@ pub async fn served(name: &str) -> Result<(TestDb, Account, Collector)> {
     Ok((db, acct, collector))
 }
 
+/// POSTs `body` as JSON to `url` with `key` as the bearer token: a Segment-style call.
+pub async fn post_json<T: serde::Serialize + ?Sized>(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    key: impl std::fmt::Display,
+    body: &T,
+) -> reqwest::Result<reqwest::Response> {
+    http.post(url).bearer_auth(key).json(body).send().await
+}
+
 /// A collector running in the test's process.
 pub struct Collector {
     /// API address.
@@ -159,6 +169,17 @@ impl Collector {
                 .text()
                 .await?,
         )
+    }
+
+    /// [`consume`] of one of this collector's topics on the shared broker.
+    pub async fn consume(
+        &self,
+        topic: &str,
+        count: usize,
+        within: Duration,
+        linger: Duration,
+    ) -> Result<Vec<Consumed>> {
+        consume(&Stack::get().kafka_brokers, topic, count, within, linger).await
     }
 
     /// Sends the shutdown signal and waits for the drain to finish.

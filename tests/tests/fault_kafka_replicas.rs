@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde_json::json;
 use sluice_tests::faults::{message_ids_in_topic, reconcile, settle_in_table, Load};
-use sluice_tests::ingest::{account, Collector};
+use sluice_tests::ingest::{account, post_json, Collector};
 use sluice_tests::private::PrivateKafkaCluster;
 use sluice_tests::writer::RunningWriter;
 use sluice_tests::{unique_name, TestDb};
@@ -189,12 +189,13 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     for i in 0..3 {
         let body = json!({"batch": (0..10).map(|j| json!({"type": "track", "event": "down",
             "messageId": format!("down-{i}-{j}"), "anonymousId": format!("d{j}")})).collect::<Vec<_>>()});
-        let r = http
-            .post(collector.url("/v1/batch"))
-            .bearer_auth(&acct.key.plaintext)
-            .json(&body)
-            .send()
-            .await?;
+        let r = post_json(
+            &http,
+            collector.url("/v1/batch"),
+            &acct.key.plaintext,
+            &body,
+        )
+        .await?;
         assert_eq!(
             r.status(),
             503,

@@ -13,8 +13,8 @@ use chrono::Utc;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_schema::messages::{self, EventMessage, EventType};
-use sluice_tests::ingest::{consume, served, Collector};
-use sluice_tests::{Stack, TestDb};
+use sluice_tests::ingest::{served, Collector};
+use sluice_tests::TestDb;
 
 const WAIT: Duration = Duration::from_secs(30);
 const LINGER: Duration = Duration::from_millis(500);
@@ -75,15 +75,10 @@ async fn every_capture_path_and_encoding_is_stored_under_the_events_uuid() {
         assert_eq!(answer["status"], 1, "{path}: {answer}");
         ids.push(id);
     }
-    let consumed = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        ids.len(),
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let consumed = collector
+        .consume(&collector.topics.event, ids.len(), WAIT, LINGER)
+        .await
+        .unwrap();
     let got: HashSet<String> = consumed
         .iter()
         .map(|c| {
@@ -122,15 +117,10 @@ async fn a_clients_clock_skew_is_corrected_from_sent_at_and_offset() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let consumed = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        2,
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let consumed = collector
+        .consume(&collector.topics.event, 2, WAIT, LINGER)
+        .await
+        .unwrap();
     assert_eq!(consumed.len(), 2);
     for c in &consumed {
         let m: EventMessage = messages::decode(&serde_json::to_vec(&c.value).unwrap()).unwrap();

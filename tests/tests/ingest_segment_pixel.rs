@@ -153,15 +153,15 @@ async fn segment_pixel_bad_data_is_refused_with_a_reason_and_stores_nothing() {
         );
     }
 
-    let events = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        1,
-        Duration::from_secs(3),
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let events = collector
+        .consume(
+            &collector.topics.event,
+            1,
+            Duration::from_secs(3),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
     assert!(events.is_empty(), "{events:?}");
     collector.stop().await.unwrap();
 }

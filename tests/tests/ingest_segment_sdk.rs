@@ -334,15 +334,10 @@ async fn segment_node_sdk_batches_of_50_calls_arrive_whole_and_once() {
     let sdk_ids: HashSet<&str> = report.calls.iter().map(|c| c.message_id.as_str()).collect();
     assert_eq!(sdk_ids.len(), N);
 
-    let consumed = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        N,
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let consumed = collector
+        .consume(&collector.topics.event, N, WAIT, LINGER)
+        .await
+        .unwrap();
     assert_eq!(consumed.len(), N, "each call exactly once");
     let by_id = events(&consumed);
     let got: HashSet<&str> = by_id.keys().map(String::as_str).collect();
