@@ -14,6 +14,12 @@
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
+//! - [`ingest`]: a collector served in-process ([`ingest::served`] opens most collector
+//!   tests: database, account, ready collector), [`ingest::post_json`], reading topics back.
+//! - [`writer`]: the writer's topics, message builders, a producer, waiting for rows.
+//! - [`faults`]: a steady load ([`faults::Load::paced`]) recording every message's outcome,
+//!   and the reconciliations that end the fault tests.
+//! - [`sdk`]: the third-party SDKs the compatibility tests drive.
 //! - [`tls`]: certificates made with `openssl` for TLS-only instances.
 
 use std::path::PathBuf;

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +19,11 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_tests::faults::vm_kib;
-use sluice_tests::ingest::{account, consume, served, Collector};
+use sluice_tests::ingest::{account, consume, ingest_command, served, Collector};
 use sluice_tests::private::free_port;
-use sluice_tests::{bin_path, unique_name, Stack, TestDb};
+use sluice_tests::{unique_name, Stack, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 
 /// One hostile request: what it is, where it goes, its body and content encoding.
 struct Case {
@@ -602,19 +600,11 @@ async fn collector_memory_stays_bounded_under_oversized_bodies_gzip_bombs_and_co
     let prefix = format!("{}.", unique_name("ar"));
     let (port, metrics_port) = (free_port().unwrap(), free_port().unwrap());
     let log = std::env::temp_dir().join(format!("{prefix}log"));
-    let mut collector = Command::new(bin_path("sluice-ingest").unwrap())
-        .env("SLUICE_INGEST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
-        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
-        .env("SLUICE_DATABASE_URL", &db.url)
-        .env("SLUICE_TOPIC_PREFIX", &prefix)
-        .env("SLUICE_TOPIC_PARTITIONS", "3")
+    let mut collector = ingest_command(&db.url, &prefix, port, metrics_port, &log)
+        .unwrap()
         // The abusers share one key: rate limiting would refuse them before their bodies are
         // read, and the test is about what reading them costs.
         .env("SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND", "0")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
         .spawn()
         .expect("sluice-ingest (cargo build -p sluice-ingest --bins)");
     let pid = collector.id().unwrap();

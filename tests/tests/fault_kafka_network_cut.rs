@@ -119,8 +119,7 @@ async fn collector_cut_from_kafka_answers_503_never_200_and_loses_nothing() -> R
     let (kafka, proxy) = PrivateKafka::start_behind_proxy().await?;
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kafka-cut").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let mut config = Collector::config_for_load(&db);
     config.kafka_brokers = proxy.addr().to_string();
     config.produce_timeout_ms = PRODUCE_TIMEOUT_MS;
     let prefix = config.topic_prefix.clone();
@@ -230,8 +229,7 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
     let (kafka, proxy) = PrivateKafka::start_behind_proxy().await?;
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kafka-cut-writer").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let mut config = Collector::config_for_load(&db);
     config.kafka_brokers = kafka.brokers();
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;

@@ -41,11 +41,10 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     let brokers = cluster.brokers();
     let db = TestDb::migrated().await?;
     let acct = account(&db, "replicas").await?;
-    let mut config = Collector::config(&db);
+    let mut config = Collector::config_for_load(&db);
     config.kafka_brokers = brokers.clone();
     config.topic_replication = 3;
     config.topic_partitions = 3;
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
     config.produce_timeout_ms = 3_000;
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;

@@ -36,8 +36,7 @@ async fn a_table_lock_backs_batches_up_with_bounded_memory_and_no_loss() -> Resu
     const RSS_BOUND_MIB: u64 = 512;
     let db = TestDb::migrated().await?;
     let acct = account(&db, "slow-pg").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let config = Collector::config_for_load(&db);
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
     let metrics_port = free_port()?;
