@@ -424,7 +424,7 @@ pub async fn assert_stored_exactly_once(
     // Stable: nothing more arrives late.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let sum: i64 = query_scalar(
-        &client,
+        client,
         "SELECT coalesce(sum(event_count), 0)::bigint FROM visitor",
     )
     .await?;
