@@ -10,7 +10,7 @@
 //! - [`Stack`]: where the broker and the database are.
 //! - [`TestDb`]: a fresh database per test, empty or migrated ([`TestDb::migrated`]),
 //!   dropped when the test is done with it.
-//! - [`query_scalar`]: the one value of a query, for counts and flags.
+//! - [`query_scalar`], [`query_column`]: the one value or the first column of a query.
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
@@ -207,6 +207,18 @@ where
     T: for<'a> tokio_postgres::types::FromSql<'a>,
 {
     Ok(client.query_one(sql, &[]).await?.try_get(0)?)
+}
+
+/// The first column of every row of `sql` (no parameters), in the query's order.
+pub async fn query_column<T>(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<T>>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let rows = client.query(sql, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?)
 }
 
 /// `url` with its database path replaced by `name`.
