@@ -46,6 +46,12 @@ pub struct Load {
 }
 
 impl Load {
+    /// [`Load::start`] at the fault tests' usual pace, 20 ms between a client's batches: fast
+    /// enough that a fault lands mid-request, slow enough for two shared cores.
+    pub fn paced(base: &str, key: &str, tag: &str, clients: usize, batch: usize) -> Load {
+        Load::start(base, key, tag, clients, batch, Duration::from_millis(20))
+    }
+
     /// Starts the load against `base` (`http://host:port`) with write key `key`.
     /// messageIds are `{tag}-{client}-{seq}-{i}`, unique across the test.
     pub fn start(

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{unique_name, Stack, TestDb};
+use crate::{bin_path, unique_name, Stack, TestDb};
 
 /// The PII keys of test collectors (`k1`, 32 bytes of 7, active): a writer given the same
 /// keys matches and re-seals what they sealed.
@@ -51,6 +51,51 @@ pub async fn account(db: &TestDb, name: &str) -> Result<Account> {
     })
 }
 
+/// A migrated database of the test's own, an account `name` in it and a ready collector on
+/// it: how most collector tests begin. Bind the database to a name (`_db`, not `_`) for as long
+/// as the collector runs, because dropping it drops the database.
+pub async fn served(name: &str) -> Result<(TestDb, Account, Collector)> {
+    let db = TestDb::migrated().await?;
+    let acct = account(&db, name).await?;
+    let collector = Collector::start(Collector::config(&db)).await?;
+    Ok((db, acct, collector))
+}
+
+/// POSTs `body` as JSON to `url` with `key` as the bearer token: a Segment-style call.
+pub async fn post_json<T: serde::Serialize + ?Sized>(
+    http: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    key: impl std::fmt::Display,
+    body: &T,
+) -> reqwest::Result<reqwest::Response> {
+    http.post(url).bearer_auth(key).json(body).send().await
+}
+
+/// A `sluice-ingest` process on `database_url` and the shared broker, under topic `prefix`
+/// (3 partitions): API on `port`, metrics on `metrics_port`, its log written to `log`, killed
+/// when dropped. Callers add settings (`.env`, the last one wins) and spawn it.
+pub fn ingest_command(
+    database_url: &str,
+    prefix: &str,
+    port: u16,
+    metrics_port: u16,
+    log: &std::path::Path,
+) -> Result<tokio::process::Command> {
+    let log = std::fs::File::create(log)?;
+    let mut command = tokio::process::Command::new(bin_path("sluice-ingest")?);
+    command
+        .env("SLUICE_INGEST_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
+        .env("SLUICE_DATABASE_URL", database_url)
+        .env("SLUICE_TOPIC_PREFIX", prefix)
+        .env("SLUICE_TOPIC_PARTITIONS", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    Ok(command)
+}
+
 /// A collector running in the test's process.
 pub struct Collector {
     /// API address.
@@ -80,6 +125,14 @@ impl Collector {
         config.topic_partitions = 3;
         config.readiness_interval_ms = 200;
         config.key_last_used_flush_ms = 200;
+        config
+    }
+
+    /// [`Collector::config`] for a test that drives its own load through one key: no rate
+    /// limit, so no 429 is mixed into what the fault did.
+    pub fn config_for_load(db: &TestDb) -> Config {
+        let mut config = Collector::config(db);
+        config.rate_limit_per_key_per_second = 0;
         config
     }
 
@@ -149,6 +202,17 @@ impl Collector {
                 .text()
                 .await?,
         )
+    }
+
+    /// [`consume`] of one of this collector's topics on the shared broker.
+    pub async fn consume(
+        &self,
+        topic: &str,
+        count: usize,
+        within: Duration,
+        linger: Duration,
+    ) -> Result<Vec<Consumed>> {
+        consume(&Stack::get().kafka_brokers, topic, count, within, linger).await
     }
 
     /// Sends the shutdown signal and waits for the drain to finish.

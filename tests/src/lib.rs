@@ -10,9 +10,16 @@
 //! - [`Stack`]: where the broker and the database are.
 //! - [`TestDb`]: a fresh database per test, empty or migrated ([`TestDb::migrated`]),
 //!   dropped when the test is done with it.
+//! - [`query_scalar`], [`query_column`]: the one value or the first column of a query.
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
+//! - [`ingest`]: a collector served in-process ([`ingest::served`] opens most collector
+//!   tests: database, account, ready collector), [`ingest::post_json`], reading topics back.
+//! - [`writer`]: the writer's topics, message builders, a producer, waiting for rows.
+//! - [`faults`]: a steady load ([`faults::Load::paced`]) recording every message's outcome,
+//!   and the reconciliations that end the fault tests.
+//! - [`sdk`]: the third-party SDKs the compatibility tests drive.
 //! - [`tls`]: certificates made with `openssl` for TLS-only instances.
 
 use std::path::PathBuf;
@@ -191,6 +198,27 @@ impl TestDb {
 /// apply), driving the connection on a background task.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     Ok(sluice_schema::db::connect(url).await?)
+}
+
+/// The one value of `sql` (no parameters): a count or a flag, the way most tests read what a
+/// run left behind.
+pub async fn query_scalar<T>(client: &tokio_postgres::Client, sql: &str) -> Result<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    Ok(client.query_one(sql, &[]).await?.try_get(0)?)
+}
+
+/// The first column of every row of `sql` (no parameters), in the query's order.
+pub async fn query_column<T>(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<T>>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let rows = client.query(sql, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?)
 }
 
 /// `url` with its database path replaced by `name`.

@@ -11,6 +11,7 @@ use sluice_schema::messages::{
 };
 use sluice_schema::topics::{message_key, Topics};
 
+use crate::query_scalar;
 use crate::{bin_path, create_topics, kafka_config, unique_name, TestDb};
 
 /// Creates topics on another broker than the shared one.
@@ -422,13 +423,11 @@ pub async fn assert_stored_exactly_once(
     }
     // Stable: nothing more arrives late.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let sum: i64 = client
-        .query_one(
-            "SELECT coalesce(sum(event_count), 0)::bigint FROM visitor",
-            &[],
-        )
-        .await?
-        .get(0);
+    let sum: i64 = query_scalar(
+        client,
+        "SELECT coalesce(sum(event_count), 0)::bigint FROM visitor",
+    )
+    .await?;
     if sum != n {
         bail!("visitor event_count sum moved to {sum} after settling, expected {n}");
     }

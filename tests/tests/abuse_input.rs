@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +19,11 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_tests::faults::vm_kib;
-use sluice_tests::ingest::{account, consume, Collector};
+use sluice_tests::ingest::{account, consume, ingest_command, served, Collector};
 use sluice_tests::private::free_port;
-use sluice_tests::{bin_path, unique_name, Stack, TestDb};
+use sluice_tests::{unique_name, Stack, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::Command;
 
 /// One hostile request: what it is, where it goes, its body and content encoding.
 struct Case {
@@ -316,9 +314,7 @@ async fn produced_message_ids(collector: &Collector, expect: usize) -> Vec<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_body_gets_a_4xx_with_a_reason_and_nothing_reaches_kafka() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "abuse").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("abuse").await.unwrap();
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
     let cases = cases();
@@ -370,9 +366,7 @@ async fn every_bad_body_gets_a_4xx_with_a_reason_and_nothing_reaches_kafka() {
 /// a 5xx or a crash.
 #[tokio::test]
 async fn a_400_digit_integer_is_refused_or_kept_never_a_crash() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "bignum").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("bignum").await.unwrap();
     let body = format!(
         r#"{{"event":"e","anonymousId":"a","messageId":"big","properties":{{"n":{}}}}}"#,
         "9".repeat(400)
@@ -413,9 +407,7 @@ fn status_of(answer: &str) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lying_content_length_and_header_floods_are_refused() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "transport").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("transport").await.unwrap();
     let key = acct.key.plaintext.clone();
     let body = r#"{"event":"e","anonymousId":"a","messageId":"lie"}"#;
 
@@ -501,9 +493,7 @@ async fn lying_content_length_and_header_floods_are_refused() {
 /// serving others, and are closed by the server instead of held for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_connections_are_closed_and_do_not_starve_others() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "loris").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("loris").await.unwrap();
     let mut lorises = Vec::new();
     for _ in 0..300 {
         let mut sock = TcpStream::connect(collector.addr).await.unwrap();
@@ -546,9 +536,7 @@ async fn slow_loris_connections_are_closed_and_do_not_starve_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_thousand_idle_connections_and_500_concurrent_requests_are_served() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "crowd").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("crowd").await.unwrap();
     let mut idle = Vec::new();
     for _ in 0..3_000 {
         idle.push(TcpStream::connect(collector.addr).await.unwrap());
@@ -612,19 +600,11 @@ async fn collector_memory_stays_bounded_under_oversized_bodies_gzip_bombs_and_co
     let prefix = format!("{}.", unique_name("ar"));
     let (port, metrics_port) = (free_port().unwrap(), free_port().unwrap());
     let log = std::env::temp_dir().join(format!("{prefix}log"));
-    let mut collector = Command::new(bin_path("sluice-ingest").unwrap())
-        .env("SLUICE_INGEST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
-        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
-        .env("SLUICE_DATABASE_URL", &db.url)
-        .env("SLUICE_TOPIC_PREFIX", &prefix)
-        .env("SLUICE_TOPIC_PARTITIONS", "3")
+    let mut collector = ingest_command(&db.url, &prefix, port, metrics_port, &log)
+        .unwrap()
         // The abusers share one key: rate limiting would refuse them before their bodies are
         // read, and the test is about what reading them costs.
         .env("SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND", "0")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
         .spawn()
         .expect("sluice-ingest (cargo build -p sluice-ingest --bins)");
     let pid = collector.id().unwrap();

@@ -20,7 +20,7 @@ use sluice_tests::private::free_port;
 use sluice_tests::writer::{
     event, visitor, wait_all_consumed, wait_for_count, RunningWriter, WriterEnv,
 };
-use sluice_tests::{bin_path, TestDb};
+use sluice_tests::{bin_path, query_scalar, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEYS: &str = "t1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
@@ -295,13 +295,11 @@ async fn erase_and_send_again(how: &[&str], cache_max_entries: usize, sealed: bo
                   + (SELECT count(*) FROM identity_link WHERE tenant_id = 1)";
     let left: i64 = db.query_one(person, &[]).await?.get(0);
     assert_eq!(left, 0, "nothing of the erased person is left");
-    let kept: i64 = db
-        .query_one(
-            "SELECT count(*) FROM event WHERE tenant_id = 1 AND anonymous_id = 'q-anon'",
-            &[],
-        )
-        .await?
-        .get(0);
+    let kept: i64 = query_scalar(
+        &db,
+        "SELECT count(*) FROM event WHERE tenant_id = 1 AND anonymous_id = 'q-anon'",
+    )
+    .await?;
     assert_eq!(kept, 1, "the other person of the tenant is kept");
     let before = counter(
         &metrics(port).await?,
@@ -349,13 +347,7 @@ async fn erase_and_send_again(how: &[&str], cache_max_entries: usize, sealed: bo
     tokio::task::spawn_blocking(move || wait_all_consumed(&group, &topics)).await??;
     let left: i64 = db.query_one(person, &[]).await?.get(0);
     assert_eq!(left, 0, "later messages of the erased person are dropped");
-    let tenant2: i64 = db
-        .query_one(
-            "SELECT (SELECT count(*) FROM event WHERE tenant_id = 2) + (SELECT count(*) FROM visitor WHERE tenant_id = 2)",
-            &[],
-        )
-        .await?
-        .get(0);
+    let tenant2: i64 = query_scalar(&db, "SELECT (SELECT count(*) FROM event WHERE tenant_id = 2) + (SELECT count(*) FROM visitor WHERE tenant_id = 2)").await?;
     assert_eq!(
         tenant2, 0,
         "later messages of the deleted tenant are dropped"

@@ -4,15 +4,14 @@
 //! (not acknowledged), which a client retries elsewhere.
 //! Needs the binary built (`cargo build -p sluice-ingest --bins`; deploy/local/test does).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sluice_schema::topics::Topics;
 use sluice_tests::faults::{message_ids_in_topic, reconcile, Load};
-use sluice_tests::ingest::account;
+use sluice_tests::ingest::{account, ingest_command};
 use sluice_tests::private::free_port;
-use sluice_tests::{bin_path, unique_name, Stack, TestDb};
+use sluice_tests::{unique_name, Stack, TestDb};
 use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,19 +21,10 @@ async fn sigterm_under_load_loses_no_acknowledged_message() -> Result<()> {
     let prefix = format!("{}.", unique_name("st"));
     let (port, metrics_port) = (free_port()?, free_port()?);
     let log = std::env::temp_dir().join(format!("{}log", prefix));
-    let mut collector = Command::new(bin_path("sluice-ingest")?)
-        .env("SLUICE_INGEST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
-        .env("SLUICE_KAFKA_BROKERS", &Stack::get().kafka_brokers)
-        .env("SLUICE_DATABASE_URL", &db.url)
-        .env("SLUICE_TOPIC_PREFIX", &prefix)
-        .env("SLUICE_TOPIC_PARTITIONS", "3")
+    let mut collector = ingest_command(&db.url, &prefix, port, metrics_port, &log)?
         .env("SLUICE_READINESS_INTERVAL_MS", "200")
         // The load is the test's, not an abuser: no 429s mixed into the outcome.
         .env("SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND", "0")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .kill_on_drop(true)
         .spawn()
         .context("starting sluice-ingest")?;
     let http = reqwest::Client::new();

@@ -31,8 +31,7 @@ fn through(url: &str, addr: std::net::SocketAddr) -> Result<String> {
 async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()> {
     let db = TestDb::migrated().await?;
     let acct = account(&db, "pg-cut").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let config = Collector::config_for_load(&db);
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
     let pg = Stack::get()
@@ -52,14 +51,7 @@ async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()>
     wconfig.flush_interval_ms = 100;
     let writer = RunningWriter::start(wconfig);
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "pc",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "pc", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -101,8 +93,7 @@ fn spawn_writer(db: &TestDb, prefix: &str, group: &str, log: &std::path::Path) -
 async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing() -> Result<()> {
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kill").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let config = Collector::config_for_load(&db);
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
     let group = unique_name("g");
@@ -111,14 +102,7 @@ async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing(
         spawn_writer(&db, &prefix, &group, &log)?,
         spawn_writer(&db, &prefix, &group, &log)?,
     ];
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "wk",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "wk", 4, 25);
     let client = db.client().await?;
     const KILLS: usize = 6;
     let mut last = 0;
@@ -174,10 +158,9 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() -> Result<
     let db = TestDb::existing("sluice", &pg.url());
     sluice_schema::migrate::up(&mut db.client().await?).await?;
     let acct = account(&db, "pg-restart").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
-                                              // Long enough that the key stays cached through the restart: the collector keeps
-                                              // accepting into Kafka while the database is away.
+    let mut config = Collector::config_for_load(&db);
+    // Long enough that the key stays cached through the restart: the collector keeps
+    // accepting into Kafka while the database is away.
     config.key_cache_ttl_ms = 120_000;
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
@@ -191,14 +174,7 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() -> Result<
     wconfig.flush_interval_ms = 100;
     let writer = RunningWriter::start(wconfig);
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "pr",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "pr", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     pg.stop().await?;
     tokio::time::sleep(Duration::from_secs(8)).await;

@@ -119,8 +119,7 @@ async fn collector_cut_from_kafka_answers_503_never_200_and_loses_nothing() -> R
     let (kafka, proxy) = PrivateKafka::start_behind_proxy().await?;
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kafka-cut").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let mut config = Collector::config_for_load(&db);
     config.kafka_brokers = proxy.addr().to_string();
     config.produce_timeout_ms = PRODUCE_TIMEOUT_MS;
     let prefix = config.topic_prefix.clone();
@@ -134,14 +133,7 @@ async fn collector_cut_from_kafka_answers_503_never_200_and_loses_nothing() -> R
         Duration::from_millis(250),
     );
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "kc",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "kc", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let before = load.acked_so_far().await;
     let cut = collector_outage(&proxy, &load, &ready, Fault::Cut, Duration::from_secs(12)).await?;
@@ -237,8 +229,7 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
     let (kafka, proxy) = PrivateKafka::start_behind_proxy().await?;
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kafka-cut-writer").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let mut config = Collector::config_for_load(&db);
     config.kafka_brokers = kafka.brokers();
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
@@ -256,14 +247,7 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
         Duration::from_millis(250),
     );
     let client = db.client().await?;
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "wc",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "wc", 4, 25);
 
     let outcome = async {
         // The writer starts slower than the load (migrations checked, month partitions made,

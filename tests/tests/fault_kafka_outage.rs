@@ -17,20 +17,12 @@ async fn broker_down_means_503_never_200_and_nothing_acknowledged_is_lost() -> R
     let kafka = PrivateKafka::start().await?;
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kafka-outage").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let mut config = Collector::config_for_load(&db);
     config.kafka_brokers = kafka.brokers();
     config.produce_timeout_ms = 2_000;
     let collector = Collector::start(config).await?;
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "ko",
-        4,
-        10,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "ko", 4, 10);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let before = load.statuses_so_far().await;
     kafka.stop().await?;

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde_json::json;
 use sluice_tests::faults::{message_ids_in_topic, reconcile, settle_in_table, Load};
-use sluice_tests::ingest::{account, Collector};
+use sluice_tests::ingest::{account, post_json, Collector};
 use sluice_tests::private::PrivateKafkaCluster;
 use sluice_tests::writer::RunningWriter;
 use sluice_tests::{unique_name, TestDb};
@@ -41,11 +41,10 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     let brokers = cluster.brokers();
     let db = TestDb::migrated().await?;
     let acct = account(&db, "replicas").await?;
-    let mut config = Collector::config(&db);
+    let mut config = Collector::config_for_load(&db);
     config.kafka_brokers = brokers.clone();
     config.topic_replication = 3;
     config.topic_partitions = 3;
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
     config.produce_timeout_ms = 3_000;
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
@@ -99,14 +98,7 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     let writer = RunningWriter::start(wconfig);
 
     // Load, then the leader of event partition 0 is lost mid-load.
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "rep",
-        4,
-        20,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "rep", 4, 20);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let victim = leader_of(0)?;
     let acked_before = load.acked_so_far().await;
@@ -198,12 +190,13 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     for i in 0..3 {
         let body = json!({"batch": (0..10).map(|j| json!({"type": "track", "event": "down",
             "messageId": format!("down-{i}-{j}"), "anonymousId": format!("d{j}")})).collect::<Vec<_>>()});
-        let r = http
-            .post(collector.url("/v1/batch"))
-            .bearer_auth(&acct.key.plaintext)
-            .json(&body)
-            .send()
-            .await?;
+        let r = post_json(
+            &http,
+            collector.url("/v1/batch"),
+            &acct.key.plaintext,
+            &body,
+        )
+        .await?;
         assert_eq!(
             r.status(),
             503,

@@ -11,7 +11,7 @@ use sluice_tests::faults::{message_ids_in_table, reconcile, vm_kib, Load};
 use sluice_tests::ingest::{account, Collector};
 use sluice_tests::private::free_port;
 use sluice_tests::writer::writer_command;
-use sluice_tests::{unique_name, Stack, TestDb};
+use sluice_tests::{query_scalar, unique_name, Stack, TestDb};
 
 /// Resident set of `pid`, in MiB.
 fn rss_mib(pid: u32) -> Option<u64> {
@@ -36,8 +36,7 @@ async fn a_table_lock_backs_batches_up_with_bounded_memory_and_no_loss() -> Resu
     const RSS_BOUND_MIB: u64 = 512;
     let db = TestDb::migrated().await?;
     let acct = account(&db, "slow-pg").await?;
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 0; // the load is the test's: no 429s
+    let config = Collector::config_for_load(&db);
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
     let metrics_port = free_port()?;
@@ -51,20 +50,10 @@ async fn a_table_lock_backs_batches_up_with_bounded_memory_and_no_loss() -> Resu
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
     let topic = collector.topics.event.clone();
 
-    let load = Load::start(
-        &collector.url(""),
-        &acct.key.plaintext,
-        "sp",
-        4,
-        25,
-        Duration::from_millis(20),
-    );
+    let load = Load::paced(&collector.url(""), &acct.key.plaintext, "sp", 4, 25);
     let client = db.client().await?;
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let stored_before: i64 = client
-        .query_one("SELECT count(*) FROM event", &[])
-        .await?
-        .get(0);
+    let stored_before: i64 = query_scalar(&client, "SELECT count(*) FROM event").await?;
     let lag_before = event_lag(&metrics, &topic).await;
 
     eprintln!("before the lock: {stored_before} rows, lag {lag_before}");

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sluice_schema::messages::{
     self, EventMessage, IdentityMessage, SessionMessage, VisitorMessage,
 };
-use sluice_tests::ingest::{account, consume, Collector};
+use sluice_tests::ingest::{account, consume, post_json, served, Collector};
 use sluice_tests::{Stack, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -23,9 +23,7 @@ fn http() -> reqwest::Client {
 
 #[tokio::test]
 async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let c = http();
     let sent_at = Utc::now() + chrono::Duration::hours(1); // client clock one hour ahead
@@ -69,11 +67,7 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
             json!({"previousId": "a-1", "userId": "u-1", "messageId": "m-alias"}),
         ),
     ] {
-        let r = c
-            .post(collector.url(path))
-            .bearer_auth(&key)
-            .json(&body)
-            .send()
+        let r = post_json(&c, collector.url(path), &key, &body)
             .await
             .unwrap();
         assert_eq!(
@@ -387,19 +381,11 @@ async fn over_the_rate_limit_answers_429_with_retry_after() {
         {"type": "track", "event": "E", "userId": "u"},
         {"type": "track", "event": "E", "userId": "u"},
         {"type": "track", "event": "E", "userId": "u"}]});
-    let r = c
-        .post(collector.url("/v1/batch"))
-        .bearer_auth(&acct.key.plaintext)
-        .json(&batch)
-        .send()
+    let r = post_json(&c, collector.url("/v1/batch"), &acct.key.plaintext, &batch)
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let r = c
-        .post(collector.url("/v1/batch"))
-        .bearer_auth(&acct.key.plaintext)
-        .json(&batch)
-        .send()
+    let r = post_json(&c, collector.url("/v1/batch"), &acct.key.plaintext, &batch)
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -414,11 +400,7 @@ async fn over_the_rate_limit_answers_429_with_retry_after() {
     let other = sluice_schema::control::create_key(&client, acct.workspace_id, None)
         .await
         .unwrap();
-    let r = c
-        .post(collector.url("/v1/batch"))
-        .bearer_auth(&other.plaintext)
-        .json(&batch)
-        .send()
+    let r = post_json(&c, collector.url("/v1/batch"), &other.plaintext, &batch)
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -427,9 +409,7 @@ async fn over_the_rate_limit_answers_429_with_retry_after() {
 
 #[tokio::test]
 async fn gzip_beacon_form_pixel_and_cors_are_accepted() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let c = http();
 
@@ -540,15 +520,10 @@ async fn gzip_beacon_form_pixel_and_cors_are_accepted() {
         .unwrap()
         .contains("POST"));
 
-    let events = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        4,
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let events = collector
+        .consume(&collector.topics.event, 4, WAIT, LINGER)
+        .await
+        .unwrap();
     let mut got: Vec<(String, String)> = events
         .iter()
         .map(|e| {
@@ -580,9 +555,7 @@ async fn gzip_beacon_form_pixel_and_cors_are_accepted() {
 
 #[tokio::test]
 async fn a_500_message_batch_arrives_in_order_per_visitor() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let batch: Vec<Value> = (0..500)
         .map(|i| {
             json!({"type": "track", "event": "Step", "anonymousId": format!("v-{}", i % 10),
@@ -597,15 +570,10 @@ async fn a_500_message_batch_arrives_in_order_per_visitor() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let events = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        500,
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let events = collector
+        .consume(&collector.topics.event, 500, WAIT, LINGER)
+        .await
+        .unwrap();
     assert_eq!(events.len(), 500, "all acknowledged messages, once each");
     let mut last: HashMap<String, (i32, i64)> = HashMap::new();
     for e in &events {
@@ -661,15 +629,10 @@ async fn a_key_of_workspace_a_cannot_write_into_workspace_b() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let events = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        2,
-        WAIT,
-        Duration::from_secs(1),
-    )
-    .await
-    .unwrap();
+    let events = collector
+        .consume(&collector.topics.event, 2, WAIT, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(events.len(), 2, "the refused requests produced nothing");
     let a_event = events
         .iter()
@@ -721,15 +684,10 @@ async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
         "{answer}"
     );
     assert_eq!(answer["rejected"][0]["index"], 0, "{answer}");
-    let ids = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.identity,
-        1,
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let ids = collector
+        .consume(&collector.topics.identity, 1, WAIT, LINGER)
+        .await
+        .unwrap();
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert_eq!(ids[0].value["message_id"], "m-nk-2");
     assert!(

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_tests::ingest::{account, consume, Account, Collector};
+use sluice_tests::ingest::{account, Account, Collector};
 use sluice_tests::private::TcpProxy;
 use sluice_tests::writer::RunningWriter;
 use sluice_tests::{sdk, unique_name, Stack, TestDb};
@@ -160,15 +160,15 @@ async fn wait_arrived(db: &TestDb, collector: &Collector, tenant: i64, calls: &[
     let stored = stored_events(db, tenant, &ids).await;
     assert_eq!(stored.len(), ids.len(), "{stored:?} of {calls:?}");
     let identities = calls.iter().filter(|c| c.is_identity()).count();
-    let consumed = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.identity,
-        identities,
-        WAIT,
-        Duration::from_millis(200),
-    )
-    .await
-    .expect("reading the identity topic");
+    let consumed = collector
+        .consume(
+            &collector.topics.identity,
+            identities,
+            WAIT,
+            Duration::from_millis(200),
+        )
+        .await
+        .expect("reading the identity topic");
     assert!(consumed.len() >= identities, "{consumed:?} of {calls:?}");
 }
 
@@ -204,15 +204,15 @@ async fn assert_each_stored_once(
         .filter(|c| c.is_identity())
         .map(|c| c.id.as_str())
         .collect();
-    let consumed = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.identity,
-        identity_ids.len(),
-        WAIT,
-        Duration::from_millis(1_000),
-    )
-    .await
-    .expect("reading the identity topic");
+    let consumed = collector
+        .consume(
+            &collector.topics.identity,
+            identity_ids.len(),
+            WAIT,
+            Duration::from_millis(1_000),
+        )
+        .await
+        .expect("reading the identity topic");
     let mut seen: HashMap<String, usize> = HashMap::new();
     for c in &consumed {
         *seen

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::json;
-use sluice_tests::ingest::{account, consume, Collector};
+use sluice_tests::ingest::{account, consume, post_json, Collector};
 use sluice_tests::private::PrivateKafka;
 use sluice_tests::TestDb;
 
@@ -47,12 +47,7 @@ async fn kafka_stopped_gets_503_in_time_and_every_200_is_on_the_topic() {
                 let message_id = format!("c{client_no}-{n}");
                 n += 1;
                 let started = Instant::now();
-                let resp = http
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .json(&json!({"event": "E", "anonymousId": format!("v{client_no}"), "messageId": message_id}))
-                    .send()
-                    .await;
+                let resp = post_json(&http, &url, &key, &json!({"event": "E", "anonymousId": format!("v{client_no}"), "messageId": message_id})).await;
                 let finished = Instant::now();
                 let (status, retry_after) = match &resp {
                     Ok(r) => (Some(r.status()), r.headers().contains_key("retry-after")),

@@ -13,8 +13,8 @@ use chrono::Utc;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_schema::messages::{self, EventMessage, EventType};
-use sluice_tests::ingest::{account, consume, Collector};
-use sluice_tests::{Stack, TestDb};
+use sluice_tests::ingest::{served, Collector};
+use sluice_tests::TestDb;
 
 const WAIT: Duration = Duration::from_secs(30);
 const LINGER: Duration = Duration::from_millis(500);
@@ -36,9 +36,7 @@ fn form(json: &Value) -> String {
 
 #[tokio::test]
 async fn every_capture_path_and_encoding_is_stored_under_the_events_uuid() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
     let event = |id: &str| {
@@ -77,15 +75,10 @@ async fn every_capture_path_and_encoding_is_stored_under_the_events_uuid() {
         assert_eq!(answer["status"], 1, "{path}: {answer}");
         ids.push(id);
     }
-    let consumed = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        ids.len(),
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let consumed = collector
+        .consume(&collector.topics.event, ids.len(), WAIT, LINGER)
+        .await
+        .unwrap();
     let got: HashSet<String> = consumed
         .iter()
         .map(|c| {
@@ -110,9 +103,7 @@ async fn every_capture_path_and_encoding_is_stored_under_the_events_uuid() {
 
 #[tokio::test]
 async fn a_clients_clock_skew_is_corrected_from_sent_at_and_offset() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     // The client's clock runs an hour ahead: its event happened 10 s before it sent it.
     let sent_at = Utc::now() + chrono::Duration::hours(1);
     let ts = sent_at - chrono::Duration::seconds(10);
@@ -126,15 +117,10 @@ async fn a_clients_clock_skew_is_corrected_from_sent_at_and_offset() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let consumed = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        2,
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let consumed = collector
+        .consume(&collector.topics.event, 2, WAIT, LINGER)
+        .await
+        .unwrap();
     assert_eq!(consumed.len(), 2);
     for c in &consumed {
         let m: EventMessage = messages::decode(&serde_json::to_vec(&c.value).unwrap()).unwrap();
@@ -201,9 +187,7 @@ async fn remote_config_and_flags_switch_every_feature_off_for_any_origin() {
 
 #[tokio::test]
 async fn bodies_that_cannot_be_taken_are_4xx_with_the_reason_counted_by_endpoint_and_reason() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
     for (path, body, status, says) in [

@@ -9,8 +9,8 @@ use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_schema::messages::{self, EventMessage, EventType, IdentityKind, IdentityMessage};
-use sluice_tests::ingest::{account, consume, Collector};
-use sluice_tests::{Stack, TestDb};
+use sluice_tests::ingest::{consume, served};
+use sluice_tests::Stack;
 
 const WAIT: Duration = Duration::from_secs(30);
 const LINGER: Duration = Duration::from_millis(500);
@@ -25,9 +25,7 @@ fn escaped(data: &str) -> String {
 
 #[tokio::test]
 async fn segment_pixel_track_and_identify_arrive_with_their_fields() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
 
@@ -98,9 +96,7 @@ async fn segment_pixel_track_and_identify_arrive_with_their_fields() {
 
 #[tokio::test]
 async fn segment_pixel_bad_data_is_refused_with_a_reason_and_stores_nothing() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let key = acct.key.plaintext.clone();
     let http = reqwest::Client::new();
     let b64 = |v: Value| escaped(&STANDARD.encode(v.to_string()));
@@ -157,15 +153,15 @@ async fn segment_pixel_bad_data_is_refused_with_a_reason_and_stores_nothing() {
         );
     }
 
-    let events = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        1,
-        Duration::from_secs(3),
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let events = collector
+        .consume(
+            &collector.topics.event,
+            1,
+            Duration::from_secs(3),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
     assert!(events.is_empty(), "{events:?}");
     collector.stop().await.unwrap();
 }

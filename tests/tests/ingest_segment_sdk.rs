@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 use sluice_schema::messages::{self, EventMessage, EventType, IdentityKind, IdentityMessage};
-use sluice_tests::ingest::{account, consume, Account, Collector, Consumed};
-use sluice_tests::{repo_root, Stack, TestDb};
+use sluice_tests::ingest::{consume, served, Account, Collector, Consumed};
+use sluice_tests::{repo_root, Stack};
 
 const WAIT: Duration = Duration::from_secs(30);
 const LINGER: Duration = Duration::from_millis(1_000);
@@ -300,9 +300,7 @@ async fn assert_calls_arrived(collector: &Collector, acct: &Account, report: &Re
 
 #[tokio::test]
 async fn segment_node_sdk_calls_arrive_with_their_fields_under_the_sdks_message_ids() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let report = drive(&collector, &acct.key.plaintext, "calls").await;
     assert_eq!(report.requests.len(), 1, "six calls fit one batch");
     assert_eq!(report.requests[0].messages, Some(6));
@@ -312,9 +310,7 @@ async fn segment_node_sdk_calls_arrive_with_their_fields_under_the_sdks_message_
 
 #[tokio::test]
 async fn segment_node_sdk_bodies_gzipped_through_its_http_client_hook_arrive() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let report = drive(&collector, &acct.key.plaintext, "gzip").await;
     assert_calls_arrived(&collector, &acct, &report).await;
     collector.stop().await.unwrap();
@@ -323,9 +319,7 @@ async fn segment_node_sdk_bodies_gzipped_through_its_http_client_hook_arrive() {
 #[tokio::test]
 async fn segment_node_sdk_batches_of_50_calls_arrive_whole_and_once() {
     const N: usize = 50;
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let collector = Collector::start(Collector::config(&db)).await.unwrap();
+    let (_db, acct, collector) = served("acme").await.unwrap();
     let report = drive(&collector, &acct.key.plaintext, &format!("batch:{N}")).await;
 
     // The driver caps batches at 20 calls: 50 take at least three requests.
@@ -340,15 +334,10 @@ async fn segment_node_sdk_batches_of_50_calls_arrive_whole_and_once() {
     let sdk_ids: HashSet<&str> = report.calls.iter().map(|c| c.message_id.as_str()).collect();
     assert_eq!(sdk_ids.len(), N);
 
-    let consumed = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        N,
-        WAIT,
-        LINGER,
-    )
-    .await
-    .unwrap();
+    let consumed = collector
+        .consume(&collector.topics.event, N, WAIT, LINGER)
+        .await
+        .unwrap();
     assert_eq!(consumed.len(), N, "each call exactly once");
     let by_id = events(&consumed);
     let got: HashSet<&str> = by_id.keys().map(String::as_str).collect();

@@ -10,6 +10,7 @@ use chrono::{NaiveDate, TimeZone, Utc};
 use sluice_schema::messages::event_id;
 use sluice_schema::partitions;
 use sluice_tests::private::free_port;
+use sluice_tests::query_scalar;
 use sluice_tests::writer::{
     assert_stored_exactly_once, event, wait_all_consumed, wait_for_count, RunningWriter, WriterEnv,
 };
@@ -105,10 +106,7 @@ async fn a_prune_behind_a_long_query_delays_no_writer_batch_by_more_than_a_secon
     let (dropped, took) = prune.await?;
     assert_eq!(dropped?, ["event_y2020m01", "event_y2020m02"]);
     stream.await??;
-    let probes: i64 = c
-        .query_one("SELECT count(*) FROM event WHERE tenant_id = 99", &[])
-        .await?
-        .get(0);
+    let probes: i64 = query_scalar(&c, "SELECT count(*) FROM event WHERE tenant_id = 99").await?;
     c.execute("DELETE FROM event WHERE tenant_id = 99", &[])
         .await?;
     assert_stored_exactly_once(&c, 24_000, WAIT).await?;
@@ -150,10 +148,7 @@ async fn an_interrupted_concurrent_detach_is_finished_by_the_next_prune() -> Res
         .batch_execute("BEGIN; SELECT count(*) FROM event")
         .await?;
     let detacher = db.client().await?;
-    let pid: i32 = detacher
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await?
-        .get(0);
+    let pid: i32 = query_scalar(&detacher, "SELECT pg_backend_pid()").await?;
     let detach = tokio::spawn(async move {
         detacher
             .batch_execute("ALTER TABLE event DETACH PARTITION event_y2026m01 CONCURRENTLY")
@@ -173,13 +168,7 @@ async fn an_interrupted_concurrent_detach_is_finished_by_the_next_prune() -> Res
     assert_eq!(dropped, ["event_y2026m01", "event_y2026m02"]);
     let pending: i64 = c.query_one(pending_sql, &[]).await?.get(0);
     assert_eq!(pending, 0);
-    let tables: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_class WHERE relname LIKE 'event_y2026m01%' OR relname LIKE 'event_y2026m02%'",
-            &[],
-        )
-        .await?
-        .get(0);
+    let tables: i64 = query_scalar(&c, "SELECT count(*) FROM pg_class WHERE relname LIKE 'event_y2026m01%' OR relname LIKE 'event_y2026m02%'").await?;
     assert_eq!(tables, 0, "the months and their leaves are dropped");
     let left: i64 = c.query_one("SELECT count(*) FROM event", &[]).await?.get(0);
     assert_eq!(left, 2);
@@ -212,10 +201,7 @@ async fn dedup_pruning_keeps_the_window_and_drops_only_older_claims() -> Result<
         WAIT,
     )
     .await?;
-    let kept: i64 = c
-        .query_one("SELECT count(*) FROM event_dedup", &[])
-        .await?
-        .get(0);
+    let kept: i64 = query_scalar(&c, "SELECT count(*) FROM event_dedup").await?;
     assert_eq!(kept, 1, "the claim inside the window is kept");
 
     // A client retries both now: the one inside the window is still a duplicate, the one
@@ -240,10 +226,7 @@ async fn dedup_pruning_keeps_the_window_and_drops_only_older_claims() -> Result<
     // The direct call keeps to the same rule: nothing inside the window goes.
     let pruned = sluice_writer::prune_dedup(&c, 7).await?;
     assert_eq!(pruned, 0);
-    let claims: i64 = c
-        .query_one("SELECT count(*) FROM event_dedup", &[])
-        .await?
-        .get(0);
+    let claims: i64 = query_scalar(&c, "SELECT count(*) FROM event_dedup").await?;
     assert_eq!(claims, 3);
     writer.stop().await
 }

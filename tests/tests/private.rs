@@ -2,6 +2,7 @@
 
 use sluice_tests::connect;
 use sluice_tests::private::{PrivateKafka, PrivatePostgres, TcpProxy};
+use sluice_tests::query_scalar;
 
 #[tokio::test]
 async fn private_postgres_stops_and_starts_again_with_its_data() {
@@ -20,11 +21,7 @@ async fn private_postgres_stops_and_starts_again_with_its_data() {
 
     pg.start_again().await.unwrap();
     let client = connect(&pg.url()).await.unwrap();
-    let x: i32 = client
-        .query_one("SELECT x FROM kept", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let x: i32 = query_scalar(&client, "SELECT x FROM kept").await.unwrap();
     assert_eq!(x, 7);
 }
 

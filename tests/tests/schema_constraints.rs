@@ -3,6 +3,7 @@
 //! queries never mix.
 
 use sluice_schema::control;
+use sluice_tests::query_scalar;
 use sluice_tests::TestDb;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -130,11 +131,9 @@ async fn control_plane_keys_and_checks() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(left, [(t2, 1)]);
-    let workspaces: i64 = c
-        .query_one("SELECT count(*) FROM workspace", &[])
+    let workspaces: i64 = query_scalar(&c, "SELECT count(*) FROM workspace")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
     assert_eq!(workspaces, 1);
     assert!(control::revoke_key(&c, made.id).await.unwrap());
     assert!(
@@ -172,11 +171,9 @@ async fn created_keys_store_only_a_hash_that_verifies() {
     let hash: Vec<u8> = row.get(3);
     assert!(sluice_schema::apikey::verify(&key.plaintext, &hash));
     assert_eq!(row.get::<_, Vec<String>>(4), ["write"]);
-    let dump: String = c
-        .query_one("SELECT row_to_json(k)::text FROM api_key k", &[])
+    let dump: String = query_scalar(&c, "SELECT row_to_json(k)::text FROM api_key k")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
     assert!(!dump.contains(&key.plaintext[3..]), "plaintext stored");
 }
 
@@ -325,11 +322,9 @@ async fn identity_tables_refuse_bad_rows() {
     )
     .await
     .unwrap();
-    let links: i64 = c
-        .query_one("SELECT count(*) FROM identity_link", &[])
+    let links: i64 = query_scalar(&c, "SELECT count(*) FROM identity_link")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
     assert_eq!(links, 0, "links go with their lead");
 }
 
@@ -430,22 +425,18 @@ async fn equal_client_ids_in_two_tenants_are_two_rows_and_never_mix() {
         .await
         .unwrap();
     }
-    let visitors: i64 = c
-        .query_one(
-            "SELECT count(*) FROM visitor WHERE anonymous_id = 'same-anon'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let sessions: i64 = c
-        .query_one(
-            "SELECT count(*) FROM session WHERE session_id = 'same-session'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let visitors: i64 = query_scalar(
+        &c,
+        "SELECT count(*) FROM visitor WHERE anonymous_id = 'same-anon'",
+    )
+    .await
+    .unwrap();
+    let sessions: i64 = query_scalar(
+        &c,
+        "SELECT count(*) FROM session WHERE session_id = 'same-session'",
+    )
+    .await
+    .unwrap();
     assert_eq!((visitors, sessions), (2, 2));
     for (t, ua) in [(t1, "alpha-agent"), (t2, "beta-agent")] {
         let rows = c

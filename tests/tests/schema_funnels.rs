@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 use sluice_schema::control;
+use sluice_tests::query_scalar;
 use sluice_tests::TestDb;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -148,11 +149,9 @@ async fn a_publication_is_immutable() {
         .unwrap()
         .message()
         .contains("already published"));
-    let unchanged: Value = c
-        .query_one("SELECT definition FROM funnel_publication", &[])
+    let unchanged: Value = query_scalar(&c, "SELECT definition FROM funnel_publication")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
     assert_eq!(unchanged, def);
 
     // A new draft is the way to change it; publishing it archives version 1.
@@ -209,11 +208,9 @@ async fn a_publication_is_immutable() {
         statuses,
         [(1, "archived".to_owned()), (2, "published".to_owned())]
     );
-    let publications: i64 = c
-        .query_one("SELECT count(*) FROM funnel_publication", &[])
+    let publications: i64 = query_scalar(&c, "SELECT count(*) FROM funnel_publication")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
     assert_eq!(publications, 2);
 
     // Deleting the funnel (or its tenant) takes everything with it.
@@ -363,11 +360,9 @@ async fn funnel_foreign_keys_refuse_orphans_and_other_tenants() {
     c.execute("DELETE FROM tenant WHERE id = $1", &[&f.tenant])
         .await
         .unwrap();
-    let left: i64 = c
-        .query_one("SELECT count(*) FROM funnel_publication", &[])
+    let left: i64 = query_scalar(&c, "SELECT count(*) FROM funnel_publication")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
     assert_eq!(left, 0);
 }
 

@@ -5,6 +5,7 @@ use std::process::Command;
 
 use sluice_schema::migrate::{self, MIGRATIONS};
 use sluice_schema::SchemaError;
+use sluice_tests::query_column;
 use sluice_tests::TestDb;
 
 const PG_DUMP: &str = "/usr/lib/postgresql/15/bin/pg_dump";
@@ -72,20 +73,16 @@ async fn up_down_to_zero_up_gives_an_identical_schema() {
             .collect::<Vec<_>>()
     );
     // Nothing of ours is left but the bookkeeping table.
-    let left: Vec<String> = client
-        .query(
-            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    let left: Vec<String> = query_column(
+        &client,
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'S', 'i')
              UNION ALL
              SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
               WHERE n.nspname = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    )
+    .await
+    .unwrap();
     let mut left = left;
     left.sort();
     assert_eq!(left, ["schema_migration", "schema_migration_pkey"]);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use sluice_schema::partitions::{self, PartitionConfig};
+use sluice_tests::query_scalar;
 use sluice_tests::TestDb;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
@@ -80,14 +81,12 @@ async fn an_event_lands_in_its_month_and_tenant_hash_leaf() {
     )
     .await
     .unwrap();
-    let leaf: String = client
-        .query_one(
-            "SELECT tableoid::regclass::text FROM event WHERE tenant_id = 7",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let leaf: String = query_scalar(
+        &client,
+        "SELECT tableoid::regclass::text FROM event WHERE tenant_id = 7",
+    )
+    .await
+    .unwrap();
     assert!(leaf.starts_with("event_y2026m04_p"), "{leaf}");
 }
 
@@ -137,14 +136,12 @@ async fn ensure_is_idempotent_and_an_existing_month_keeps_its_modulus() {
     assert_eq!(months[0].leaves.len(), 8);
     assert_eq!(months[0].leaves[7].table, "event_y2026m05_p7");
     // Every leaf has the parent's three indexes.
-    let indexes: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_indexes WHERE tablename = 'event_y2026m05_p3'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let indexes: i64 = query_scalar(
+        &client,
+        "SELECT count(*) FROM pg_indexes WHERE tablename = 'event_y2026m05_p3'",
+    )
+    .await
+    .unwrap();
     assert_eq!(indexes, 3);
     assert!(partitions::ensure_month(&client, day(2026, 6, 1), 0)
         .await
@@ -261,11 +258,9 @@ async fn prune_drops_only_months_older_than_the_kept_ones() {
         .map(|m| m.table)
         .collect();
     assert_eq!(left, ["event_y2026m03", "event_y2026m04"]);
-    let rows: i64 = client
-        .query_one("SELECT count(*) FROM event", &[])
+    let rows: i64 = query_scalar(&client, "SELECT count(*) FROM event")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
     assert_eq!(rows, 2);
     assert!(partitions::prune(&mut client, now, 2)
         .await

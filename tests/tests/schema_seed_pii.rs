@@ -10,6 +10,7 @@ use chrono::{TimeZone, Utc};
 use serde_json::{json, Value};
 use sluice_schema::pii::{self, PiiKeys};
 use sluice_schema::seed::{self, SeedConfig};
+use sluice_tests::query_column;
 use sluice_tests::TestDb;
 
 fn keys(list: &[(&str, u8)], active: &str) -> PiiKeys {
@@ -59,16 +60,12 @@ async fn seeded_database_has_its_data_and_no_plaintext_pii() {
         count("SELECT count(DISTINCT tenant_id) FROM event").await,
         2
     );
-    let months: Vec<String> = client
-        .query(
-            "SELECT DISTINCT split_part(tableoid::regclass::text, '_p', 1) FROM event ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let months: Vec<String> = query_column(
+        &client,
+        "SELECT DISTINCT split_part(tableoid::regclass::text, '_p', 1) FROM event ORDER BY 1",
+    )
+    .await
+    .unwrap();
     assert_eq!(months, ["event_y2026m10", "event_y2026m11"]);
     assert_eq!(
         count("SELECT count(*) FROM event WHERE occurred_at > '2026-11-20 12:00:00+00'").await,
@@ -83,13 +80,12 @@ async fn seeded_database_has_its_data_and_no_plaintext_pii() {
         count("SELECT count(*) FROM session s WHERE event_count <> (SELECT count(*) FROM event e WHERE e.tenant_id = s.tenant_id AND e.session_id = s.session_id)").await,
         0
     );
-    let statuses: Vec<String> = client
-        .query("SELECT status FROM funnel_version ORDER BY version", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let statuses: Vec<String> = query_column(
+        &client,
+        "SELECT status FROM funnel_version ORDER BY version",
+    )
+    .await
+    .unwrap();
     assert_eq!(statuses, ["published", "draft"]);
     assert_eq!(count("SELECT count(*) FROM funnel_publication").await, 1);
     // The demo key is the first one and verifies against its stored hash.

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::json;
-use sluice_tests::ingest::{account, consume, Collector};
-use sluice_tests::{Stack, TestDb};
+use sluice_tests::ingest::{account, post_json, Collector};
+use sluice_tests::TestDb;
 
 const TTL_MS: u64 = 1_500;
 
@@ -100,24 +100,14 @@ async fn a_key_writes_only_into_its_own_workspace_whatever_the_body_claims() {
     let http = reqwest::Client::new();
 
     // The body names B's key while the header carries A's: refused.
-    let r = http
-        .post(collector.url("/v1/track"))
-        .bearer_auth(&a.key.plaintext)
-        .json(&json!({"writeKey": b.key.plaintext, "event": "e", "anonymousId": "x", "messageId": "cross"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&http, collector.url("/v1/track"), &a.key.plaintext, &json!({"writeKey": b.key.plaintext, "event": "e", "anonymousId": "x", "messageId": "cross"})).await.unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // The body claims B's tenant and workspace in every field a careless parser might read.
     let forged = json!({"event": "e", "anonymousId": "x", "messageId": "forged",
         "tenant_id": b.tenant_id, "tenantId": b.tenant_id, "workspace_id": b.workspace_id,
         "workspaceId": b.workspace_id, "context": {"tenant_id": b.tenant_id, "workspace_id": b.workspace_id}});
-    let r = http
-        .post(collector.url("/v1/track"))
-        .bearer_auth(&a.key.plaintext)
-        .json(&forged)
-        .send()
+    let r = post_json(&http, collector.url("/v1/track"), &a.key.plaintext, &forged)
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -134,15 +124,15 @@ async fn a_key_writes_only_into_its_own_workspace_whatever_the_body_claims() {
         StatusCode::UNAUTHORIZED
     );
 
-    let events = consume(
-        &Stack::get().kafka_brokers,
-        &collector.topics.event,
-        1,
-        Duration::from_secs(30),
-        Duration::from_secs(1),
-    )
-    .await
-    .unwrap();
+    let events = collector
+        .consume(
+            &collector.topics.event,
+            1,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
     assert_eq!(
         events.len(),
         1,

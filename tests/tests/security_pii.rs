@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::json;
-use sluice_tests::ingest::{account, Collector};
+use sluice_tests::ingest::{account, post_json, Collector};
 use sluice_tests::writer::wait_for_count;
 use sluice_tests::{unique_name, Stack, TestDb};
 use tracing_subscriber::fmt::MakeWriter;
@@ -180,11 +180,7 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     let unknown = sluice_schema::apikey::generate().plaintext;
     let malformed = format!("{key}-tampered");
     for bad in [&unknown, &malformed] {
-        let r = http
-            .post(collector.url("/v1/identify"))
-            .bearer_auth(bad)
-            .json(&identify)
-            .send()
+        let r = post_json(&http, collector.url("/v1/identify"), bad, &identify)
             .await
             .unwrap();
         assert_eq!(r.status(), 401);
@@ -198,13 +194,14 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     sluice_schema::control::revoke_key(&client, other.key.id)
         .await
         .unwrap();
-    let r = http
-        .post(collector.url("/v1/identify"))
-        .bearer_auth(&other.key.plaintext)
-        .json(&identify)
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &http,
+        collector.url("/v1/identify"),
+        &other.key.plaintext,
+        &identify,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 403);
 
     wait_for_count(

@@ -16,7 +16,7 @@ use serde_json::json;
 use sluice_tests::private::{free_port, PrivateKafka, PrivatePostgres};
 use sluice_tests::tls::Certs;
 use sluice_tests::writer::wait_for_count;
-use sluice_tests::{bin_path, unique_name};
+use sluice_tests::{bin_path, query_scalar, unique_name};
 
 const PG_PASSWORD: &str = "pg-Pass-8e1f0c";
 const WRONG_PG_PASSWORD: &str = "pg-Wrong-55d2a1";
@@ -248,10 +248,7 @@ async fn tls_only_postgres_takes_verify_full_and_refuses_an_unknown_ca_plain_tcp
         certs.path("client.key").display()
     );
     let client = sluice_schema::db::connect(&with_cert).await?;
-    let user: String = client
-        .query_one("SELECT current_user::text", &[])
-        .await?
-        .get(0);
+    let user: String = query_scalar(&client, "SELECT current_user::text").await?;
     assert_eq!(user, "sluice");
     let err = sluice_schema::db::connect(&cert_url)
         .await
@@ -434,10 +431,7 @@ async fn collector_and_writer_store_exact_counts_through_tls_postgres_and_sasl_s
     .await?;
     wait_for_count(&db, "SELECT count(*) FROM lead", 1, Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let events: i64 = db
-        .query_one("SELECT count(*) FROM event", &[])
-        .await?
-        .get(0);
+    let events: i64 = query_scalar(&db, "SELECT count(*) FROM event").await?;
     assert_eq!(events, 500, "exactly the events sent, once each");
 
     // Mutual TLS (security.protocol=SSL with a client certificate), through the properties

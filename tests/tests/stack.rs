@@ -7,7 +7,7 @@ use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sluice_tests::{create_topics, kafka_config, unique_name, TestDb};
+use sluice_tests::{create_topics, kafka_config, query_scalar, unique_name, TestDb};
 
 #[tokio::test]
 async fn consumer_group_reads_back_every_produced_message_in_order() {
@@ -78,11 +78,9 @@ async fn test_databases_are_separate_and_answer_queries() {
         &tokio_postgres::error::SqlState::UNDEFINED_TABLE,
         "{db_err}"
     );
-    let version: i32 = cb
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    let version: i32 = query_scalar(&cb, "SELECT current_setting('server_version_num')::int")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
     assert!(
         (150000..160000).contains(&version),
         "expected PostgreSQL 15, got {version}"

@@ -13,7 +13,7 @@ use sluice_tests::kafka_config;
 use sluice_tests::writer::{
     assert_stored_exactly_once, wait_all_consumed, wait_for_count, RunningWriter, WriterEnv,
 };
-use sluice_tests::{unique_name, Stack, TestDb};
+use sluice_tests::{query_scalar, unique_name, Stack, TestDb};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -56,10 +56,7 @@ async fn kafka_offsets_reset_to_the_beginning_store_nothing_twice() -> Result<()
     }
     assert!(stored_retries, "the retried batch was consumed");
     wait_count_visitors(&db, 2_000).await?;
-    let events: i64 = db
-        .query_one("SELECT count(*) FROM event", &[])
-        .await?
-        .get(0);
+    let events: i64 = query_scalar(&db, "SELECT count(*) FROM event").await?;
     assert_eq!(events, 2_000, "retried message ids are not stored twice");
     // Settled: the counters stay at the distinct events.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sluice_tests::private::{PrivateKafka, PrivatePostgres};
+use sluice_tests::query_scalar;
 use sluice_tests::writer::{assert_stored_exactly_once, writer_command, RunningWriter, WriterEnv};
 use sluice_tests::Stack;
 use tokio::process::Child;
@@ -36,10 +37,7 @@ async fn kill_9_during_the_stream_loses_and_duplicates_nothing() -> Result<()> {
         // mid-stream, with batches in flight.
         let started = std::time::Instant::now();
         loop {
-            let stored: i64 = db
-                .query_one("SELECT count(*) FROM event", &[])
-                .await?
-                .get(0);
+            let stored: i64 = query_scalar(&db, "SELECT count(*) FROM event").await?;
             if stored >= last + 3_000 || started.elapsed() > Duration::from_secs(60) {
                 last = stored;
                 break;

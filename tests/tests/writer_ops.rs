@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use chrono::Utc;
 use sluice_tests::private::free_port;
+use sluice_tests::query_scalar;
 use sluice_tests::writer::{event, wait_for_count, writer_command, RunningWriter, WriterEnv};
 use sluice_tests::Stack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,10 +117,7 @@ async fn sigterm_stores_the_open_batch_and_exits_cleanly() -> Result<()> {
         .collect();
     env.produce_events(&events).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before: i64 = db
-        .query_one("SELECT count(*) FROM event", &[])
-        .await?
-        .get(0);
+    let before: i64 = query_scalar(&db, "SELECT count(*) FROM event").await?;
     assert_eq!(before, 0, "the batch is still open");
     let pid = child.id().context("no pid")?;
     let sent = tokio::process::Command::new("kill")
@@ -132,10 +130,7 @@ async fn sigterm_stores_the_open_batch_and_exits_cleanly() -> Result<()> {
         .await
         .context("no exit within 20 s of SIGTERM")??;
     assert!(status.success(), "exit status {status}");
-    let after: i64 = db
-        .query_one("SELECT count(*) FROM event", &[])
-        .await?
-        .get(0);
+    let after: i64 = query_scalar(&db, "SELECT count(*) FROM event").await?;
     assert_eq!(after, 100, "the drain stored the open batch");
     Ok(())
 }

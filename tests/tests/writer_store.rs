@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use chrono::{Datelike, Duration as Days, TimeZone, Utc};
 use sluice_schema::partitions;
+use sluice_tests::query_scalar;
 use sluice_tests::writer::{event, session, visitor, wait_for_count, RunningWriter, WriterEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -99,10 +100,7 @@ async fn event_for_a_month_without_partition_gets_it_created_and_stored() -> Res
     env.produce_events(&[event(5, "old", "m-old", when)])
         .await?;
     wait_for_count(&db, "SELECT count(*) FROM event", 1, WAIT).await?;
-    let leaf: String = db
-        .query_one("SELECT tableoid::regclass::text FROM event", &[])
-        .await?
-        .get(0);
+    let leaf: String = query_scalar(&db, "SELECT tableoid::regclass::text FROM event").await?;
     assert!(leaf.starts_with(&format!("{table}_p")), "{leaf}");
     writer.stop().await
 }
@@ -242,18 +240,13 @@ async fn client_retry_of_a_message_id_is_stored_once() -> Result<()> {
     env.produce_events(&[retry]).await?;
     env.produce_events(&[event(9, "r", "marker", now)]).await?;
     wait_for_count(&db, "SELECT count(*) FROM event_dedup", 3, WAIT).await?;
-    let n: i64 = db
-        .query_one(
-            "SELECT count(*) FROM event WHERE message_id = 'retried'",
-            &[],
-        )
-        .await?
-        .get(0);
+    let n: i64 = query_scalar(
+        &db,
+        "SELECT count(*) FROM event WHERE message_id = 'retried'",
+    )
+    .await?;
     assert_eq!(n, 1);
-    let total: i64 = db
-        .query_one("SELECT count(*) FROM event", &[])
-        .await?
-        .get(0);
+    let total: i64 = query_scalar(&db, "SELECT count(*) FROM event").await?;
     assert_eq!(total, 3);
     writer.stop().await
 }
