@@ -9,9 +9,7 @@
 //! `tests/segment-sdk/node_modules` on the first run and again whenever the lockfile changes.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -55,73 +53,11 @@ fn sdk_dir() -> PathBuf {
     repo_root().join("tests/segment-sdk")
 }
 
-/// Checks that node and npm exist and installs the SDK from the lockfile, once per test
-/// process (tests of this file run in parallel and would otherwise race in `npm ci`).
+/// Installs the pinned SDK (once per process), failing the test with how to install Node.js
+/// and npm when they are missing: the test never skips.
 fn install_sdk() {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = INSTALLED.get_or_init(|| {
-        let install = "the Segment SDK test needs Node.js 18 or later and npm \
-                       (Debian: `apt-get install nodejs npm`; deploy/local/test installs them)";
-        let version = |tool: &str| {
-            Command::new(tool)
-                .arg("--version")
-                .output()
-                .ok()
-                .filter(|out| out.status.success())
-                .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-                .ok_or_else(|| format!("`{tool}` is not installed: {install}"))
-        };
-        let node = version("node")?;
-        version("npm")?;
-        // Global fetch, which the SDK sends with, came in Node 18.
-        let major = node
-            .trim_start_matches('v')
-            .split('.')
-            .next()
-            .and_then(|m| m.parse::<u32>().ok());
-        if major.is_none_or(|m| m < 18) {
-            return Err(format!("node {node} is too old: {install}"));
-        }
-        let dir = sdk_dir();
-        if !needs_install(&dir) {
-            return Ok(());
-        }
-        let out = Command::new("npm")
-            .args([
-                "ci",
-                "--no-audit",
-                "--no-fund",
-                "--ignore-scripts",
-                "--prefer-offline",
-            ])
-            .current_dir(&dir)
-            .output()
-            .map_err(|err| format!("cannot run npm ci: {err}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "npm ci in {} failed:\n{}\n{}",
-                dir.display(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(())
-    });
-    if let Err(err) = result {
-        panic!("{err}");
-    }
-}
-
-/// True when `node_modules` is missing or older than the lockfile: npm writes its own copy
-/// of the lock (`node_modules/.package-lock.json`) on every install.
-fn needs_install(dir: &Path) -> bool {
-    let modified = |p: PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    match (
-        modified(dir.join("node_modules/.package-lock.json")),
-        modified(dir.join("package-lock.json")),
-    ) {
-        (Some(installed), Some(locked)) => installed < locked,
-        _ => true,
+    if let Err(err) = sluice_tests::sdk::npm_ci(&sdk_dir()) {
+        panic!("the Segment SDK test cannot run: {err:#}");
     }
 }
 
