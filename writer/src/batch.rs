@@ -22,6 +22,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use sluice_schema::messages::{
     EventMessage, IdentityMessage, RawObject, SessionMessage, VisitorMessage,
@@ -37,7 +38,7 @@ use crate::decode::{Decoded, Rejection};
 use crate::dlq::{DeadLetter, Dlq};
 use crate::error::{is_concurrent_lead_insert, is_data_error, StoreError};
 use crate::offsets::{self, Assignments, Tp};
-use crate::partitions::Months;
+use crate::partitions::{ClaimDays, Months};
 use crate::suppress::{Subject, Suppression};
 use crate::{claim, identity, merge, metrics};
 use sluice_schema::db::describe;
@@ -65,6 +66,8 @@ pub(crate) struct Store {
     pub dlq: Dlq,
     /// Month partitions known to exist.
     pub months: Arc<Months>,
+    /// Day partitions of `event_dedup`, and the dedup window.
+    pub claim_days: Arc<ClaimDays>,
     /// PII keys, when configured.
     pub keys: Option<PiiKeys>,
     /// Erased people and deleted tenants, whose messages are dropped.
@@ -142,6 +145,15 @@ struct Prepared<'a> {
     rejected: Vec<(usize, Rejection)>,
     /// Events dropped as duplicates of an earlier one in the same batch.
     in_batch_duplicates: u64,
+    /// The writer's clock when the batch was prepared: it bounds the dedup claim keys.
+    now: DateTime<Utc>,
+}
+
+impl Prepared<'_> {
+    /// The dedup claim key of `e` (see [`sluice_schema::dedup::Window::key_ms`]).
+    fn claim_key(&self, days: &ClaimDays, e: &EventMessage<RawObject>) -> i64 {
+        days.window.key_ms(e.timestamp, e.received_at, self.now)
+    }
 }
 
 /// One partition's move in a batch.
@@ -267,7 +279,10 @@ impl Store {
 
     /// Sorts the batch's messages (decoded by the consumer thread, off this task) by step.
     fn prepare<'a>(&self, batch: &'a [Record]) -> Prepared<'a> {
-        let mut p = Prepared::default();
+        let mut p = Prepared {
+            now: Utc::now(),
+            ..Prepared::default()
+        };
         let mut seen: HashSet<(i64, Uuid)> = HashSet::new();
         for (i, r) in batch.iter().enumerate() {
             match &r.decoded {
@@ -299,6 +314,16 @@ impl Store {
         if !prepared.events.is_empty() {
             self.months
                 .ensure_for(&conn, prepared.events.iter().map(|(_, e)| e.occurred_at))
+                .await
+                .map_err(|e| StoreError::Transient(e.to_string()))?;
+            self.claim_days
+                .ensure_for(
+                    &conn,
+                    prepared
+                        .events
+                        .iter()
+                        .map(|(_, e)| prepared.claim_key(&self.claim_days, e)),
+                )
                 .await
                 .map_err(|e| StoreError::Transient(e.to_string()))?;
         }
@@ -492,6 +517,7 @@ impl Store {
                     // A month vanished after we saw it (pruned by an operator): forget what we
                     // know and retry the batch, which recreates it.
                     self.months.forget_all();
+                    self.claim_days.forget_all();
                     return Err(StoreError::Transient(describe(&err)));
                 }
                 Err(err) if is_concurrent_lead_insert(&err) => {
@@ -538,7 +564,11 @@ impl Store {
             Step::Events => {
                 let rows: Vec<&EventMessage<RawObject>> =
                     idx.iter().map(|&i| p.events[i].1).collect();
-                let out = claim::events(tx, &rows).await?;
+                let keys: Vec<i64> = rows
+                    .iter()
+                    .map(|e| p.claim_key(&self.claim_days, e))
+                    .collect();
+                let out = claim::events(tx, &rows, &keys).await?;
                 stored.events += out.stored;
                 stored.duplicates += out.duplicates;
             }

@@ -17,7 +17,7 @@
 //! - `identity`: identify/alias -> lead (PII sealed) and identity_link.
 //! - `offsets`: `writer_offset` reads and conditional moves; owned partitions.
 //! - `partitions`: month partitions ahead, on a timer and on demand.
-//! - `maintenance`: the timer off the hot path: months ahead, expired dedup claims pruned.
+//! - `maintenance`: the timer off the hot path: months and dedup days ahead, expired days dropped.
 //! - `suppress`: the erasure suppression list: messages of erased people are dropped.
 //! - `dlq`: the dead-letter producer.
 //! - [`metrics`]: metric names.
@@ -59,7 +59,6 @@ mod suppress;
 
 pub use config::Config;
 pub use error::WriterError;
-pub use maintenance::prune_dedup;
 
 /// Runs a writer until `shutdown` resolves: finishes (or, when PostgreSQL is failing,
 /// abandons) the open batch, leaves the consumer group and returns.
@@ -96,7 +95,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         months_ahead: config.partition_months_ahead,
     }));
     tokio::pin!(shutdown);
-    let checks = || start_up_checks(&pool, &months, &config, &kafka, &topics);
+    let claim_days = Arc::new(partitions::ClaimDays::new(sluice_schema::dedup::Window {
+        days: config.dedup_window_days,
+    }));
+    let checks = || start_up_checks(&pool, &months, &claim_days, &config, &kafka, &topics);
     if !until_ready(checks, &dlq, &mut shutdown).await {
         consumer_stop.cancel();
         tracing::info!("shutdown requested before the writer was ready");
@@ -121,7 +123,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::spawn(maintenance::run(
         pool.clone(),
         months.clone(),
-        config.dedup_window_days,
+        claim_days.clone(),
         consumer_stop.clone(),
     ));
 
@@ -130,6 +132,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         group: config.group.clone(),
         dlq,
         months,
+        claim_days,
         keys,
         suppression: suppress::Suppression::new(config.suppression_cache_max_entries),
         assignments,
@@ -346,6 +349,7 @@ fn check(config: &Config) -> Result<(), WriterError> {
 async fn start_up_checks(
     pool: &Pool,
     months: &partitions::Months,
+    claim_days: &partitions::ClaimDays,
     config: &Config,
     kafka: &KafkaProperties,
     topics: &Topics,
@@ -362,6 +366,17 @@ async fn start_up_checks(
         .ensure_ahead(&client, chrono::Utc::now())
         .await
         .map_err(WriterError::schema("creating month partitions ahead"))?;
+    let now = chrono::Utc::now();
+    claim_days
+        .ensure_ahead(&client, now)
+        .await
+        .map_err(WriterError::schema(
+            "creating event_dedup day partitions ahead",
+        ))?;
+    claim_days
+        .prune(&client, now)
+        .await
+        .map_err(WriterError::schema("dropping expired event_dedup days"))?;
     drop(client);
     create_topics(config, kafka, topics).await
 }
