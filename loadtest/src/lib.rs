@@ -15,10 +15,12 @@
 //! - [`report`]: HDR latency summaries, the progress line, the final reports.
 //! - [`run`]: the `run` command.
 //! - [`verify`]: the `verify` command.
+//! - [`fill`]: millions of rows in `event` and `event_dedup`: a steady state to measure on.
 //! - [`bare`]: a do-nothing HTTP server of the collector's framework, the benchmarks' ceiling.
 
 pub mod acks;
 pub mod bare;
+pub mod fill;
 pub mod generate;
 pub mod keys;
 pub mod report;

@@ -38,6 +38,26 @@ enum Command {
     Verify(VerifyArgs),
     /// Serve a bare HTTP server (axum, answers 200, no work): the benchmarks' ceiling.
     BareServer(BareArgs),
+    /// Fill `event` and `event_dedup` with millions of rows: a steady state to benchmark on.
+    Fill(FillArgs),
+}
+
+#[derive(Args)]
+struct FillArgs {
+    /// Rows to add to `event`, and claims to `event_dedup`.
+    #[arg(long, default_value_t = 20_000_000)]
+    rows: i64,
+    /// PostgreSQL to fill (migrated).
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
+    )]
+    database_url: String,
+    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
+    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -184,6 +204,7 @@ async fn main() -> ExitCode {
         Command::Run(args) => run(*args).await,
         Command::Verify(args) => verify(args).await,
         Command::BareServer(args) => bare_server(args).await,
+        Command::Fill(args) => fill(args).await,
     };
     match result {
         Ok(code) => code,
@@ -291,6 +312,22 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn fill(args: FillArgs) -> anyhow::Result<ExitCode> {
+    let url = sluice_schema::secrets::value_or_file(
+        &args.database_url,
+        args.database_url_file.as_deref(),
+        "SLUICE_DATABASE_URL_FILE",
+    )?;
+    let client = sluice_loadtest::keys::connect(&url).await?;
+    let rows = args.rows;
+    let report = sluice_loadtest::fill::fill(&client, rows, |done, s| {
+        eprintln!("fill: {done} of {rows} rows, {s:.0} s");
+    })
+    .await?;
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn bare_server(args: BareArgs) -> anyhow::Result<ExitCode> {

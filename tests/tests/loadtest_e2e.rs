@@ -162,3 +162,37 @@ async fn every_acknowledged_event_is_stored_once_and_verify_catches_loss_and_dup
     collector.stop().await.unwrap();
     std::fs::remove_file(&ack_file).unwrap();
 }
+
+/// The benchmarks' steady state: `fill` adds the rows and claims it says, under tenants no
+/// test or seed uses, every claim in a day partition the writer keeps, and leaves the tables
+/// vacuumed (the planner's estimate is the row count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fill_adds_rows_and_claims_of_its_own_tenants_and_leaves_them_vacuumed() {
+    let db = TestDb::migrated().await.unwrap();
+    let client = db.client().await.unwrap();
+    let mut progress = Vec::new();
+    let report = sluice_loadtest::fill::fill(&client, 2_500, |done, _| progress.push(done))
+        .await
+        .unwrap();
+    assert_eq!(report.rows, 2_500);
+    assert_eq!(progress, [2_500]);
+    let scalar = |sql: &'static str| {
+        let client = &client;
+        async move {
+            sluice_tests::query_scalar::<i64>(client, sql)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(scalar("SELECT count(*) FROM event").await, 2_500);
+    assert_eq!(scalar("SELECT count(*) FROM event_dedup").await, 2_500);
+    assert_eq!(
+        scalar("SELECT count(DISTINCT tenant_id) FROM event WHERE tenant_id >= 1000001 AND tenant_id <= 1000050").await,
+        50
+    );
+    let vacuumed = scalar(
+        "SELECT count(*) FROM pg_stat_user_tables WHERE relname LIKE 'event_y%' AND last_vacuum IS NOT NULL",
+    )
+    .await;
+    assert!(vacuumed > 0, "the filled leaves were vacuumed");
+}

@@ -15,7 +15,9 @@
 //!   `SLUICE_BENCH_DEDUP_FILL` (20,000,000) claims: the day-partitioned table keyed by client
 //!   time against the earlier one keyed by random ids.
 //! - `e2e`: a topic pre-filled with ROWS events, then a writer started on it; rows/s from start
-//!   to the last row visible, against psql's COPY of the identical rows.
+//!   to the last row visible, against psql's COPY of the identical rows into the same table.
+//!   With `SLUICE_BENCH_FILL_ROWS=20000000`, `event` and `event_dedup` first hold that many
+//!   rows (a steady state; the fill takes minutes and prints its progress).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -79,12 +81,34 @@ async fn fresh_db(admin_url: &str) -> Result<String> {
     Ok(url)
 }
 
+/// Tenant ids of the benchmark's events: clear of the ones a stack's seed, the load test and
+/// `sluice_loadtest::fill` use, so its rows can be told apart (and removed) in a shared database.
+const FIRST_TENANT: i64 = 2_000_001;
+
+/// Drops a database [`fresh_db`] made (the disk is shared: a filled one holds gigabytes).
+async fn drop_db(admin_url: &str, url: &str) -> Result<()> {
+    let name = url
+        .split('?')
+        .next()
+        .and_then(|u| u.rsplit('/').next())
+        .unwrap_or_default();
+    anyhow::ensure!(
+        name.starts_with("bench_"),
+        "not a benchmark database: {name}"
+    );
+    connect(admin_url)
+        .await?
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    Ok(())
+}
+
 /// Events of ~460 bytes in binary form, 50 tenants, now.
 fn events(n: usize) -> Vec<EventMessage> {
     let now = Utc::now();
     (0..n)
         .map(|i| {
-            let tenant = 1 + (i % 50) as i64;
+            let tenant = FIRST_TENANT + (i % 50) as i64;
             let message_id = format!("bench-{i}");
             let mut properties = JsonObject::new();
             properties.insert("plan".into(), "pro".into());
@@ -303,15 +327,16 @@ async fn dedup_bench(admin_url: &str, n: usize, fill: usize) -> Result<()> {
                 .await?;
             client
                 .execute(
-                    // Sorted, so the fill itself appends; the claims measured after it do not.
-                    "INSERT INTO claim_by_id SELECT * FROM (SELECT 1 + i % 50 AS t, gen_random_uuid() AS id \
-                     FROM generate_series(0, $1::bigint - 1) AS i) f ORDER BY t, id",
+                    // In random order, as the claims arrived: the index as production grows it.
+                    "INSERT INTO claim_by_id SELECT 1 + i % 50, gen_random_uuid() \
+                     FROM generate_series(0, $1::bigint - 1) AS i",
                     &[&(holding as i64)],
                 )
                 .await?;
             client
-                .batch_execute("VACUUM ANALYZE event_dedup, claim_by_id; CHECKPOINT")
+                .batch_execute("VACUUM ANALYZE event_dedup, claim_by_id")
                 .await?;
+            client.batch_execute("CHECKPOINT").await?;
             eprintln!(
                 "dedup: filled both with {holding} claims in {:.0} s",
                 started.elapsed().as_secs_f64()
@@ -345,7 +370,8 @@ async fn dedup_bench(admin_url: &str, n: usize, fill: usize) -> Result<()> {
             }
         }
     }
-    Ok(())
+    drop(client);
+    drop_db(admin_url, &url).await
 }
 
 /// psql's `\copy` of the writer's encoding of the same rows: the machine's limit.
@@ -391,7 +417,7 @@ async fn copy_bench(admin_url: &str, n: usize) -> Result<()> {
     // Leaf of each tenant, from PostgreSQL's own hash routing.
     let month = sluice_schema::partitions::month_table_name(Utc::now().date_naive());
     let mut leaf_of = HashMap::new();
-    for tenant in 1..=50_i64 {
+    for tenant in FIRST_TENANT..FIRST_TENANT + 50 {
         let r: i32 = client
             .query_one(
                 &format!("SELECT r FROM generate_series(0, 7) r WHERE satisfies_hash_partition('{month}'::regclass, 8, r, $1::bigint)"),
@@ -439,12 +465,52 @@ async fn copy_bench(admin_url: &str, n: usize) -> Result<()> {
         v.sort_by(f64::total_cmp);
         println!("| {name} | {:.0} |", v[1]);
     }
+    drop(client);
+    drop_db(admin_url, &url).await
+}
+
+/// Deletes the benchmark's event rows (its tenants, from `from`) and vacuums: what follows
+/// meets the table as it was.
+async fn remove_rows(client: &Client, tenants: &[i64], from: chrono::DateTime<Utc>) -> Result<()> {
+    client
+        .execute(
+            "DELETE FROM event WHERE tenant_id = ANY($1) AND occurred_at >= $2",
+            &[&tenants, &from],
+        )
+        .await?;
+    // One statement a call: VACUUM refuses the implicit transaction of a multi-statement string.
+    client.batch_execute("VACUUM event").await?;
+    client.batch_execute("CHECKPOINT").await?;
     Ok(())
 }
 
-async fn e2e_bench(admin_url: &str, brokers: &str, n: usize) -> Result<()> {
-    let url = fresh_db(admin_url).await?;
+/// Rows the writer committed for `group` (its stored offsets, in the rows' transactions):
+/// cheap to poll where `count(*)` of a filled `event` is not.
+async fn committed(client: &Client, group: &str) -> Result<i64> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM writer_offset WHERE consumer_group = $1",
+            &[&group],
+        )
+        .await?
+        .get(0))
+}
+
+async fn e2e_bench(admin_url: &str, brokers: &str, n: usize, fill_rows: i64) -> Result<()> {
+    // A database given (migrated; `loadtest/bench` passes its filled one) or a fresh one.
+    let given = std::env::var("SLUICE_BENCH_E2E_DATABASE_URL").ok();
+    let url = match &given {
+        Some(url) => url.clone(),
+        None => fresh_db(admin_url).await?,
+    };
     let client = connect(&url).await?;
+    if fill_rows > 0 {
+        let report = sluice_loadtest::fill::fill(&client, fill_rows, |done, s| {
+            eprintln!("fill: {done} of {fill_rows} rows and claims, {s:.0} s");
+        })
+        .await?;
+        println!("fill: {report}");
+    }
     let prefix = format!("{}.", unique("bench"));
     let topics = Topics::with_prefix(&prefix);
     let props = kafka_properties()?;
@@ -501,7 +567,8 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let mut config = sluice_writer::Config::for_tests(brokers, &url, &prefix, &unique("bench"));
+    let group = unique("bench");
+    let mut config = sluice_writer::Config::for_tests(brokers, &url, &prefix, &group);
     config.batch_max_rows = 20_000;
     config.flush_interval_ms = 500;
     config.lanes = env("SLUICE_WRITER_LANES", "2").parse()?;
@@ -517,10 +584,7 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize) -> Result<()> {
     }));
     let mut first: Option<(Instant, usize)> = None;
     loop {
-        let c: i64 = client
-            .query_one("SELECT count(*) FROM event", &[])
-            .await?
-            .get(0);
+        let c = committed(&client, &group).await?;
         if c > 0 && first.is_none() {
             first = Some((Instant::now(), c as usize));
         }
@@ -539,12 +603,35 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize) -> Result<()> {
     let _ = stop_tx.send(());
     writer.await??;
     let writer_rate = rate(n, took);
-    reset(&client).await?;
+    // The limit goes into the same table: the benchmark's rows out, the fill kept.
+    let from = evs
+        .iter()
+        .map(|e| e.occurred_at)
+        .min()
+        .unwrap_or_else(Utc::now);
+    let tenants: Vec<i64> = (FIRST_TENANT..FIRST_TENANT + 50).collect();
+    remove_rows(&client, &tenants, from).await?;
     let limit = rate(n, psql_copy(&url, &evs).await?);
+    // The same database may be measured again (`loadtest/bench`): leave no benchmark rows.
+    remove_rows(&client, &tenants, from).await?;
+    client
+        .execute("DELETE FROM visitor WHERE tenant_id = ANY($1)", &[&tenants])
+        .await?;
+    client
+        .execute("DELETE FROM session WHERE tenant_id = ANY($1)", &[&tenants])
+        .await?;
     println!("| writer, from a pre-filled topic, start to last row (includes group join) | {writer_rate:.0} rows/s |");
     println!("| writer, sustained (first batch visible to last) | {sustained:.0} rows/s |");
     println!("| psql \\copy (FORMAT binary) of the same rows | {limit:.0} rows/s |");
     println!("| ratio, sustained / limit | {:.2} |", sustained / limit);
+    // Its topics go too (a pre-filled topic of 200,000 events is 100 MB of the broker's disk).
+    admin
+        .delete_topics(&topics.all(), &rdkafka::admin::AdminOptions::new())
+        .await?;
+    drop(client);
+    if given.is_none() {
+        drop_db(admin_url, &url).await?;
+    }
     Ok(())
 }
 
@@ -566,7 +653,8 @@ async fn main() -> Result<()> {
         copy_bench(&db, n).await?;
     }
     if matches!(what, "e2e" | "all") {
-        e2e_bench(&db, &brokers, n).await?;
+        let fill_rows = env("SLUICE_BENCH_FILL_ROWS", "0").parse()?;
+        e2e_bench(&db, &brokers, n, fill_rows).await?;
     }
     if matches!(what, "dedup" | "all") {
         let fill = env("SLUICE_BENCH_DEDUP_FILL", "20000000").parse()?;
