@@ -117,12 +117,12 @@ impl Collector {
     /// PII sealed with [`TEST_PII_KEYS`].
     pub fn config(db: &TestDb) -> Config {
         let mut config = Config::local();
-        config.pii_keys = TEST_PII_KEYS.into();
-        config.pii_active_key = "k1".into();
-        config.kafka_brokers = Stack::get().kafka_brokers.clone();
-        config.database_url = db.url.clone();
+        config.pii_args.pii_keys = TEST_PII_KEYS.into();
+        config.pii_args.pii_active_key = "k1".into();
+        config.kafka_args.kafka_brokers = Stack::get().kafka_brokers.clone();
+        config.database_args.database_url = db.url.clone();
         config.topic_prefix = format!("{}.", unique_name("i"));
-        config.topic_partitions = 3;
+        config.topic_args.topic_partitions = 3;
         config.readiness_interval_ms = 200;
         config.key_last_used_flush_ms = 200;
         config

@@ -235,8 +235,8 @@ async fn erase_and_send_again(how: &[&str], cache_max_entries: usize, sealed: bo
     let env = WriterEnv::new(2).await?;
     let port = free_port()?;
     let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "t1".into();
+    config.pii_args.pii_keys = KEYS.into();
+    config.pii_args.pii_active_key = "t1".into();
     config.metrics_listen = ([127, 0, 0, 1], port).into();
     config.suppression_cache_max_entries = cache_max_entries;
     let writer = RunningWriter::start(config);

@@ -660,8 +660,8 @@ async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
     let db = TestDb::migrated().await.unwrap();
     let acct = account(&db, "nokeys").await.unwrap();
     let mut config = Collector::config(&db);
-    config.pii_keys = String::new();
-    config.pii_active_key = String::new();
+    config.pii_args.pii_keys = String::new();
+    config.pii_args.pii_active_key = String::new();
     let collector = Collector::start(config).await.unwrap();
     let http = reqwest::Client::new();
     let send = |body: Value| {

@@ -144,8 +144,8 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     let b64 = |k: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
     let (pii_key, new_key) = (b64(rand::random()), b64(rand::random()));
     let mut config = Collector::config(&db);
-    config.pii_keys = format!("k1={pii_key}");
-    config.pii_active_key = "k1".into();
+    config.pii_args.pii_keys = format!("k1={pii_key}");
+    config.pii_args.pii_active_key = "k1".into();
     config.pii_traits = vec!["email".into(), "phone".into(), "name".into()];
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config.clone()).await.unwrap();
@@ -156,8 +156,8 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
         &unique_name("g"),
     );
     // The writer already knows the next key (rotation step 1), and still seals with k1.
-    wconfig.pii_keys = format!("k1={pii_key},k2={new_key}");
-    wconfig.pii_active_key = "k1".into();
+    wconfig.pii_args.pii_keys = format!("k1={pii_key},k2={new_key}");
+    wconfig.pii_args.pii_active_key = "k1".into();
     let writer = sluice_tests::writer::RunningWriter::start(wconfig);
     let keys =
         sluice_schema::pii::PiiKeys::from_env_strings(&format!("k1={pii_key},k2={new_key}"), "k1")
@@ -233,8 +233,8 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     // Rotation step 2: collectors seal with k2. A phone change arrives sealed under k2; the
     // email the lead keeps is re-sealed by the writer under k2, so one key id covers both.
     let mut rotated = config;
-    rotated.pii_keys = format!("k1={pii_key},k2={new_key}");
-    rotated.pii_active_key = "k2".into();
+    rotated.pii_args.pii_keys = format!("k1={pii_key},k2={new_key}");
+    rotated.pii_args.pii_active_key = "k2".into();
     let collector = Collector::start(rotated).await.unwrap();
     let change =
         json!({"userId": "user-pii", "messageId": "m-id-2", "traits": {"phone": NEW_PHONE}});
@@ -368,11 +368,11 @@ async fn email_in_a_track_calls_context_traits_is_not_stored_in_plaintext() {
         &prefix,
         &unique_name("g"),
     );
-    wconfig.pii_keys = format!(
+    wconfig.pii_args.pii_keys = format!(
         "k1={}",
         base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
     );
-    wconfig.pii_active_key = "k1".into();
+    wconfig.pii_args.pii_active_key = "k1".into();
     let writer = sluice_tests::writer::RunningWriter::start(wconfig);
     // As analytics.js sends a track call after identify: the traits ride along in context.
     // Its clock is an hour fast: `timestamp` and `sentAt` are stored as sent, `occurred_at`

@@ -79,7 +79,7 @@ async fn postgres_stopped_for_20_s_pauses_the_writer_which_then_catches_up() -> 
         sluice_schema::migrate::up(&mut client).await?;
     }
     let mut config = env.config();
-    config.database_url = pg.url();
+    config.database_args.database_url = pg.url();
     config.retry_max_ms = 1_000;
     let writer = RunningWriter::start(config);
     let stream = env.stream(10_000, 1_000);

@@ -36,8 +36,8 @@ fn identify(anon: &str, user: Option<&str>, traits: serde_json::Value) -> Identi
 async fn identify_creates_an_encrypted_lead_and_links_matched_by_fingerprint() -> Result<()> {
     let env = WriterEnv::new(1).await?;
     let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "k1".into();
+    config.pii_args.pii_keys = KEYS.into();
+    config.pii_args.pii_active_key = "k1".into();
     let writer = RunningWriter::start(config);
     let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
     let db = env.db.client().await?;
@@ -154,8 +154,8 @@ async fn identify_with_pii_but_no_keys_is_dead_lettered_not_stored_in_clear() ->
 async fn a_backlog_of_dependent_identities_ends_as_if_applied_in_order() -> Result<()> {
     let env = WriterEnv::new(1).await?;
     let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "k1".into();
+    config.pii_args.pii_keys = KEYS.into();
+    config.pii_args.pii_active_key = "k1".into();
     let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
     let topic = env.topics.identity.clone();
     const USERS: usize = 40;
@@ -331,8 +331,8 @@ async fn a_lead_inserted_by_a_concurrent_transaction_is_updated_not_dead_lettere
 async fn messages_overtake_waiting_ones_only_when_nothing_links_them() -> Result<()> {
     let env = WriterEnv::new(1).await?;
     let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "k1".into();
+    config.pii_args.pii_keys = KEYS.into();
+    config.pii_args.pii_active_key = "k1".into();
     let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
     let topic = env.topics.identity.clone();
     let db = env.db.client().await?;
@@ -480,8 +480,8 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
         "SELECT pii_key_id, email_ciphertext, phone_ciphertext FROM lead WHERE user_id = 'u5'";
 
     let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "k1".into();
+    config.pii_args.pii_keys = KEYS.into();
+    config.pii_args.pii_active_key = "k1".into();
     let writer = RunningWriter::start(config);
     let first = identify(
         "a5",
@@ -508,8 +508,8 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
 
     // A writer that lost k1 (only k2 listed).
     let mut config = env.config();
-    config.pii_keys = K2.into();
-    config.pii_active_key = "k2".into();
+    config.pii_args.pii_keys = K2.into();
+    config.pii_args.pii_active_key = "k2".into();
     let writer = RunningWriter::start(config);
     env.produce_json(&topic, "4/a5", &change).await?;
     let dead = env.read_dlq(1, WAIT).await?;
@@ -531,8 +531,8 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
 
     // Both keys back: the replayed message is stored, the email re-sealed under k2.
     let mut config = env.config();
-    config.pii_keys = format!("{KEYS},{K2}");
-    config.pii_active_key = "k2".into();
+    config.pii_args.pii_keys = format!("{KEYS},{K2}");
+    config.pii_args.pii_active_key = "k2".into();
     let writer = RunningWriter::start(config);
     env.produce_json(&topic, "4/a5", &change).await?;
     wait_for_count(

@@ -77,7 +77,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let stop = CancellationToken::new();
     let consumer_stop = CancellationToken::new();
-    let dlq = dlq::Dlq::new(&config.kafka_brokers, &kafka, topics.dlq.clone())?;
+    let dlq = dlq::Dlq::new(&config.kafka_args.kafka_brokers, &kafka, topics.dlq.clone())?;
     // Health first, so that while the start-up checks below fail (wrong password, unknown CA,
     // refused SASL credentials, no migrations) /readyz says why, and the writer keeps trying
     // instead of exiting into a crash loop.
@@ -190,7 +190,7 @@ fn start_consumer(
 ) -> Result<ConsumerThread, WriterError> {
     let topic_map = consume::TopicMap::new(topics);
     let consumer = consume::create(
-        &config.kafka_brokers,
+        &config.kafka_args.kafka_brokers,
         kafka,
         &config.group,
         &topic_map,
@@ -233,27 +233,18 @@ struct Secrets {
 impl Secrets {
     fn load(config: &Config) -> Result<Secrets, WriterError> {
         let config_err = |e: sluice_schema::SchemaError| WriterError::Config(e.to_string());
-        let database_url = secrets::value_or_file(
-            &config.database_url,
-            config.database_url_file.as_deref(),
-            "SLUICE_DATABASE_URL_FILE",
-        )
-        .map_err(config_err)?;
+        let database_url = config.database_args.url().map_err(config_err)?;
         let pii_keys = secrets::value_or_file(
-            &config.pii_keys,
-            config.pii_keys_file.as_deref(),
+            &config.pii_args.pii_keys,
+            config.pii_args.pii_keys_file.as_deref(),
             "SLUICE_PII_KEYS_FILE",
         )
         .map_err(config_err)?;
-        let kafka = KafkaProperties::load(
-            &config.kafka_properties,
-            config.kafka_properties_file.as_deref(),
-        )
-        .map_err(config_err)?;
+        let kafka = config.kafka_args.properties().map_err(config_err)?;
         let keys = match pii_keys.trim() {
             "" => None,
             keys => Some(
-                PiiKeys::from_env_strings(keys, &config.pii_active_key).map_err(|e| {
+                PiiKeys::from_env_strings(keys, &config.pii_args.pii_active_key).map_err(|e| {
                     WriterError::Config(format!("SLUICE_PII_KEYS / SLUICE_PII_ACTIVE_KEY: {e}"))
                 })?,
             ),
@@ -336,7 +327,7 @@ fn check(config: &Config) -> Result<(), WriterError> {
             "partition hash modulus must be between 1 and 1024 (SLUICE_PARTITION_HASH_MODULUS)",
         );
     }
-    if config.topic_partitions < 1 || config.topic_replication < 1 {
+    if config.topic_args.topic_partitions < 1 || config.topic_args.topic_replication < 1 {
         return bad("topic partitions and replication must be at least 1");
     }
     Ok(())
@@ -396,14 +387,14 @@ async fn create_topics(
     topics: &Topics,
 ) -> Result<(), WriterError> {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka_brokers);
+    client.set("bootstrap.servers", &config.kafka_args.kafka_brokers);
     kafka.apply(&mut client);
     sluice_schema::topics::create_missing_with(
         &client,
         &topics.all(),
-        config.topic_partitions,
-        config.topic_replication,
-        config.topic_min_insync_replicas,
+        config.topic_args.topic_partitions,
+        config.topic_args.topic_replication,
+        config.topic_args.topic_min_insync_replicas,
         Duration::from_secs(30),
     )
     .await
