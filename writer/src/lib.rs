@@ -104,11 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let assignments = Arc::new(offsets::Assignments::default());
-    let ConsumerThread {
-        thread: consumer_thread,
-        receivers,
-        commands: cmd_tx,
-    } = start_consumer(
+    let consumer = start_consumer(
         &config,
         &kafka,
         &topics,
@@ -133,41 +129,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         keys,
         suppression: suppress::Suppression::new(config.suppression_cache_max_entries),
         assignments,
-        commands: cmd_tx,
-        limits: batch::BatchLimits {
-            max_rows: config.batch_max_rows,
-            max_bytes: config.batch_max_bytes,
-            flush_interval: Duration::from_millis(config.flush_interval_ms),
-            retry_max: Duration::from_millis(config.retry_max_ms),
-        },
+        commands: consumer.commands,
+        limits: batch::BatchLimits::new(&config),
     });
     tracing::info!(group = %config.group, prefix = %config.topic_prefix, lanes, "writer started");
-    // Lanes are tasks of their own: one lane's encoding runs while another awaits PostgreSQL.
-    let pipeline = futures::future::join_all(
-        receivers
-            .into_iter()
-            .enumerate()
-            .map(|(lane, rx)| tokio::spawn(batch::run(store.clone(), lane, rx, stop.clone()))),
-    );
+    let pipeline = batch::spawn_lanes(&store, consumer.receivers, &stop);
     let shutting_down = until_stored(pipeline, &mut shutdown, &stop).await;
     // Only now may the consumer leave: its revocation would make the last batch's partitions
     // unowned and that batch unstorable.
     consumer_stop.cancel();
-    let joined = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
+    let joined = tokio::task::spawn_blocking(move || consumer.thread.join()).await;
+    stopped(shutting_down, joined.is_ok_and(|left| left.is_ok()))
+}
+
+/// How [`run`] ends once the lanes are done and the consumer thread joined: `shutting_down`
+/// false means the lanes ended because the consumer's channels closed without a shutdown;
+/// `left_cleanly` false, that the thread panicked while leaving the group.
+fn stopped(shutting_down: bool, left_cleanly: bool) -> Result<(), WriterError> {
     if !shutting_down {
         return Err(WriterError::ConsumerThread(
             "its channel closed without a shutdown; see the log above".into(),
         ));
     }
-    match joined {
-        Ok(Ok(())) => {
-            tracing::info!("writer stopped");
-            Ok(())
-        }
-        _ => Err(WriterError::ConsumerThread(
+    if !left_cleanly {
+        return Err(WriterError::ConsumerThread(
             "it panicked while leaving the group".into(),
-        )),
+        ));
     }
+    tracing::info!("writer stopped");
+    Ok(())
 }
 
 /// The consumer thread and the pipeline's ends of its channels.
