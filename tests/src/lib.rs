@@ -10,7 +10,8 @@
 //! - [`Stack`]: where the broker and the database are.
 //! - [`TestDb`]: a fresh database per test, empty or migrated ([`TestDb::migrated`]),
 //!   dropped when the test is done with it.
-//! - [`query_scalar`], [`query_column`]: the one value or the first column of a query.
+//! - [`query_scalar`], [`query_column`], [`query_pairs`]: the one value, the first column or
+//!   the first two columns of a query.
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
@@ -219,6 +220,19 @@ where
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?)
+}
+
+/// The first two columns of every row of `sql` (no parameters), in the query's order.
+pub async fn query_pairs<A, B>(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<(A, B)>>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let rows = client.query(sql, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()?)
 }
 
 /// `url` with its database path replaced by `name`.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sluice_schema::messages::{
     self, EventMessage, IdentityMessage, SessionMessage, VisitorMessage,
 };
-use sluice_tests::ingest::{account, consume, post_json, served, Collector};
+use sluice_tests::ingest::{account, consume, post_json, served, served_with, Collector};
 use sluice_tests::{Stack, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -657,23 +657,22 @@ async fn a_key_of_workspace_a_cannot_write_into_workspace_b() {
 /// (never produced in plaintext), while one without personal traits goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "nokeys").await.unwrap();
-    let mut config = Collector::config(&db);
-    config.pii_args.pii_keys = String::new();
-    config.pii_args.pii_active_key = String::new();
-    let collector = Collector::start(config).await.unwrap();
-    let http = reqwest::Client::new();
-    let send = |body: Value| {
-        http.post(collector.url("/v1/batch"))
-            .bearer_auth(&acct.key.plaintext)
-            .json(&body)
-            .send()
-    };
-    let r = send(json!({"batch": [
+    let (_db, acct, collector) = served_with("nokeys", |config| {
+        config.pii_args.pii_keys = String::new();
+        config.pii_args.pii_active_key = String::new();
+    })
+    .await
+    .unwrap();
+    let body = json!({"batch": [
         {"type": "identify", "userId": "u-nk", "messageId": "m-nk-1", "traits": {"email": "nokeys@example.com"}},
         {"type": "identify", "userId": "u-nk", "messageId": "m-nk-2", "traits": {"plan": "pro"}},
-    ]}))
+    ]});
+    let r = post_json(
+        &http(),
+        collector.url("/v1/batch"),
+        &acct.key.plaintext,
+        &body,
+    )
     .await
     .unwrap();
     assert_eq!(r.status(), 200);
@@ -704,24 +703,20 @@ async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
 /// at 2 a second), where the per-collector 5,000 would have refilled it at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_rate_limit_is_enforced_as_this_collectors_share() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "fleet").await.unwrap();
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second_fleet = Some(20);
-    config.collectors = 10;
-    config.rate_limit_burst_messages = 3;
-    assert_eq!(config.rate_limit_per_collector(), 2);
-    let collector = Collector::start(config).await.unwrap();
+    let (_db, acct, collector) = served_with("fleet", |config| {
+        config.rate_limit_per_key_per_second_fleet = Some(20);
+        config.collectors = 10;
+        config.rate_limit_burst_messages = 3;
+        assert_eq!(config.rate_limit_per_collector(), 2);
+    })
+    .await
+    .unwrap();
     let c = http();
     let batch = |n: usize| json!({"batch": (0..n).map(|_| json!({"type": "track", "event": "E", "userId": "u"})).collect::<Vec<_>>()});
-    let send = |body: Value| {
-        c.post(collector.url("/v1/batch"))
-            .bearer_auth(&acct.key.plaintext)
-            .json(&body)
-            .send()
-    };
-    assert_eq!(send(batch(3)).await.unwrap().status(), StatusCode::OK);
-    let r = send(batch(1)).await.unwrap();
+    let (url, key) = (collector.url("/v1/batch"), &acct.key.plaintext);
+    let r = post_json(&c, &url, key, &batch(3)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = post_json(&c, &url, key, &batch(1)).await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.headers()["retry-after"], "1");
     collector.stop().await.unwrap();

@@ -13,6 +13,19 @@ use sluice_tests::writer::{wait_for_count, RunningWriter, WriterEnv};
 const KEYS: &str = "k1=BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 const WAIT: Duration = Duration::from_secs(60);
 
+/// `env`'s writer config with [`KEYS`], `k1` active.
+fn keyed_config(env: &WriterEnv) -> sluice_writer::Config {
+    let mut config = env.config();
+    config.pii_args.pii_keys = KEYS.into();
+    config.pii_args.pii_active_key = "k1".into();
+    config
+}
+
+/// [`KEYS`] as keys, `k1` active: what [`keyed_config`]'s writer seals with.
+fn keys() -> Result<PiiKeys> {
+    Ok(PiiKeys::from_env_strings(KEYS, "k1")?)
+}
+
 fn identify(anon: &str, user: Option<&str>, traits: serde_json::Value) -> IdentityMessage {
     let now = Utc::now();
     IdentityMessage {
@@ -35,11 +48,9 @@ fn identify(anon: &str, user: Option<&str>, traits: serde_json::Value) -> Identi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identify_creates_an_encrypted_lead_and_links_matched_by_fingerprint() -> Result<()> {
     let env = WriterEnv::new(1).await?;
-    let mut config = env.config();
-    config.pii_args.pii_keys = KEYS.into();
-    config.pii_args.pii_active_key = "k1".into();
+    let config = keyed_config(&env);
     let writer = RunningWriter::start(config);
-    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
+    let keys = keys()?;
     let db = env.db.client().await?;
     let topic = env.topics.identity.clone();
 
@@ -153,10 +164,8 @@ async fn identify_with_pii_but_no_keys_is_dead_lettered_not_stored_in_clear() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_dependent_identities_ends_as_if_applied_in_order() -> Result<()> {
     let env = WriterEnv::new(1).await?;
-    let mut config = env.config();
-    config.pii_args.pii_keys = KEYS.into();
-    config.pii_args.pii_active_key = "k1".into();
-    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
+    let config = keyed_config(&env);
+    let keys = keys()?;
     let topic = env.topics.identity.clone();
     const USERS: usize = 40;
     let mut msgs: Vec<IdentityMessage> = Vec::new();
@@ -330,10 +339,8 @@ async fn a_lead_inserted_by_a_concurrent_transaction_is_updated_not_dead_lettere
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_overtake_waiting_ones_only_when_nothing_links_them() -> Result<()> {
     let env = WriterEnv::new(1).await?;
-    let mut config = env.config();
-    config.pii_args.pii_keys = KEYS.into();
-    config.pii_args.pii_active_key = "k1".into();
-    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
+    let config = keyed_config(&env);
+    let keys = keys()?;
     let topic = env.topics.identity.clone();
     let db = env.db.client().await?;
 
@@ -479,9 +486,7 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
     let lead =
         "SELECT pii_key_id, email_ciphertext, phone_ciphertext FROM lead WHERE user_id = 'u5'";
 
-    let mut config = env.config();
-    config.pii_args.pii_keys = KEYS.into();
-    config.pii_args.pii_active_key = "k1".into();
+    let config = keyed_config(&env);
     let writer = RunningWriter::start(config);
     let first = identify(
         "a5",
