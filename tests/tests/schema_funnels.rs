@@ -81,12 +81,12 @@ fn code(err: &tokio_postgres::Error) -> SqlState {
 
 /// PostgreSQL's message of a server error.
 fn message(err: &tokio_postgres::Error) -> &str {
-    err.as_db_error().unwrap().message()
+    err.as_db_error().expect("a server error").message()
 }
 
 /// The constraint a server error names.
 fn constraint(err: &tokio_postgres::Error) -> Option<&str> {
-    err.as_db_error().unwrap().constraint()
+    err.as_db_error().expect("a server error").constraint()
 }
 
 /// `funnel_publish` of `version` of `f` (published by `by`): the definition it froze.
