@@ -18,6 +18,7 @@
 //! - [`ingest`]: a collector served in-process ([`ingest::served`] opens most collector
 //!   tests: database, account, ready collector), [`ingest::post_json`], reading topics back.
 //! - [`writer`]: the writer's topics, message builders, a producer, waiting for rows.
+//! - [`abuse`]: the hostile bodies the collector's abuse tests send.
 //! - [`deploy`]: what the deploy tests read: YAML of compose and k8s, `--help`, `promtool`.
 //! - [`faults`]: a steady load ([`faults::Load::paced`]) recording every message's outcome,
 //!   and the reconciliations that end the fault tests.
@@ -32,6 +33,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
 
+pub mod abuse;
 pub mod deploy;
 pub mod faults;
 pub mod ingest;
