@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_schema::cli::{DatabaseArgs, KafkaArgs, PiiArgs, TopicArgs};
+use sluice_schema::cli::{own_words, DatabaseArgs, KafkaArgs, PiiArgs, TopicArgs};
 use sluice_schema::kafka::KafkaProperties;
 use sluice_schema::runtime::LogFormat;
 use sluice_schema::topics::Topics;
@@ -16,23 +16,38 @@ use crate::payload::Limits;
 /// Default of [`Config::rate_limit_per_key_per_second`].
 pub const DEFAULT_RATE_LIMIT_PER_KEY_PER_SECOND: u32 = 5_000;
 
-/// The collector's words for the shared flags of `sluice_schema::cli` it explains its own way.
-mod help {
-    pub const DATABASE_URL: &str = "PostgreSQL URL, for API key look-ups only; libpq style \
-        (`sslmode`, `sslrootcert`, `sslcert`, `sslkey` apply)";
-    pub const KAFKA_PROPERTIES: &str = "librdkafka property `key=value` for the collector's \
+/// The collector's words for the shared flags of `sluice_schema::cli` it explains its own way
+/// (argument id, help text).
+const OWN_WORDS: &[(&str, &str)] = &[
+    (
+        "database_url",
+        "PostgreSQL URL, for API key look-ups only; libpq style \
+        (`sslmode`, `sslrootcert`, `sslcert`, `sslkey` apply)",
+    ),
+    (
+        "kafka_properties",
+        "librdkafka property `key=value` for the collector's \
         Kafka clients (TLS, SASL); repeatable, or comma-separated in the variable. Properties \
-        the delivery guarantee rests on (idempotence, acks, message timeout) are refused";
-    pub const TOPIC_PARTITIONS: &str = "Partitions of each topic created at start-up \
+        the delivery guarantee rests on (idempotence, acks, message timeout) are refused",
+    ),
+    (
+        "topic_partitions",
+        "Partitions of each topic created at start-up \
         (existing topics are left as they are). The same default as the writer's, whichever \
-        service starts first: it caps how many writers a consumer group can use";
-    pub const PII_KEYS: &str = "PII keys, `id=base64,id=base64` (32 random bytes each), the \
+        service starts first: it caps how many writers a consumer group can use",
+    ),
+    (
+        "pii_keys",
+        "PII keys, `id=base64,id=base64` (32 random bytes each), the \
         same list as the writer's and `sluice-schema`'s: an identify's email and phone are \
         sealed here, before they are produced, so no topic holds them in plaintext. Without \
-        keys, identifies carrying an email or phone are refused (reason `pii_keys_missing`)";
-    pub const PII_KEYS_FILE: &str =
-        "A file holding `SLUICE_PII_KEYS` (a mounted secret); read when that is empty";
-}
+        keys, identifies carrying an email or phone are refused (reason `pii_keys_missing`)",
+    ),
+    (
+        "pii_keys_file",
+        "A file holding `SLUICE_PII_KEYS` (a mounted secret); read when that is empty",
+    ),
+];
 
 /// Everything `sluice-ingest` can be told.
 #[derive(Debug, Clone, Parser)]
@@ -40,11 +55,7 @@ mod help {
     name = "sluice-ingest",
     version,
     about = "sluice's HTTP collector",
-    mut_arg("database_url", |a| a.help(help::DATABASE_URL)),
-    mut_arg("kafka_properties", |a| a.help(help::KAFKA_PROPERTIES)),
-    mut_arg("topic_partitions", |a| a.help(help::TOPIC_PARTITIONS)),
-    mut_arg("pii_keys", |a| a.help(help::PII_KEYS)),
-    mut_arg("pii_keys_file", |a| a.help(help::PII_KEYS_FILE))
+    mut_args(own_words(OWN_WORDS))
 )]
 pub struct Config {
     /// Address of the collector's API (`/v1/...`).
@@ -486,5 +497,12 @@ mod tests {
             12,
             "the new name wins over the old"
         );
+    }
+
+    #[test]
+    fn own_words_name_real_flags() {
+        let command = <Config as clap::CommandFactory>::command();
+        let unknown = sluice_schema::cli::unknown_words(&command, OWN_WORDS);
+        assert!(unknown.is_empty(), "{unknown:?}");
     }
 }

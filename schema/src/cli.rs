@@ -4,12 +4,36 @@
 //!
 //! Flag names, variables and defaults live here once. Where the two services explain a flag
 //! in their own words (what the database is for, which Kafka properties are refused), each
-//! service's `Config` sets that help text with `mut_arg`, so `--help` reads as before.
+//! service's `Config` sets that help text with [`own_words`], so `--help` reads as before.
 
 use std::path::PathBuf;
 
+use clap::Arg;
+
 use crate::kafka::KafkaProperties;
 use crate::{defaults, secrets, SchemaError};
+
+/// For `#[command(mut_args(own_words(WORDS)))]`: gives each flag named in `words` (argument
+/// id, i.e. field name, and help text) the service's own help text; other flags keep theirs.
+pub fn own_words(words: &'static [(&'static str, &'static str)]) -> impl FnMut(Arg) -> Arg {
+    move |arg| match words.iter().find(|(id, _)| arg.get_id() == *id) {
+        Some((_, text)) => arg.help(*text),
+        None => arg,
+    }
+}
+
+/// The ids in `words` that name no argument of `command`: a service's test asserts there are
+/// none, since [`own_words`] passes over an id it does not find.
+pub fn unknown_words(
+    command: &clap::Command,
+    words: &[(&'static str, &'static str)],
+) -> Vec<&'static str> {
+    words
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !command.get_arguments().any(|a| a.get_id() == *id))
+        .collect()
+}
 
 /// The PostgreSQL a service connects to: a URL, or a file holding it.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]

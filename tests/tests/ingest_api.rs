@@ -667,14 +667,10 @@ async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
         {"type": "identify", "userId": "u-nk", "messageId": "m-nk-1", "traits": {"email": "nokeys@example.com"}},
         {"type": "identify", "userId": "u-nk", "messageId": "m-nk-2", "traits": {"plan": "pro"}},
     ]});
-    let r = post_json(
-        &http(),
-        collector.url("/v1/batch"),
-        &acct.key.plaintext,
-        &body,
-    )
-    .await
-    .unwrap();
+    let url = collector.url("/v1/batch");
+    let r = post_json(&http(), url, &acct.key.plaintext, &body)
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["accepted"], 1, "{answer}");

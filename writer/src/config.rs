@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use sluice_schema::cli::{DatabaseArgs, KafkaArgs, PiiArgs, TopicArgs};
+use sluice_schema::cli::{own_words, DatabaseArgs, KafkaArgs, PiiArgs, TopicArgs};
 use sluice_schema::readiness;
 use sluice_schema::runtime::LogFormat;
 
@@ -30,26 +30,46 @@ pub mod defaults {
     pub const RETRY_MAX_MS: u64 = 5_000;
 }
 
-/// The writer's words for the shared flags of `sluice_schema::cli` it explains its own way.
-mod help {
-    pub const DATABASE_URL: &str = "PostgreSQL URL (the database holding `event`, `visitor`, \
+/// The writer's words for the shared flags of `sluice_schema::cli` it explains its own way
+/// (argument id, help text).
+const OWN_WORDS: &[(&str, &str)] = &[
+    (
+        "database_url",
+        "PostgreSQL URL (the database holding `event`, `visitor`, \
         ... and `writer_offset`), libpq style: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` \
-        apply";
-    pub const KAFKA_PROPERTIES: &str = "librdkafka property `key=value` for every Kafka \
+        apply",
+    ),
+    (
+        "kafka_properties",
+        "librdkafka property `key=value` for every Kafka \
         client of the writer (TLS, SASL); repeatable, or comma-separated in the variable. \
         Properties the writer's guarantees rest on (group, commits, isolation, idempotence, \
-        acks) are refused";
-    pub const PII_KEYS: &str = "PII keys, `id=base64(32 bytes)[,id=...]`. Needed to store \
+        acks) are refused",
+    ),
+    (
+        "pii_keys",
+        "PII keys, `id=base64(32 bytes)[,id=...]`. Needed to store \
         email and phone of identify calls; without them such calls are dead-lettered with \
-        reason `pii_key_missing`";
-    pub const PII_KEYS_FILE: &str =
-        "File holding the PII keys (a mounted Secret); wins over --pii-keys";
-    pub const PII_ACTIVE_KEY: &str =
-        "Id of the PII key new ciphertexts are sealed with (one of `SLUICE_PII_KEYS`)";
-    pub const TOPIC_PARTITIONS: &str = "Partitions of each topic created at start-up when \
-        missing (existing topics keep theirs). Writer instances beyond this number stay idle";
-    pub const TOPIC_REPLICATION: &str = "Replication factor of topics created at start-up";
-}
+        reason `pii_key_missing`",
+    ),
+    (
+        "pii_keys_file",
+        "File holding the PII keys (a mounted Secret); wins over --pii-keys",
+    ),
+    (
+        "pii_active_key",
+        "Id of the PII key new ciphertexts are sealed with (one of `SLUICE_PII_KEYS`)",
+    ),
+    (
+        "topic_partitions",
+        "Partitions of each topic created at start-up when \
+        missing (existing topics keep theirs). Writer instances beyond this number stay idle",
+    ),
+    (
+        "topic_replication",
+        "Replication factor of topics created at start-up",
+    ),
+];
 
 /// Everything `sluice-writer` can be told. Build it with `Config::parse()` in the binary, or
 /// with [`Config::for_tests`] and field updates in tests.
@@ -58,13 +78,7 @@ mod help {
     name = "sluice-writer",
     about = "Kafka -> PostgreSQL writer of sluice",
     version,
-    mut_arg("database_url", |a| a.help(help::DATABASE_URL)),
-    mut_arg("kafka_properties", |a| a.help(help::KAFKA_PROPERTIES)),
-    mut_arg("pii_keys", |a| a.help(help::PII_KEYS)),
-    mut_arg("pii_keys_file", |a| a.help(help::PII_KEYS_FILE)),
-    mut_arg("pii_active_key", |a| a.help(help::PII_ACTIVE_KEY)),
-    mut_arg("topic_partitions", |a| a.help(help::TOPIC_PARTITIONS)),
-    mut_arg("topic_replication", |a| a.help(help::TOPIC_REPLICATION))
+    mut_args(own_words(OWN_WORDS))
 )]
 pub struct Config {
     /// The PostgreSQL of the events and of the writer's offsets.
@@ -219,5 +233,12 @@ mod tests {
         tests.flush_interval_ms = parsed.flush_interval_ms;
         tests.retry_max_ms = parsed.retry_max_ms;
         assert_eq!(format!("{tests:?}"), format!("{parsed:?}"));
+    }
+
+    #[test]
+    fn own_words_name_real_flags() {
+        let command = <Config as clap::CommandFactory>::command();
+        let unknown = sluice_schema::cli::unknown_words(&command, OWN_WORDS);
+        assert!(unknown.is_empty(), "{unknown:?}");
     }
 }
