@@ -226,13 +226,17 @@ where
         .collect::<Result<_, _>>()?)
 }
 
-/// The first two columns of every row of `sql` (no parameters), in the query's order.
-pub async fn query_pairs<A, B>(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<(A, B)>>
+/// The first two columns of every row of `sql` with `params`, in the query's order.
+pub async fn query_pairs<A, B>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<(A, B)>>
 where
     A: for<'a> tokio_postgres::types::FromSql<'a>,
     B: for<'a> tokio_postgres::types::FromSql<'a>,
 {
-    let rows = client.query(sql, &[]).await?;
+    let rows = client.query(sql, params).await?;
     Ok(rows
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))

@@ -124,10 +124,13 @@ async fn control_plane_keys_and_checks() {
     c.execute("DELETE FROM tenant WHERE id = $1", &[&t1])
         .await
         .unwrap();
-    let left: Vec<(i64, i64)> =
-        query_pairs(&c, "SELECT tenant_id, count(*) FROM api_key GROUP BY 1")
-            .await
-            .unwrap();
+    let left: Vec<(i64, i64)> = query_pairs(
+        &c,
+        "SELECT tenant_id, count(*) FROM api_key GROUP BY 1",
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(left, [(t2, 1)]);
     let workspaces: i64 = query_scalar(&c, "SELECT count(*) FROM workspace")
         .await
@@ -462,6 +465,7 @@ async fn equal_client_ids_in_two_tenants_are_two_rows_and_never_mix() {
     let counts: Vec<(i64, i64)> = query_pairs(
         &c,
         "SELECT tenant_id, event_count FROM visitor ORDER BY tenant_id",
+        &[],
     )
     .await
     .unwrap();

@@ -196,6 +196,7 @@ async fn a_publication_is_immutable() {
     let statuses: Vec<(i32, String)> = query_pairs(
         &c,
         "SELECT version, status FROM funnel_version ORDER BY version",
+        &[],
     )
     .await
     .unwrap();

@@ -8,6 +8,7 @@ use chrono::Utc;
 use serde_json::json;
 use sluice_schema::messages::{IdentityKind, IdentityMessage, JsonObject, VERSION};
 use sluice_schema::pii::PiiKeys;
+use sluice_tests::query_pairs;
 use sluice_tests::writer::{wait_for_count, RunningWriter, WriterEnv};
 
 const KEYS: &str = "k1=BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
@@ -259,15 +260,12 @@ async fn a_backlog_of_dependent_identities_ends_as_if_applied_in_order() -> Resu
             format!("USER{i}@example.com").into_bytes()
         );
         let lead: i64 = row.get(0);
-        let links: Vec<(String, String)> = db
-            .query(
-                "SELECT anonymous_id, kind FROM identity_link WHERE lead_id = $1 ORDER BY anonymous_id",
-                &[&lead],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let links: Vec<(String, String)> = query_pairs(
+            &db,
+            "SELECT anonymous_id, kind FROM identity_link WHERE lead_id = $1 ORDER BY anonymous_id",
+            &[&lead],
+        )
+        .await?;
         assert_eq!(
             links,
             [
