@@ -371,3 +371,18 @@ pub async fn sdk_call_events(
     }
     events_by_message_id(&consumed)
 }
+
+/// [`consume`]s `topic` and decodes each record's value as `T` (a message type).
+pub async fn consume_as<T: serde::de::DeserializeOwned>(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    within: Duration,
+    linger: Duration,
+) -> Result<Vec<T>> {
+    consume(brokers, topic, count, within, linger)
+        .await?
+        .into_iter()
+        .map(|c| serde_json::from_value(c.value).context("a record of the expected message type"))
+        .collect()
+}
