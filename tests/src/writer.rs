@@ -326,6 +326,16 @@ impl RunningWriter {
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
+
+    /// Lets `outage` pass, then asserts the writer is still running: it waits out a stopped
+    /// `what` (PostgreSQL, Kafka) instead of exiting.
+    pub async fn outlasts(&self, outage: Duration, what: &str) {
+        tokio::time::sleep(outage).await;
+        assert!(
+            !self.is_finished(),
+            "the writer waits for {what} instead of exiting"
+        );
+    }
 }
 
 impl WriterEnv {

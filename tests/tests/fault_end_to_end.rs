@@ -88,11 +88,7 @@ async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()>
     let load = Load::paced(&collector.url(""), &acct.key.plaintext, "pc", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.cut();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(
-        !writer.is_finished(),
-        "the writer waits for PostgreSQL instead of exiting"
-    );
+    writer.outlasts(Duration::from_secs(10), "PostgreSQL").await;
     proxy.restore();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.finish().await;
@@ -187,11 +183,7 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() -> Result<
     let load = Load::paced(&collector.url(""), &acct.key.plaintext, "pr", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     pg.stop().await?;
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    assert!(
-        !writer.is_finished(),
-        "the writer waits for PostgreSQL instead of exiting"
-    );
+    writer.outlasts(Duration::from_secs(8), "PostgreSQL").await;
     pg.start_again().await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.finish().await;

@@ -22,6 +22,15 @@ fn keyed_config(env: &WriterEnv) -> sluice_writer::Config {
     config
 }
 
+/// A writer environment of one lane, its [`keyed_config`], the [`keys`] and its identity
+/// topic: the opening of the tests that seal.
+async fn keyed_env() -> Result<(WriterEnv, sluice_writer::Config, PiiKeys, String)> {
+    let env = WriterEnv::new(1).await?;
+    let config = keyed_config(&env);
+    let topic = env.topics.identity.clone();
+    Ok((env, config, keys()?, topic))
+}
+
 /// [`KEYS`] as keys, `k1` active: what [`keyed_config`]'s writer seals with.
 fn keys() -> Result<PiiKeys> {
     Ok(PiiKeys::from_env_strings(KEYS, "k1")?)
@@ -164,10 +173,7 @@ async fn identify_with_pii_but_no_keys_is_dead_lettered_not_stored_in_clear() ->
 /// one of applying them one by one (same leads, traits merged in order, every link).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_dependent_identities_ends_as_if_applied_in_order() -> Result<()> {
-    let env = WriterEnv::new(1).await?;
-    let config = keyed_config(&env);
-    let keys = keys()?;
-    let topic = env.topics.identity.clone();
+    let (env, config, keys, topic) = keyed_env().await?;
     const USERS: usize = 40;
     let mut msgs: Vec<IdentityMessage> = Vec::new();
     // Runs of one visitor's identifies (folded).
@@ -336,10 +342,7 @@ async fn a_lead_inserted_by_a_concurrent_transaction_is_updated_not_dead_lettere
 /// waiting. All must end as if applied in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_overtake_waiting_ones_only_when_nothing_links_them() -> Result<()> {
-    let env = WriterEnv::new(1).await?;
-    let config = keyed_config(&env);
-    let keys = keys()?;
-    let topic = env.topics.identity.clone();
+    let (env, config, keys, topic) = keyed_env().await?;
     let db = env.db.client().await?;
 
     // Leads stored earlier: `ux` with an email and a phone, `wz` with neither.
