@@ -386,3 +386,19 @@ pub async fn consume_as<T: serde::de::DeserializeOwned>(
         .map(|c| serde_json::from_value(c.value).context("a record of the expected message type"))
         .collect()
 }
+
+/// [`consume`]s `topic` of the shared broker for up to `within` (and `linger` after `count`
+/// arrived) and panics unless exactly `count` records are there; `what` says which.
+pub async fn consume_exactly(
+    topic: &str,
+    count: usize,
+    within: Duration,
+    linger: Duration,
+    what: &str,
+) -> Vec<Consumed> {
+    let out = consume(&Stack::get().kafka_brokers, topic, count, within, linger)
+        .await
+        .unwrap_or_else(|err| panic!("reading {topic}: {err:#}"));
+    assert_eq!(out.len(), count, "{what}: {out:?}");
+    out
+}

@@ -19,7 +19,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sluice_tests::abuse::{cases, gzip};
 use sluice_tests::faults::vm_kib;
-use sluice_tests::ingest::{account, consume, ingest_command, served, Collector};
+use sluice_tests::ingest::{account, consume, consume_exactly, ingest_command, served, Collector};
 use sluice_tests::private::free_port;
 use sluice_tests::{unique_name, Stack, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,6 +173,13 @@ fn status_of(answer: &str) -> Option<u16> {
     answer.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Sends `head` over a raw connection (10 s at most) and asserts the answer's status is
+/// `want`; `what` names the case.
+async fn assert_raw_status(collector: &Collector, head: &str, want: u16, what: &str) {
+    let answer = raw_exchange(collector, head.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&answer), Some(want), "{what}: {answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lying_content_length_and_header_floods_are_refused() {
     let (_db, acct, collector) = served("transport").await.unwrap();
@@ -199,35 +206,20 @@ async fn lying_content_length_and_header_floods_are_refused() {
     let head = format!(
         "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{body}"
     );
-    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
-    assert_eq!(
-        status_of(&answer),
-        Some(400),
-        "truncated by Content-Length: {answer}"
-    );
+    assert_raw_status(&collector, &head, 400, "truncated by Content-Length").await;
 
     // Content-Length far over the limit: 413 before the body is read.
     let head = format!(
         "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 10000000000\r\nConnection: close\r\n\r\n{{"
     );
-    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
-    assert_eq!(
-        status_of(&answer),
-        Some(413),
-        "huge Content-Length: {answer}"
-    );
+    assert_raw_status(&collector, &head, 413, "huge Content-Length").await;
 
     // Two different Content-Lengths (request smuggling shape): refused.
     let head = format!(
         "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 5\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
-    assert_eq!(
-        status_of(&answer),
-        Some(400),
-        "double Content-Length: {answer}"
-    );
+    assert_raw_status(&collector, &head, 400, "double Content-Length").await;
 
     // 5,000 headers.
     let mut head = String::from("POST /v1/track HTTP/1.1\r\nHost: x\r\n");
@@ -542,20 +534,9 @@ async fn collector_memory_stays_bounded_under_oversized_bodies_gzip_bombs_and_co
         );
     }
     let topic = sluice_schema::topics::Topics::with_prefix(&prefix).event;
-    let on_kafka = consume(
-        &Stack::get().kafka_brokers,
-        &topic,
-        51,
-        Duration::from_secs(20),
-        Duration::from_secs(1),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        on_kafka.len(),
-        51,
-        "only the 51 valid requests reached Kafka"
-    );
+    let (within, linger) = (Duration::from_secs(20), Duration::from_secs(1));
+    let only_valid = "only the 51 valid requests reached Kafka";
+    consume_exactly(&topic, 51, within, linger, only_valid).await;
     assert!(
         peak_kib / 1024 < ABUSE_RSS_BOUND_MIB,
         "collector resident set peaked at {} MiB (bound {ABUSE_RSS_BOUND_MIB} MiB)",

@@ -130,6 +130,13 @@ async fn open_lead(
     (key_id, email, phone)
 }
 
+/// Waits (up to 60 s) until `sql`, a count, finds exactly one row.
+async fn wait_for_one(client: &tokio_postgres::Client, sql: &str) {
+    wait_for_count(client, sql, 1, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err:#}"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     let logs = Captured::default();
@@ -204,14 +211,7 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     .unwrap();
     assert_eq!(r.status(), 403);
 
-    wait_for_count(
-        &client,
-        "SELECT count(*) FROM lead WHERE email_ciphertext IS NOT NULL AND phone_ciphertext IS NOT NULL",
-        1,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    wait_for_one(&client, "SELECT count(*) FROM lead WHERE email_ciphertext IS NOT NULL AND phone_ciphertext IS NOT NULL").await;
     // The collector sealed; the writer stored what it got: the lead decrypts to the email.
     assert_eq!(
         open_lead(&client, &keys, "user-pii").await,
@@ -246,14 +246,7 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    wait_for_count(
-        &client,
-        "SELECT count(*) FROM lead WHERE pii_key_id = 'k2'",
-        1,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    wait_for_one(&client, "SELECT count(*) FROM lead WHERE pii_key_id = 'k2'").await;
     assert_eq!(
         open_lead(&client, &keys, "user-pii").await,
         ("k2".to_owned(), EMAIL.to_owned(), NEW_PHONE.to_owned())
@@ -391,14 +384,7 @@ async fn email_in_a_track_calls_context_traits_is_not_stored_in_plaintext() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let client = db.client().await.unwrap();
-    wait_for_count(
-        &client,
-        "SELECT count(*) FROM event",
-        1,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    wait_for_one(&client, "SELECT count(*) FROM event").await;
     writer.stop().await.unwrap();
     collector.stop().await.unwrap();
     let row = client
