@@ -9,7 +9,8 @@
 //! - [`config`]: settings (flags and `SLUICE_*` variables).
 //! - `consume`: the Kafka consumer thread (`Poller`): lanes fed, paused and resumed.
 //! - `rebalance`: the consumer's context: rebalances positioned from `writer_offset`; lag.
-//! - `batch`: the store pipeline: batching, the transaction, retries, splitting bad batches.
+//! - `batch`: the store pipeline: batching, the transaction, retries; `batch/prepare` sorts a
+//!   batch by step and drops suppressed messages, `batch/steps` splits bad batches.
 //! - `decode`: Kafka values -> typed, validated messages.
 //! - [`copy`]: binary COPY encoding and the event row format (public for the benchmark).
 //! - `claim`: the events' dedup claims in `event_dedup`, then their COPY into `event`.
