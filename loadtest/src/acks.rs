@@ -3,10 +3,11 @@
 //!
 //! Plain text, one record a line, so it can be inspected with `grep` and `wc -l`:
 //! ```text
-//! #sluice-loadtest acks v1
+//! #sluice-loadtest acks v2
 //! #run 3f9a1c2e
 //! #key 0 AbC123xy 42          key index, lookup prefix, tenant id (or - when not known)
-//! 0 3f9a1c2e-1a 1764022800123456   key index, messageId, ack time (Unix µs)
+//! 0 3f9a1c2e-1a 1764022800123456 1764022800101   key index, messageId, ack time (Unix µs),
+//!                             its `timestamp` (Unix ms, or - when it had none)
 //! #end                        the run finished; nothing follows
 //! ```
 //! Only messages that become event rows are recorded (identify calls make leads instead).
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::Error;
 
-const MAGIC: &str = "#sluice-loadtest acks v1";
+const MAGIC: &str = "#sluice-loadtest acks v2";
 
 /// A write key as the ack file names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,9 @@ pub struct AckRecord {
     pub message_id: String,
     /// When its request was acknowledged, Unix microseconds.
     pub ack_unix_us: i64,
+    /// Its `timestamp`, Unix milliseconds (`-` in the file when it had none): the writer's
+    /// dedup claim key, by which `verify` finds it.
+    pub client_ms: Option<i64>,
 }
 
 /// Appends to an ack file through a buffer; [`AckWriter::flush`] makes lines visible to a
@@ -79,8 +83,12 @@ impl AckWriter {
         key_index: usize,
         message_id: &str,
         ack_unix_us: i64,
+        client_ms: Option<i64>,
     ) -> Result<(), Error> {
-        let line = format!("{key_index} {message_id} {ack_unix_us}\n");
+        let line = match client_ms {
+            Some(ms) => format!("{key_index} {message_id} {ack_unix_us} {ms}\n"),
+            None => format!("{key_index} {message_id} {ack_unix_us} -\n"),
+        };
         self.write(line.as_bytes())
     }
 
@@ -234,10 +242,19 @@ impl AckReader {
                     .next()
                     .and_then(|f| f.parse().ok())
                     .ok_or_else(|| bad("no ack time"))?;
+                let client_ms = match fields.next() {
+                    Some("-") => None,
+                    Some(ms) => Some(
+                        ms.parse()
+                            .map_err(|_| bad("the timestamp is not a number"))?,
+                    ),
+                    None => return Err(bad("no timestamp (or -)")),
+                };
                 chunk.acks.push(AckRecord {
                     key_index,
                     message_id,
                     ack_unix_us,
+                    client_ms,
                 });
             }
             None => return Err(bad("empty line")),
@@ -274,7 +291,8 @@ mod tests {
         let first = r.read_available().unwrap();
         assert_eq!(first.keys, keys);
         assert_eq!(r.run_id(), Some("r1"));
-        w.ack(1, "r1-a", 1_700_000_000_000_001).unwrap();
+        w.ack(1, "r1-a", 1_700_000_000_000_001, Some(1_700_000_000_000))
+            .unwrap();
         assert!(
             r.read_available().unwrap().acks.is_empty(),
             "nothing visible before a flush"
@@ -286,13 +304,19 @@ mod tests {
             vec![AckRecord {
                 key_index: 1,
                 message_id: "r1-a".into(),
-                ack_unix_us: 1_700_000_000_000_001
+                ack_unix_us: 1_700_000_000_000_001,
+                client_ms: Some(1_700_000_000_000),
             }]
         );
         assert!(!r.ended());
-        w.ack(0, "r1-b", 5).unwrap();
+        w.ack(0, "r1-b", 5, None).unwrap();
         w.finish().unwrap();
-        assert_eq!(r.read_available().unwrap().acks.len(), 1);
+        let last = r.read_available().unwrap().acks;
+        assert_eq!(last.len(), 1);
+        assert_eq!(
+            last[0].client_ms, None,
+            "a pixel's line has - for its timestamp"
+        );
         assert!(r.ended());
         std::fs::remove_file(&path).unwrap();
     }
@@ -305,7 +329,7 @@ mod tests {
         f.flush().unwrap();
         let mut r = AckReader::open(&path).unwrap();
         assert!(r.read_available().unwrap().acks.is_empty());
-        writeln!(f, "34").unwrap();
+        writeln!(f, "34 7").unwrap();
         f.flush().unwrap();
         assert_eq!(r.read_available().unwrap().acks[0].ack_unix_us, 1234);
         std::fs::remove_file(&path).unwrap();
@@ -320,6 +344,12 @@ mod tests {
             .read_available()
             .unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
+        std::fs::write(&path, format!("{MAGIC}\n#run r\n0 r-1 5\n")).unwrap();
+        let err = AckReader::open(&path)
+            .unwrap()
+            .read_available()
+            .unwrap_err();
+        assert!(err.to_string().contains("no timestamp"), "{err}");
         std::fs::write(&path, "hello\n").unwrap();
         assert!(AckReader::open(&path).unwrap().read_available().is_err());
         std::fs::remove_file(&path).unwrap();

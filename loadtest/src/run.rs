@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 
 use crate::acks::AckWriter;
-use crate::generate::{message_id, Generator, GeneratorConfig, Request};
+use crate::generate::{message_id, Endpoint, Generator, GeneratorConfig, Request};
 use crate::keys::Key;
 use crate::report::{new_histogram, record_us, Latency, Progress, RunReport};
 use crate::schedule::RateSchedule;
@@ -77,8 +77,16 @@ struct Completion {
     latency_us: u64,
     /// When the answer arrived, Unix microseconds.
     ack_unix_us: i64,
+    /// The `timestamp` of the request's messages, Unix milliseconds; `None` for the pixel,
+    /// which sends none.
+    client_ms: Option<i64>,
     outcome: Outcome,
     request: Request,
+}
+
+/// The `timestamp` (milliseconds, as the generator formats it) of a request generated at `now`.
+fn client_ms(request: &Request, now: DateTime<Utc>) -> Option<i64> {
+    (request.endpoint != Endpoint::Pixel).then(|| now.timestamp_millis())
 }
 
 /// Capacity of the completion channel: answers wait here for the recorder. Full, it slows the
@@ -165,7 +173,9 @@ pub async fn run(
                     () = &mut shutdown => break,
                 };
                 let Ok(permit) = permit else { break };
-                let request = generator.next_request(Utc::now());
+                let now = Utc::now();
+                let request = generator.next_request(now);
+                let client_ms = client_ms(&request, now);
                 sent.fetch_add(1, Ordering::Relaxed);
                 let (sender, tx) = (sender.clone(), tx.clone());
                 tokio::spawn(async move {
@@ -174,6 +184,7 @@ pub async fn run(
                     let done = Completion {
                         latency_us: micros(latency),
                         ack_unix_us: unix_us(),
+                        client_ms,
                         outcome,
                         request,
                     };
@@ -205,15 +216,18 @@ pub async fn run(
                             sent.fetch_sub(1, Ordering::Relaxed);
                             break;
                         }
+                        let now = Utc::now();
                         let request = generator
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
-                            .next_request(Utc::now());
+                            .next_request(now);
+                        let client_ms = client_ms(&request, now);
                         let begun = Instant::now();
                         let outcome = sender.send(&request).await;
                         let done = Completion {
                             latency_us: micros(begun.elapsed()),
                             ack_unix_us: unix_us(),
+                            client_ms,
                             outcome,
                             request,
                         };
@@ -426,6 +440,7 @@ impl Recorder {
                     req.key_index,
                     &message_id(&self.run_id, seq),
                     done.ack_unix_us,
+                    done.client_ms,
                 )?;
             }
         }

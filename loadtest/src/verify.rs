@@ -32,6 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use sluice_schema::dedup::DAY_MS;
 use sluice_schema::messages::event_id;
 use uuid::Uuid;
 
@@ -165,6 +166,8 @@ struct Watched {
     tenant_id: i64,
     message_id: String,
     ack_unix_us: i64,
+    /// The claim keys it can be stored under (see [`claim_keys`]).
+    keys: [i64; 2],
     /// Timed: its visibility is polled for.
     timed: bool,
     /// Set once a poll saw it.
@@ -237,6 +240,7 @@ pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
                     tenant_id,
                     message_id: ack.message_id,
                     ack_unix_us: ack.ack_unix_us,
+                    keys: claim_keys(ack.client_ms, ack.ack_unix_us),
                     timed,
                     seen: false,
                 },
@@ -257,10 +261,11 @@ pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
         while !probes.is_empty() {
             let ask: Vec<(i64, Uuid)> = probes
                 .iter()
-                .flat_map(|&(tenant, start, size)| {
-                    pending[&tenant][start..start + size]
-                        .iter()
-                        .map(move |id| (tenant, *id))
+                .flat_map(|&(tenant, start, size)| pending[&tenant][start..start + size].iter())
+                .flat_map(|id| {
+                    let keys = watched.get(id).map_or([0; 2], |w| w.keys);
+                    let distinct = if keys[0] == keys[1] { 1 } else { 2 };
+                    keys.into_iter().take(distinct).map(move |k| (k, *id))
                 })
                 .collect();
             let found = lookup(&client, &ask).await?;
@@ -442,23 +447,37 @@ async fn audit(
     })
 }
 
-/// Which of `ask`'s events are visible: looked up by primary key in `event_dedup`, every tenant
-/// in one statement of at most LOOKUP_CHUNK events. The lateral subquery with its LIMIT keeps
-/// the plan a loop of index probes, whatever the planner guesses of the arrays' length.
+/// The claim keys an acknowledged event can be stored under (`sluice_schema::dedup`): its
+/// `timestamp`; for a call without one (the pixel), the start of its receipt's UTC day, which
+/// is the ack's day or, for a request that crossed midnight, the day before.
+fn claim_keys(client_ms: Option<i64>, ack_unix_us: i64) -> [i64; 2] {
+    match client_ms {
+        Some(ms) => [ms; 2],
+        None => {
+            let day = (ack_unix_us / 1000).div_euclid(DAY_MS) * DAY_MS;
+            [day, day - DAY_MS]
+        }
+    }
+}
+
+/// Which of `ask`'s events (claim key, event id) are visible: looked up by primary key in
+/// `event_dedup`, every tenant in one statement of at most LOOKUP_CHUNK events. The lateral
+/// subquery with its LIMIT keeps the plan a loop of index probes, whatever the planner
+/// guesses of the arrays' length.
 async fn lookup(
     client: &tokio_postgres::Client,
     ask: &[(i64, Uuid)],
 ) -> Result<HashSet<Uuid>, Error> {
     let mut found = HashSet::new();
     for part in ask.chunks(LOOKUP_CHUNK) {
-        let tenants: Vec<i64> = part.iter().map(|(t, _)| *t).collect();
+        let keys: Vec<i64> = part.iter().map(|(k, _)| *k).collect();
         let ids: Vec<Uuid> = part.iter().map(|(_, id)| *id).collect();
         let rows = client
             .query(
-                "SELECT q.event_id FROM unnest($1::bigint[], $2::uuid[]) AS q(tenant_id, event_id) \
+                "SELECT q.event_id FROM unnest($1::bigint[], $2::uuid[]) AS q(key_ms, event_id) \
                  CROSS JOIN LATERAL (SELECT 1 FROM event_dedup d \
-                   WHERE d.tenant_id = q.tenant_id AND d.event_id = q.event_id LIMIT 1) AS hit",
-                &[&tenants, &ids],
+                   WHERE d.key_ms = q.key_ms AND d.event_id = q.event_id LIMIT 1) AS hit",
+                &[&keys, &ids],
             )
             .await
             .map_err(Error::db(

@@ -15,6 +15,7 @@
 //! - [`cli`]: the flags both services take alike (database, Kafka client, topics, PII keys).
 //! - [`secrets`]: settings read from files (`SLUICE_DATABASE_URL_FILE`, ...).
 //! - [`migrate`]: the numbered SQL migrations of `schema/migrations/` and their runner.
+//! - [`dedup`]: the writer's dedup claims: their key (client time first) and day partitions.
 //! - [`partitions`]: month and tenant-hash partitions of `event`: create ahead, list, prune.
 //! - [`ids`]: BIGINT keys as checked, prefixed external ids (`tnt_`, `ws_`, `key_`, ...).
 //! - [`pii`]: AES-256-GCM sealing and HMAC fingerprints of email and phone; key rotation.
@@ -29,6 +30,7 @@ pub mod apikey;
 pub mod cli;
 pub mod control;
 pub mod db;
+pub mod dedup;
 pub mod defaults;
 pub mod erase;
 pub mod error;

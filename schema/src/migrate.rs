@@ -55,6 +55,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "funnels", "0004_funnels"),
     migration!(5, "erasure", "0005_erasure"),
     migration!(6, "funnel_publish_only", "0006_funnel_publish_only"),
+    migration!(7, "dedup_by_day", "0007_dedup_by_day"),
 ];
 
 /// Where a migration stands in a database.

@@ -220,25 +220,12 @@ pub async fn prune(
             ))
         })?;
     let cutoff = month_table_name(oldest_kept);
-    let locked: bool = client
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtextextended('sluice.event_prune', 0))",
-            &[],
-        )
-        .await
-        .map_err(SchemaError::db("taking the prune lock"))?
-        .get(0);
-    if !locked {
+    const LOCK: &str = "sluice.event_prune";
+    if !try_session_lock(client, LOCK).await? {
         return Err(SchemaError::PruneRunning);
     }
     let result = prune_locked(client, &cutoff).await;
-    // The lock is the session's: released here, or when the connection ends.
-    let _ = client
-        .execute(
-            "SELECT pg_advisory_unlock(hashtextextended('sluice.event_prune', 0))",
-            &[],
-        )
-        .await;
+    session_unlock(client, LOCK).await;
     result
 }
 
@@ -261,50 +248,89 @@ async fn prune_locked(client: &mut Client, cutoff: &str) -> Result<Vec<String>, 
         if t.as_str() >= cutoff || !is_month_name(&t) {
             continue;
         }
-        let (how, sql) = if pending.contains(&t) {
-            (
-                "finalize",
-                format!("ALTER TABLE event DETACH PARTITION {t} FINALIZE"),
-            )
-        } else if has_default {
-            (
-                "plain",
-                format!(
-                    "BEGIN; SET LOCAL lock_timeout = '10s'; ALTER TABLE event DETACH PARTITION {t}; COMMIT"
-                ),
-            )
-        } else {
-            (
-                "concurrent",
-                format!("ALTER TABLE event DETACH PARTITION {t} CONCURRENTLY"),
-            )
-        };
-        if how == "plain" {
-            tracing::warn!(table = %t, "event has a DEFAULT partition: detaching with a lock on all of event");
-        }
-        if let Err(err) = client.batch_execute(&sql).await {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(SchemaError::db(format!(
-                "detaching partition {t} ({how}; run the prune again: an interrupted detach is finished then)"
-            ))(err));
-        }
-        // Detached, the month is a table of its own that no writer reads: dropping it locks
-        // only itself.
-        if let Err(err) = client
-            .batch_execute(&format!(
-                "BEGIN; SET LOCAL lock_timeout = '10s'; DROP TABLE {t}; COMMIT"
-            ))
-            .await
-        {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(SchemaError::db(format!(
-                "dropping the detached table {t} (drop it by hand: it is no longer part of event)"
-            ))(err));
-        }
+        let how = detach_and_drop(client, "event", &t, pending.contains(&t), has_default).await?;
         tracing::info!(table = %t, how, "event month partition detached and dropped");
         dropped.push(t);
     }
     Ok(dropped)
+}
+
+/// Takes the session-level advisory lock `name` if no other session holds it.
+pub(crate) async fn try_session_lock(client: &Client, name: &str) -> Result<bool, SchemaError> {
+    Ok(client
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+            &[&name],
+        )
+        .await
+        .map_err(SchemaError::db(format!("taking the lock {name}")))?
+        .get(0))
+}
+
+/// Releases what [`try_session_lock`] took; a failure leaves it to the end of the connection.
+pub(crate) async fn session_unlock(client: &Client, name: &str) {
+    let _ = client
+        .execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&name],
+        )
+        .await;
+}
+
+/// Detaches `table` from `parent` and drops it, never locking writers out of `parent`
+/// (see [`prune`]): `CONCURRENTLY`, or `FINALIZE` when an earlier detach was interrupted
+/// (`pending`), or the plain form under a 10 s `lock_timeout` when `parent` has a DEFAULT
+/// partition. Returns which of the three it was. `parent` and `table` are spliced into SQL:
+/// callers pass names they have checked.
+pub(crate) async fn detach_and_drop(
+    client: &Client,
+    parent: &str,
+    table: &str,
+    pending: bool,
+    has_default: bool,
+) -> Result<&'static str, SchemaError> {
+    let t = table;
+    let (how, sql) = if pending {
+        (
+            "finalize",
+            format!("ALTER TABLE {parent} DETACH PARTITION {t} FINALIZE"),
+        )
+    } else if has_default {
+        (
+            "plain",
+            format!(
+                "BEGIN; SET LOCAL lock_timeout = '10s'; ALTER TABLE {parent} DETACH PARTITION {t}; COMMIT"
+            ),
+        )
+    } else {
+        (
+            "concurrent",
+            format!("ALTER TABLE {parent} DETACH PARTITION {t} CONCURRENTLY"),
+        )
+    };
+    if how == "plain" {
+        tracing::warn!(table = %t, "{parent} has a DEFAULT partition: detaching with a lock on all of {parent}");
+    }
+    if let Err(err) = client.batch_execute(&sql).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(SchemaError::db(format!(
+            "detaching partition {t} ({how}; run the prune again: an interrupted detach is finished then)"
+        ))(err));
+    }
+    // Detached, the partition is a table of its own that no writer reads: dropping it locks
+    // only itself.
+    if let Err(err) = client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = '10s'; DROP TABLE {t}; COMMIT"
+        ))
+        .await
+    {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(SchemaError::db(format!(
+            "dropping the detached table {t} (drop it by hand: it is no longer part of {parent})"
+        ))(err));
+    }
+    Ok(how)
 }
 
 /// True for names of the form `event_yYYYYmMM` (the only names safe to splice into SQL here).

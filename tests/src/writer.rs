@@ -47,6 +47,9 @@ pub struct WriterEnv {
     pub producer: FutureProducer,
     /// Kafka bootstrap servers of this environment.
     pub brokers: String,
+    /// The client clock of [`WriterEnv::stream`]: message `m{i}` was sent at this time plus
+    /// `i` ms, so streaming an id again is a client retry of it (same `timestamp`).
+    pub clock_origin: DateTime<Utc>,
 }
 
 impl WriterEnv {
@@ -80,6 +83,7 @@ impl WriterEnv {
             topics,
             producer,
             brokers: brokers.to_owned(),
+            clock_origin: Utc::now(),
         })
     }
 
@@ -363,6 +367,7 @@ impl WriterEnv {
     ) -> tokio::task::JoinHandle<Result<()>> {
         let producer = self.producer.clone();
         let (ev_topic, vis_topic) = (self.topics.event.clone(), self.topics.visitor.clone());
+        let origin = self.clock_origin;
         tokio::spawn(async move {
             let chunk = (per_second / 10).max(1);
             let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -375,7 +380,8 @@ impl WriterEnv {
                 for i in sent..(sent + chunk).min(total) {
                     let tenant = 1 + (i % 5) as i64;
                     let anon = format!("a{}", i % 1000);
-                    let e = event(tenant, &anon, &format!("m{i}"), now);
+                    let mut e = event(tenant, &anon, &format!("m{i}"), now);
+                    e.timestamp = Some(origin + chrono::Duration::milliseconds(i as i64));
                     let v = visitor(tenant, &anon, now, now, 1, "stream");
                     let key = message_key(tenant, Some(&anon), None);
                     for (topic, payload) in [

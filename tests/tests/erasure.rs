@@ -26,7 +26,7 @@ const KEYS: &str = "t1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Tables holding rows of a tenant, and the column naming it.
-const TENANT_TABLES: [(&str, &str); 14] = [
+const TENANT_TABLES: [(&str, &str); 13] = [
     ("tenant", "id"),
     ("workspace", "tenant_id"),
     ("api_key", "tenant_id"),
@@ -35,7 +35,6 @@ const TENANT_TABLES: [(&str, &str); 14] = [
     ("identity_link", "tenant_id"),
     ("session", "tenant_id"),
     ("event", "tenant_id"),
-    ("event_dedup", "tenant_id"),
     ("funnel", "tenant_id"),
     ("funnel_version", "tenant_id"),
     ("funnel_step", "tenant_id"),
@@ -104,12 +103,6 @@ async fn tenant_delete_removes_every_row_of_the_tenant_in_every_partition_and_no
     let keys = PiiKeys::from_env_strings(KEYS, "t1")?;
     let report = seed::run(&mut c, &keys, Utc::now(), &SeedConfig::default()).await?;
     let (gone, kept) = (report.tenants[0], report.tenants[1]);
-    // The seed has no dedup claims (the writer makes those): one per event of both tenants.
-    c.batch_execute(
-        "INSERT INTO event_dedup (tenant_id, event_id, received_at) \
-         SELECT tenant_id, event_id, received_at FROM event",
-    )
-    .await?;
     // Enough events that the delete takes several batches.
     sluice_schema::partitions::ensure_month(&c, Utc::now().date_naive(), 8).await?;
     c.execute(

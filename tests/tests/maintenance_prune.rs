@@ -1,20 +1,20 @@
 //! Maintenance does not stall the hot path, and keeps what it promises: `partitions prune`
 //! detaches months concurrently, so a prune waiting behind a long query delays no writer batch
 //! by more than a second; an interrupted concurrent detach is finished by the next prune; the
-//! writer's dedup pruning drops claims older than the dedup window and keeps the ones inside.
+//! writer drops the dedup claims' day partitions past the window whole and keeps the ones inside.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use chrono::{NaiveDate, TimeZone, Utc};
 use sluice_schema::messages::event_id;
-use sluice_schema::partitions;
+use sluice_schema::{dedup, partitions};
 use sluice_tests::private::free_port;
-use sluice_tests::query_scalar;
 use sluice_tests::writer::{
     assert_stored_exactly_once, event, wait_all_consumed, wait_for_count, RunningWriter, WriterEnv,
 };
 use sluice_tests::TestDb;
+use sluice_tests::{query_column, query_scalar};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -176,57 +176,67 @@ async fn an_interrupted_concurrent_detach_is_finished_by_the_next_prune() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dedup_pruning_keeps_the_window_and_drops_only_older_claims() -> Result<()> {
+async fn dedup_days_past_the_window_are_dropped_whole_and_retries_inside_it_are_caught(
+) -> Result<()> {
     let env = WriterEnv::new(1).await?;
     let c = env.db.client().await?;
-    // Claims of earlier deliveries: received 6 days 23 hours ago (inside a 7-day window) and
-    // 7 days 1 hour ago (outside it).
-    for (message, age) in [("inside", "6 days 23 hours"), ("outside", "7 days 1 hour")] {
+    let now = Utc::now();
+    let window = dedup::Window { days: 7 };
+    // Claims of earlier deliveries, keyed as the writer keys them: one sent 6 days 20 hours
+    // ago (inside a 7-day window), one on a day past it.
+    let inside_at = now - chrono::Duration::hours(6 * 24 + 20);
+    let old_day = now.date_naive() - chrono::Days::new(9);
+    let outside_at = Utc.from_utc_datetime(&old_day.and_hms_opt(12, 0, 0).expect("noon"));
+    for (at, message) in [(inside_at, "inside"), (outside_at, "outside")] {
+        dedup::ensure_day(&c, at.date_naive()).await?;
         c.execute(
-            &format!(
-                "INSERT INTO event_dedup (tenant_id, event_id, received_at) VALUES (5, $1, now() - interval '{age}')"
-            ),
-            &[&event_id(5, message)],
+            "INSERT INTO event_dedup (key_ms, event_id) VALUES ($1, $2)",
+            &[&at.timestamp_millis(), &event_id(5, message)],
         )
         .await?;
     }
     let mut config = env.config();
-    config.dedup_window_days = 7;
+    config.dedup_window_days = window.days;
     let writer = RunningWriter::start(config);
-    // The writer prunes at start-up (then every ten minutes).
+    // Start-up drops the old day whole and makes every day a claim key can fall on.
+    let old_table = dedup::day_table_name(old_day);
     wait_for_count(
         &c,
-        "SELECT count(*) FROM event_dedup WHERE received_at < now() - interval '7 days'",
+        &format!("SELECT count(*) FROM pg_class WHERE relname = '{old_table}'"),
         0,
         WAIT,
     )
     .await?;
-    let kept: i64 = query_scalar(&c, "SELECT count(*) FROM event_dedup").await?;
-    assert_eq!(kept, 1, "the claim inside the window is kept");
+    let days: Vec<String> = query_column(
+        &c,
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'event_dedup'::regclass ORDER BY 1",
+    )
+    .await?;
+    let expected: Vec<String> = window.days_ahead(now).map(dedup::day_table_name).collect();
+    assert_eq!(days, expected);
 
-    // A client retries both now: the one inside the window is still a duplicate, the one
-    // outside it is stored (as promised: retries are caught for the window, not forever).
-    let now = Utc::now();
+    // A client retries both with their original timestamps: the one inside the window is
+    // still a duplicate, the one past it is stored (retries are caught for the window, not
+    // forever).
     env.produce_events(&[
-        event(5, "a", "inside", now),
-        event(5, "a", "outside", now),
+        event(5, "a", "inside", inside_at),
+        event(5, "a", "outside", outside_at),
         event(5, "a", "fresh", now),
     ])
     .await?;
     wait_for_count(&c, "SELECT count(*) FROM event", 2, WAIT).await?;
     let (group, topics) = (env.group.clone(), env.topics.clone());
     tokio::task::spawn_blocking(move || wait_all_consumed(&group, &topics)).await??;
-    let stored: Vec<String> = c
-        .query("SELECT message_id FROM event ORDER BY message_id", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let stored: Vec<String> =
+        query_column(&c, "SELECT message_id FROM event ORDER BY message_id").await?;
     assert_eq!(stored, ["fresh", "outside"]);
-    // The direct call keeps to the same rule: nothing inside the window goes.
-    let pruned = sluice_writer::prune_dedup(&c, 7).await?;
-    assert_eq!(pruned, 0);
+    // The prune called directly keeps to the same rule: nothing inside the window goes.
+    assert_eq!(dedup::prune(&c, now, window).await?, Vec::<String>::new());
     let claims: i64 = query_scalar(&c, "SELECT count(*) FROM event_dedup").await?;
-    assert_eq!(claims, 3);
+    assert_eq!(
+        claims, 3,
+        "inside's first claim, outside's new one, fresh's"
+    );
     writer.stop().await
 }

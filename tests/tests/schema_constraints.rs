@@ -384,22 +384,22 @@ async fn event_session_and_writer_tables_refuse_bad_rows() {
         "{name}"
     );
 
-    c.batch_execute(
-        "INSERT INTO event_dedup VALUES (1, '00000000-0000-0000-0000-000000000001', now())",
-    )
-    .await
-    .unwrap();
-    assert_unique(
-        &c,
-        "INSERT INTO event_dedup VALUES (1, '00000000-0000-0000-0000-000000000001', now())",
-        "event_dedup_pkey",
-    )
-    .await;
-    c.batch_execute(
-        "INSERT INTO event_dedup VALUES (2, '00000000-0000-0000-0000-000000000001', now())",
-    )
-    .await
-    .unwrap();
+    // Claims: unique per (key, id) inside a day partition; a key on a day without one is
+    // refused, never kept in a catch-all table.
+    c.batch_execute("SELECT event_dedup_ensure_day('2026-01-15')")
+        .await
+        .unwrap();
+    let claim = |key: i64| {
+        format!("INSERT INTO event_dedup VALUES ({key}, '00000000-0000-0000-0000-000000000001')")
+    };
+    // 2026-01-15T12:00:00Z in milliseconds.
+    let noon = 1_768_478_400_000_i64;
+    c.batch_execute(&claim(noon)).await.unwrap();
+    assert_unique(&c, &claim(noon), "event_dedup_d20260115_pkey").await;
+    c.batch_execute(&claim(noon + 1)).await.unwrap();
+    let (code, _, msg) = refused(&c, &claim(noon + 86_400_000)).await;
+    assert_eq!(code, SqlState::CHECK_VIOLATION, "{msg}");
+    assert!(msg.starts_with("no partition of relation"), "{msg}");
 
     assert_check(&c, "INSERT INTO writer_offset (consumer_group, topic, partition, next_offset) VALUES ('g', 't', -1, 0)", "writer_offset_partition_check").await;
     assert_check(&c, "INSERT INTO writer_offset (consumer_group, topic, partition, next_offset) VALUES ('g', 't', 0, -5)", "writer_offset_next_offset_check").await;

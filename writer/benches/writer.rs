@@ -3,7 +3,7 @@
 //! ```sh
 //! SLUICE_BENCH_DATABASE_URL=postgres://sluice@127.0.0.1:54320/sluice \
 //! SLUICE_BENCH_KAFKA_BROKERS=127.0.0.1:19092 \
-//! cargo bench -p sluice-writer --bench writer -- [copy|e2e|all] [ROWS]
+//! cargo bench -p sluice-writer --bench writer -- [copy|e2e|dedup|all] [ROWS]
 //! ```
 //!
 //! - `copy`: the same event rows COPYed five ways into a fresh migrated database with one
@@ -11,6 +11,9 @@
 //!   (the machine's limit), hand-encoded chunks through `CopyInSink` into the parent and into
 //!   the computed leaves, tokio-postgres' `BinaryCopyInWriter` into the parent, and the cost of
 //!   the `event_dedup` claim alone.
+//! - `dedup`: the claim of ROWS new events into claim tables already holding 0 and then
+//!   `SLUICE_BENCH_DEDUP_FILL` (20,000,000) claims: the day-partitioned table keyed by client
+//!   time against the earlier one keyed by random ids.
 //! - `e2e`: a topic pre-filled with ROWS events, then a writer started on it; rows/s from start
 //!   to the last row visible, against psql's COPY of the identical rows.
 
@@ -223,23 +226,126 @@ async fn generic_writer(client: &mut Client, evs: &[EventMessage]) -> Result<Dur
     Ok(started.elapsed())
 }
 
-async fn dedup_claim(client: &mut Client, evs: &[EventMessage]) -> Result<Duration> {
+/// The writer's claim of `evs` (binary COPY of key and id, 20,000 a statement) into `table`.
+async fn dedup_claim(client: &mut Client, table: &str, evs: &[EventMessage]) -> Result<Duration> {
+    let window = sluice_schema::dedup::Window { days: 7 };
+    let now = Utc::now();
     let started = Instant::now();
     let tx = client.transaction().await?;
+    let sql = format!("COPY {table} (key_ms, event_id) FROM STDIN (FORMAT binary)");
     for chunk in evs.chunks(20_000) {
-        let t: Vec<i64> = chunk.iter().map(|e| e.tenant_id).collect();
-        let ids: Vec<uuid::Uuid> = chunk.iter().map(|e| e.event_id).collect();
-        let r: Vec<chrono::DateTime<Utc>> = chunk.iter().map(|e| e.received_at).collect();
-        tx.query(
-            "INSERT INTO event_dedup (tenant_id, event_id, received_at) \
-             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::timestamptz[]) \
-             ON CONFLICT DO NOTHING RETURNING tenant_id, event_id",
-            &[&t, &ids, &r],
-        )
-        .await?;
+        let sink = tx.copy_in(&sql).await?;
+        let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::UUID]);
+        tokio::pin!(writer);
+        for e in chunk {
+            let key = window.key_ms(e.timestamp, e.received_at, now);
+            writer.as_mut().write(&[&key, &e.event_id]).await?;
+        }
+        writer.finish().await?;
     }
     tx.commit().await?;
     Ok(started.elapsed())
+}
+
+/// The claim before migration 0007, for comparison: random event ids under a key of tenant
+/// and id in one unpartitioned table.
+async fn dedup_claim_by_id(client: &mut Client, evs: &[EventMessage]) -> Result<Duration> {
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    for chunk in evs.chunks(20_000) {
+        let sink = tx
+            .copy_in("COPY claim_by_id (tenant_id, event_id) FROM STDIN (FORMAT binary)")
+            .await?;
+        let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::UUID]);
+        tokio::pin!(writer);
+        for e in chunk {
+            writer.as_mut().write(&[&e.tenant_id, &e.event_id]).await?;
+        }
+        writer.finish().await?;
+    }
+    tx.commit().await?;
+    Ok(started.elapsed())
+}
+
+/// Per-id cost of the dedup claim as the window fills: the claim of `n` new events into a
+/// claim table already holding 0 and then `fill` claims, for the day-partitioned table keyed
+/// by client time (0007) and for the earlier table keyed by random ids (0003's shape).
+async fn dedup_bench(admin_url: &str, n: usize, fill: usize) -> Result<()> {
+    let url = fresh_db(admin_url).await?;
+    let mut client = connect(&url).await?;
+    let now = Utc::now();
+    for day in (sluice_schema::dedup::Window { days: 7 }).days_ahead(now) {
+        sluice_schema::dedup::ensure_day(&client, day).await?;
+    }
+    client
+        .batch_execute(
+            "CREATE TABLE claim_by_id (tenant_id bigint NOT NULL, event_id uuid NOT NULL, \
+             PRIMARY KEY (tenant_id, event_id))",
+        )
+        .await?;
+    println!("dedup: claims of {n} new events, into tables holding 0 and then {fill} claims");
+    println!("| claim table | holding | µs an id | ids/s |\n| --- | ---: | ---: | ---: |");
+    let mut batch = 0;
+    for holding in [0, fill] {
+        if holding > 0 {
+            let started = Instant::now();
+            // The window's earlier claims: client times over the last days, ascending, as they
+            // arrived; ids random, as name-based UUIDs are.
+            let span_ms = 6 * sluice_schema::dedup::DAY_MS;
+            let from = now.timestamp_millis() - span_ms;
+            client
+                .execute(
+                    "INSERT INTO event_dedup (key_ms, event_id) \
+                     SELECT $1::bigint + i * ($2::bigint / $3::bigint), gen_random_uuid() \
+                     FROM generate_series(0, $3::bigint - 1) AS i",
+                    &[&from, &span_ms, &(holding as i64)],
+                )
+                .await?;
+            client
+                .execute(
+                    // Sorted, so the fill itself appends; the claims measured after it do not.
+                    "INSERT INTO claim_by_id SELECT * FROM (SELECT 1 + i % 50 AS t, gen_random_uuid() AS id \
+                     FROM generate_series(0, $1::bigint - 1) AS i) f ORDER BY t, id",
+                    &[&(holding as i64)],
+                )
+                .await?;
+            client
+                .batch_execute("VACUUM ANALYZE event_dedup, claim_by_id; CHECKPOINT")
+                .await?;
+            eprintln!(
+                "dedup: filled both with {holding} claims in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        for round in 0..2 {
+            batch += 1;
+            let evs: Vec<EventMessage> = events(n)
+                .into_iter()
+                .map(|mut e| {
+                    e.message_id = format!("{batch}-{}", e.message_id);
+                    e.event_id = messages::event_id(e.tenant_id, &e.message_id);
+                    e
+                })
+                .collect();
+            let by_time = dedup_claim(&mut client, "event_dedup", &evs).await?;
+            let by_id = dedup_claim_by_id(&mut client, &evs).await?;
+            client.batch_execute("CHECKPOINT").await?;
+            if round == 0 {
+                continue; // warm-up: caches and the first checkpoint
+            }
+            for (name, took) in [
+                ("by day and client time (0007)", by_time),
+                ("by tenant and random id (0003)", by_id),
+            ] {
+                println!(
+                    "| {name} | {holding} | {:.2} | {:.0} |",
+                    took.as_secs_f64() * 1e6 / n as f64,
+                    rate(n, took)
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// psql's `\copy` of the writer's encoding of the same rows: the machine's limit.
@@ -324,7 +430,7 @@ async fn copy_bench(admin_url: &str, n: usize) -> Result<()> {
         reset(&client).await?;
         add(
             "event_dedup claim alone",
-            dedup_claim(&mut client, &evs).await?,
+            dedup_claim(&mut client, "event_dedup", &evs).await?,
         );
         eprintln!("round {round} done");
     }
@@ -461,6 +567,10 @@ async fn main() -> Result<()> {
     }
     if matches!(what, "e2e" | "all") {
         e2e_bench(&db, &brokers, n).await?;
+    }
+    if matches!(what, "dedup" | "all") {
+        let fill = env("SLUICE_BENCH_DEDUP_FILL", "20000000").parse()?;
+        dedup_bench(&db, n, fill).await?;
     }
     Ok(())
 }

@@ -38,7 +38,7 @@ use crate::dlq::{DeadLetter, Dlq};
 use crate::error::StoreError;
 use crate::metrics;
 use crate::offsets::{self, Assignments, Tp};
-use crate::partitions::Months;
+use crate::partitions::{ClaimDays, Months};
 use crate::suppress::Suppression;
 use steps::{Step, Stored};
 
@@ -77,6 +77,8 @@ pub(crate) struct Store {
     pub dlq: Dlq,
     /// Month partitions known to exist.
     pub months: Arc<Months>,
+    /// Day partitions of `event_dedup`, and the dedup window.
+    pub claim_days: Arc<ClaimDays>,
     /// PII keys, when configured.
     pub keys: Option<PiiKeys>,
     /// Erased people and deleted tenants, whose messages are dropped.
@@ -263,6 +265,16 @@ impl Store {
         if !prepared.events.is_empty() {
             self.months
                 .ensure_for(&conn, prepared.events.iter().map(|(_, e)| e.occurred_at))
+                .await
+                .map_err(|e| StoreError::Transient(e.to_string()))?;
+            self.claim_days
+                .ensure_for(
+                    &conn,
+                    prepared
+                        .events
+                        .iter()
+                        .map(|(_, e)| prepared.claim_key(&self.claim_days, e)),
+                )
                 .await
                 .map_err(|e| StoreError::Transient(e.to_string()))?;
         }

@@ -1,9 +1,9 @@
-//! The dedup claim of a batch's events: each event id claimed once in `event_dedup`, only the
-//! newly claimed events copied into `event` and counted on their visitor and session.
+//! The dedup claim of a batch's events: each event claimed once in `event_dedup` by its key
+//! and id, only the newly claimed events copied into `event` and counted on their visitor and
+//! session.
 
 use std::collections::HashSet;
 
-use chrono::{DateTime, Utc};
 use sluice_schema::messages::{EventMessage, RawObject};
 use tokio_postgres::Transaction;
 use uuid::Uuid;
@@ -19,9 +19,10 @@ pub(crate) struct EventsStored {
     pub duplicates: u64,
 }
 
-/// Claims the events' ids in `event_dedup`, copies the newly claimed ones into `event` and
-/// adds them, and only them, to their visitor's and session's counters. The caller has
-/// removed duplicates inside the batch.
+/// Claims the events in `event_dedup` under their claim keys (`keys[i]` is `events[i]`'s, see
+/// `sluice_schema::dedup`), copies the newly claimed ones into `event` and adds them, and only
+/// them, to their visitor's and session's counters. The caller has removed duplicates inside
+/// the batch and made sure the keys' day partitions exist.
 ///
 /// The claim is first a binary `COPY` into `event_dedup` under a savepoint: the usual case,
 /// since client retries and redeliveries are rare, and about a quarter less of the
@@ -32,12 +33,14 @@ pub(crate) struct EventsStored {
 pub(crate) async fn events(
     tx: &Transaction<'_>,
     events: &[&EventMessage<RawObject>],
+    keys: &[i64],
 ) -> Result<EventsStored, tokio_postgres::Error> {
+    debug_assert_eq!(events.len(), keys.len());
     if events.is_empty() {
         return Ok(EventsStored::default());
     }
     let mut enc = CopyEncoder::new(COPY_EVENT);
-    if claim_all(tx, events).await? {
+    if claim_all(tx, events, keys).await? {
         for e in events {
             encode_event(&mut enc, e);
         }
@@ -48,15 +51,13 @@ pub(crate) async fn events(
             duplicates: 0,
         });
     }
-    let tenants: Vec<i64> = events.iter().map(|e| e.tenant_id).collect();
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    let received: Vec<DateTime<Utc>> = events.iter().map(|e| e.received_at).collect();
     let claimed: HashSet<(i64, Uuid)> = tx
         .query(
-            "INSERT INTO event_dedup (tenant_id, event_id, received_at) \
-             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::timestamptz[]) \
-             ON CONFLICT DO NOTHING RETURNING tenant_id, event_id",
-            &[&tenants, &ids, &received],
+            "INSERT INTO event_dedup (key_ms, event_id) \
+             SELECT * FROM unnest($1::bigint[], $2::uuid[]) \
+             ON CONFLICT DO NOTHING RETURNING key_ms, event_id",
+            &[&keys, &ids],
         )
         .await?
         .into_iter()
@@ -64,8 +65,9 @@ pub(crate) async fn events(
         .collect();
     let fresh: Vec<&EventMessage<RawObject>> = events
         .iter()
-        .filter(|e| claimed.contains(&(e.tenant_id, e.event_id)))
-        .copied()
+        .zip(keys)
+        .filter(|(e, k)| claimed.contains(&(**k, e.event_id)))
+        .map(|(e, _)| *e)
         .collect();
     for e in &fresh {
         encode_event(&mut enc, e);
@@ -80,17 +82,17 @@ pub(crate) async fn events(
     Ok(EventsStored { stored, duplicates })
 }
 
-/// Claims every event's id by COPY; false (and nothing claimed) when one was claimed before.
+/// Claims every event by COPY; false (and nothing claimed) when one was claimed before.
 async fn claim_all(
     tx: &Transaction<'_>,
     events: &[&EventMessage<RawObject>],
+    keys: &[i64],
 ) -> Result<bool, tokio_postgres::Error> {
     let mut enc = CopyEncoder::new(COPY_DEDUP);
-    for e in events {
+    for (e, key) in events.iter().zip(keys) {
         enc.row();
-        enc.i64(e.tenant_id);
+        enc.i64(*key);
         enc.uuid(&e.event_id);
-        enc.ts(e.received_at);
     }
     tx.batch_execute("SAVEPOINT dedup_claim").await?;
     match copy_in(tx, enc).await {
@@ -107,12 +109,11 @@ async fn claim_all(
     }
 }
 
-const COPY_DEDUP: &str =
-    "COPY event_dedup (tenant_id, event_id, received_at) FROM STDIN (FORMAT binary)";
+const COPY_DEDUP: &str = "COPY event_dedup (key_ms, event_id) FROM STDIN (FORMAT binary)";
 
 fn is_dedup_conflict(err: &tokio_postgres::Error) -> bool {
     err.as_db_error().is_some_and(|db| {
         *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-            && db.table() == Some("event_dedup")
+            && db.table().is_some_and(|t| t.starts_with("event_dedup"))
     })
 }

@@ -18,7 +18,7 @@
 //! - `identity`: identify/alias -> lead (PII sealed) and identity_link.
 //! - `offsets`: `writer_offset` reads and conditional moves; owned partitions.
 //! - `partitions`: month partitions ahead, on a timer and on demand.
-//! - `maintenance`: the timer off the hot path: months ahead, expired dedup claims pruned.
+//! - `maintenance`: the timer off the hot path: months and dedup days ahead, expired days dropped.
 //! - `suppress`: the erasure suppression list: messages of erased people are dropped.
 //! - `dlq`: the dead-letter producer.
 //! - [`metrics`]: metric names.
@@ -60,7 +60,6 @@ mod suppress;
 
 pub use config::Config;
 pub use error::WriterError;
-pub use maintenance::prune_dedup;
 
 /// Runs a writer until `shutdown` resolves: finishes (or, when PostgreSQL is failing,
 /// abandons) the open batch, leaves the consumer group and returns.
@@ -92,12 +91,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
 
-    let months = Arc::new(partitions::Months::new(PartitionConfig {
-        hash_modulus: config.partition_hash_modulus,
-        months_ahead: config.partition_months_ahead,
-    }));
+    let (months, claim_days) = partition_caches(&config);
     tokio::pin!(shutdown);
-    let checks = || start_up_checks(&pool, &months, &config, &kafka, &topics);
+    let checks = || start_up_checks(&pool, &months, &claim_days, &config, &kafka, &topics);
     if !until_ready(checks, &dlq, &mut shutdown).await {
         consumer_stop.cancel();
         tracing::info!("shutdown requested before the writer was ready");
@@ -118,7 +114,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::spawn(maintenance::run(
         pool.clone(),
         months.clone(),
-        config.dedup_window_days,
+        claim_days.clone(),
         consumer_stop.clone(),
     ));
 
@@ -127,6 +123,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         group: config.group.clone(),
         dlq,
         months,
+        claim_days,
         keys,
         suppression: suppress::Suppression::new(config.suppression_cache_max_entries),
         assignments,
@@ -141,6 +138,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     consumer_stop.cancel();
     let joined = tokio::task::spawn_blocking(move || consumer.thread.join()).await;
     stopped(shutting_down, joined.is_ok_and(|left| left.is_ok()))
+}
+
+/// What the writer knows of its partitions, empty at start: the months of `event` and the days
+/// of `event_dedup` known to exist (and the dedup window).
+fn partition_caches(config: &Config) -> (Arc<partitions::Months>, Arc<partitions::ClaimDays>) {
+    let months = partitions::Months::new(PartitionConfig {
+        hash_modulus: config.partition_hash_modulus,
+        months_ahead: config.partition_months_ahead,
+    });
+    let claim_days = partitions::ClaimDays::new(sluice_schema::dedup::Window {
+        days: config.dedup_window_days,
+    });
+    (Arc::new(months), Arc::new(claim_days))
 }
 
 /// How [`run`] ends once the lanes are done and the consumer thread joined: `shutting_down`
@@ -328,6 +338,7 @@ fn check(config: &Config) -> Result<(), WriterError> {
 async fn start_up_checks(
     pool: &Pool,
     months: &partitions::Months,
+    claim_days: &partitions::ClaimDays,
     config: &Config,
     kafka: &KafkaProperties,
     topics: &Topics,
@@ -344,6 +355,17 @@ async fn start_up_checks(
         .ensure_ahead(&client, chrono::Utc::now())
         .await
         .map_err(WriterError::schema("creating month partitions ahead"))?;
+    let now = chrono::Utc::now();
+    claim_days
+        .ensure_ahead(&client, now)
+        .await
+        .map_err(WriterError::schema(
+            "creating event_dedup day partitions ahead",
+        ))?;
+    claim_days
+        .prune(&client, now)
+        .await
+        .map_err(WriterError::schema("dropping expired event_dedup days"))?;
     drop(client);
     create_topics(config, kafka, topics).await
 }

@@ -90,11 +90,17 @@ pub const SUPPRESSION_CACHE_OVERFLOW: Metric = Metric::gauge(
     &[],
     "1 once the suppression list outgrew its bound and batches ask the database.",
 );
-/// Expired `event_dedup` claims deleted (older than the dedup window).
-pub const DEDUP_PRUNED_TOTAL: Metric = Metric::counter(
-    "sluice_writer_dedup_pruned_total",
+/// Day partitions of `event_dedup` created by the writer (ahead of time or on demand).
+pub const DEDUP_DAYS_CREATED_TOTAL: Metric = Metric::counter(
+    "sluice_writer_dedup_days_created_total",
     &[],
-    "Expired event_dedup claims deleted.",
+    "Day partitions of event_dedup created.",
+);
+/// Day partitions of `event_dedup` dropped whole: their claims were past the dedup window.
+pub const DEDUP_DAYS_DROPPED_TOTAL: Metric = Metric::counter(
+    "sluice_writer_dedup_days_dropped_total",
+    &[],
+    "Day partitions of event_dedup dropped (past the dedup window).",
 );
 /// Month partitions created by the writer.
 pub const PARTITIONS_CREATED_TOTAL: Metric = Metric::counter(
@@ -142,7 +148,8 @@ pub const ALL: &[Metric] = &[
     SUPPRESSED_MESSAGES_TOTAL,
     SUPPRESSION_CACHE_ENTRIES,
     SUPPRESSION_CACHE_OVERFLOW,
-    DEDUP_PRUNED_TOTAL,
+    DEDUP_DAYS_CREATED_TOTAL,
+    DEDUP_DAYS_DROPPED_TOTAL,
     PARTITIONS_CREATED_TOTAL,
     BUFFERED_MESSAGES,
     PAUSED,
@@ -190,9 +197,14 @@ pub(crate) fn suppression_cache(entries: usize, overflow: bool) {
     metrics::gauge!(SUPPRESSION_CACHE_OVERFLOW.name).set(f64::from(u8::from(overflow)));
 }
 
-/// Records `n` expired dedup claims deleted.
-pub(crate) fn dedup_pruned(n: u64) {
-    metrics::counter!(DEDUP_PRUNED_TOTAL.name).increment(n);
+/// Records `n` dedup day partitions created.
+pub(crate) fn dedup_days_created(n: u64) {
+    metrics::counter!(DEDUP_DAYS_CREATED_TOTAL.name).increment(n);
+}
+
+/// Records `n` dedup day partitions dropped.
+pub(crate) fn dedup_days_dropped(n: u64) {
+    metrics::counter!(DEDUP_DAYS_DROPPED_TOTAL.name).increment(n);
 }
 
 /// Records `n` month partitions created.

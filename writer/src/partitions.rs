@@ -1,11 +1,13 @@
-//! Month partitions of `event`, kept off the hot path: ensured ahead at start-up and on a
-//! timer, and on demand (before the batch's transaction, on a connection of its own) when a
-//! batch holds an event for a month this writer has not seen to exist.
+//! Partitions the writer keeps, off the hot path: month partitions of `event` and day
+//! partitions of `event_dedup`, ensured ahead at start-up and on a timer, and on demand
+//! (before the batch's transaction, on a connection of its own) when a batch needs one this
+//! writer has not seen to exist.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use sluice_schema::dedup::{self, Window};
 use sluice_schema::partitions::{self, PartitionConfig};
 use tokio_postgres::Client;
 
@@ -75,6 +77,88 @@ impl Months {
     }
 
     /// Forgets a month (its partition was found missing after all, e.g. pruned by an operator).
+    pub fn forget_all(&self) {
+        self.lock().clear();
+    }
+}
+
+/// Day partitions of `event_dedup` known to exist, and the window that says which days a
+/// claim key can fall on.
+#[derive(Debug)]
+pub(crate) struct ClaimDays {
+    /// The dedup window.
+    pub window: Window,
+    /// Days known to have a partition: about the window's length, as old days are
+    /// forgotten when they are dropped.
+    known: Mutex<HashSet<NaiveDate>>,
+}
+
+impl ClaimDays {
+    pub fn new(window: Window) -> ClaimDays {
+        ClaimDays {
+            window,
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<NaiveDate>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ensures every day a claim key can fall on at `now`, and tomorrow's (start-up, timer).
+    pub async fn ensure_ahead(
+        &self,
+        client: &Client,
+        now: DateTime<Utc>,
+    ) -> Result<(), sluice_schema::SchemaError> {
+        self.ensure(client, self.window.days_ahead(now))
+            .await
+            .map(drop)
+    }
+
+    /// Ensures the days of these claim keys exist; returns how many it created.
+    pub async fn ensure_for(
+        &self,
+        client: &Client,
+        keys: impl Iterator<Item = i64>,
+    ) -> Result<usize, sluice_schema::SchemaError> {
+        self.ensure(client, keys.map(dedup::day_of_key)).await
+    }
+
+    async fn ensure(
+        &self,
+        client: &Client,
+        days: impl Iterator<Item = NaiveDate>,
+    ) -> Result<usize, sluice_schema::SchemaError> {
+        let missing: HashSet<NaiveDate> = {
+            let known = self.lock();
+            days.filter(|d| !known.contains(d)).collect()
+        };
+        let mut created = 0;
+        for day in missing {
+            if dedup::ensure_day(client, day).await? {
+                created += 1;
+                metrics::dedup_days_created(1);
+            }
+            self.lock().insert(day);
+        }
+        Ok(created)
+    }
+
+    /// Drops the days past the window (see [`dedup::prune`]) and forgets them.
+    pub async fn prune(
+        &self,
+        client: &Client,
+        now: DateTime<Utc>,
+    ) -> Result<usize, sluice_schema::SchemaError> {
+        let dropped = dedup::prune(client, now, self.window).await?;
+        metrics::dedup_days_dropped(dropped.len() as u64);
+        let oldest = self.window.oldest_kept(now);
+        self.lock().retain(|d| *d >= oldest);
+        Ok(dropped.len())
+    }
+
+    /// Forgets every day (one was found missing after all, e.g. dropped by an operator).
     pub fn forget_all(&self) {
         self.lock().clear();
     }

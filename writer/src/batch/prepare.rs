@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use chrono::{DateTime, Utc};
 use sluice_schema::messages::{
     EventMessage, IdentityMessage, RawObject, SessionMessage, VisitorMessage,
 };
@@ -14,6 +15,7 @@ use super::Store;
 use crate::consume::Record;
 use crate::decode::{Decoded, Rejection};
 use crate::identity;
+use crate::partitions::ClaimDays;
 use crate::suppress::Subject;
 
 /// A batch's decoded content, indexes pointing back into the batch's records.
@@ -27,12 +29,24 @@ pub(super) struct Prepared<'a> {
     pub(super) rejected: Vec<(usize, Rejection)>,
     /// Events dropped as duplicates of an earlier one in the same batch.
     pub(super) in_batch_duplicates: u64,
+    /// The writer's clock when the batch was prepared: it bounds the dedup claim keys.
+    pub(super) now: DateTime<Utc>,
+}
+
+impl Prepared<'_> {
+    /// The dedup claim key of `e` (see [`sluice_schema::dedup::Window::key_ms`]).
+    pub(super) fn claim_key(&self, days: &ClaimDays, e: &EventMessage<RawObject>) -> i64 {
+        days.window.key_ms(e.timestamp, e.received_at, self.now)
+    }
 }
 
 impl Store {
     /// Sorts the batch's messages (decoded by the consumer thread, off this task) by step.
     pub(super) fn prepare<'a>(&self, batch: &'a [Record]) -> Prepared<'a> {
-        let mut p = Prepared::default();
+        let mut p = Prepared {
+            now: Utc::now(),
+            ..Prepared::default()
+        };
         let mut seen: HashSet<(i64, Uuid)> = HashSet::new();
         for (i, r) in batch.iter().enumerate() {
             match &r.decoded {

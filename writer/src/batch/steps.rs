@@ -73,6 +73,7 @@ impl Store {
                     // A month vanished after we saw it (pruned by an operator): forget what we
                     // know and retry the batch, which recreates it.
                     self.months.forget_all();
+                    self.claim_days.forget_all();
                     return Err(StoreError::Transient(describe(&err)));
                 }
                 Err(err) if is_concurrent_lead_insert(&err) => {
@@ -120,7 +121,11 @@ impl Store {
             Step::Events => {
                 let rows: Vec<&EventMessage<RawObject>> =
                     idx.iter().map(|&i| p.events[i].1).collect();
-                let out = claim::events(tx, &rows).await?;
+                let keys: Vec<i64> = rows
+                    .iter()
+                    .map(|e| p.claim_key(&self.claim_days, e))
+                    .collect();
+                let out = claim::events(tx, &rows, &keys).await?;
                 stored.events += out.stored;
                 stored.duplicates += out.duplicates;
             }
