@@ -2,12 +2,11 @@
 //! environment variable (docs/architecture.md §8.3), with the local stack's defaults beside them.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_schema::defaults;
+use sluice_schema::cli::{own_words, DatabaseArgs, KafkaArgs, PiiArgs, TopicArgs};
 use sluice_schema::kafka::KafkaProperties;
 use sluice_schema::runtime::LogFormat;
 use sluice_schema::topics::Topics;
@@ -17,9 +16,47 @@ use crate::payload::Limits;
 /// Default of [`Config::rate_limit_per_key_per_second`].
 pub const DEFAULT_RATE_LIMIT_PER_KEY_PER_SECOND: u32 = 5_000;
 
+/// The collector's words for the shared flags of `sluice_schema::cli` it explains its own way
+/// (argument id, help text).
+const OWN_WORDS: &[(&str, &str)] = &[
+    (
+        "database_url",
+        "PostgreSQL URL, for API key look-ups only; libpq style \
+        (`sslmode`, `sslrootcert`, `sslcert`, `sslkey` apply)",
+    ),
+    (
+        "kafka_properties",
+        "librdkafka property `key=value` for the collector's \
+        Kafka clients (TLS, SASL); repeatable, or comma-separated in the variable. Properties \
+        the delivery guarantee rests on (idempotence, acks, message timeout) are refused",
+    ),
+    (
+        "topic_partitions",
+        "Partitions of each topic created at start-up \
+        (existing topics are left as they are). The same default as the writer's, whichever \
+        service starts first: it caps how many writers a consumer group can use",
+    ),
+    (
+        "pii_keys",
+        "PII keys, `id=base64,id=base64` (32 random bytes each), the \
+        same list as the writer's and `sluice-schema`'s: an identify's email and phone are \
+        sealed here, before they are produced, so no topic holds them in plaintext. Without \
+        keys, identifies carrying an email or phone are refused (reason `pii_keys_missing`)",
+    ),
+    (
+        "pii_keys_file",
+        "A file holding `SLUICE_PII_KEYS` (a mounted secret); read when that is empty",
+    ),
+];
+
 /// Everything `sluice-ingest` can be told.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sluice-ingest", version, about = "sluice's HTTP collector")]
+#[command(
+    name = "sluice-ingest",
+    version,
+    about = "sluice's HTTP collector",
+    mut_args(own_words(OWN_WORDS))
+)]
 pub struct Config {
     /// Address of the collector's API (`/v1/...`).
     #[arg(long, env = "SLUICE_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
@@ -30,62 +67,25 @@ pub struct Config {
     #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,
 
-    /// Kafka bootstrap servers, `host:port[,host:port...]`.
-    #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = defaults::KAFKA_BROKERS)]
-    pub kafka_brokers: String,
-
-    /// librdkafka property `key=value` for the collector's Kafka clients (TLS, SASL);
-    /// repeatable, or comma-separated in the variable. Properties the delivery guarantee
-    /// rests on (idempotence, acks, message timeout) are refused.
-    #[arg(
-        long = "kafka-property",
-        env = "SLUICE_KAFKA_PROPERTIES",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub kafka_properties: Vec<String>,
-
-    /// File of librdkafka properties, one `key=value` a line, `#` comments (a mounted
-    /// Secret); read after SLUICE_KAFKA_PROPERTIES.
-    #[arg(long, env = "SLUICE_KAFKA_PROPERTIES_FILE")]
-    pub kafka_properties_file: Option<PathBuf>,
+    /// The Kafka brokers and the operator's librdkafka properties.
+    #[command(flatten)]
+    pub kafka_args: KafkaArgs,
 
     /// The Kafka properties as loaded by [`Config::load_files`] (not a flag).
     #[arg(skip)]
     pub kafka: KafkaProperties,
 
-    /// PostgreSQL URL, for API key look-ups only; libpq style (`sslmode`, `sslrootcert`,
-    /// `sslcert`, `sslkey` apply).
-    #[arg(
-        long,
-        env = "SLUICE_DATABASE_URL",
-        hide_env_values = true,
-        default_value = defaults::DATABASE_URL
-    )]
-    pub database_url: String,
-
-    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
-    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
-    pub database_url_file: Option<PathBuf>,
+    /// The PostgreSQL of the API keys.
+    #[command(flatten)]
+    pub database_args: DatabaseArgs,
 
     /// Prefix before every topic name (empty: docs/architecture.md §3.1's names exactly).
     #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
 
-    /// Partitions of each topic created at start-up (existing topics are left as they are).
-    /// The same default as the writer's, whichever service starts first: it caps how many
-    /// writers a consumer group can use.
-    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = defaults::TOPIC_PARTITIONS)]
-    pub topic_partitions: i32,
-
-    /// Replication factor of each topic created at start-up.
-    #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = defaults::TOPIC_REPLICATION)]
-    pub topic_replication: i32,
-
-    /// `min.insync.replicas` of topics created at start-up; 0 picks replication - 1 (at
-    /// least 1), so with `acks=all` losing one broker loses no acknowledged message.
-    #[arg(long, env = "SLUICE_TOPIC_MIN_INSYNC_REPLICAS", default_value_t = 0)]
-    pub topic_min_insync_replicas: i32,
+    /// How the topics created at start-up are made.
+    #[command(flatten)]
+    pub topic_args: TopicArgs,
 
     /// How long a request waits for Kafka to acknowledge all its messages before it answers
     /// 503. Also librdkafka's `message.timeout.ms` (default 300000), so a message the client
@@ -257,25 +257,9 @@ pub struct Config {
     #[arg(long, env = "SLUICE_MAX_HEADER_BYTES", default_value_t = 65_536)]
     pub max_header_bytes: usize,
 
-    /// PII keys, `id=base64,id=base64` (32 random bytes each), the same list as the writer's
-    /// and `sluice-schema`'s: an identify's email and phone are sealed here, before they are
-    /// produced, so no topic holds them in plaintext. Without keys, identifies carrying an
-    /// email or phone are refused (reason `pii_keys_missing`).
-    #[arg(
-        long,
-        env = "SLUICE_PII_KEYS",
-        default_value = "",
-        hide_env_values = true
-    )]
-    pub pii_keys: String,
-
-    /// A file holding `SLUICE_PII_KEYS` (a mounted secret); read when that is empty.
-    #[arg(long, env = "SLUICE_PII_KEYS_FILE")]
-    pub pii_keys_file: Option<std::path::PathBuf>,
-
-    /// Id of the key new values are sealed with (one of the keys).
-    #[arg(long, env = "SLUICE_PII_ACTIVE_KEY", default_value = "")]
-    pub pii_active_key: String,
+    /// The PII keys an identify's email and phone are sealed with.
+    #[command(flatten)]
+    pub pii_args: PiiArgs,
 
     /// Traits that are personal data, comma separated: sealed in an identify (email and phone
     /// into the lead's columns, others in place as `{"$sealed": ...}`), dropped from the
@@ -306,15 +290,8 @@ impl Config {
     /// `SLUICE_KAFKA_PROPERTIES_FILE`) and checks the Kafka properties: done once by
     /// [`crate::serve_on`], so a bad file stops the collector at start-up.
     pub fn load_files(mut self) -> Result<Config, sluice_schema::SchemaError> {
-        self.database_url = sluice_schema::secrets::value_or_file(
-            &self.database_url,
-            self.database_url_file.as_deref(),
-            "SLUICE_DATABASE_URL_FILE",
-        )?;
-        self.kafka = KafkaProperties::load(
-            &self.kafka_properties,
-            self.kafka_properties_file.as_deref(),
-        )?;
+        self.database_args.database_url = self.database_args.url()?;
+        self.kafka = self.kafka_args.properties()?;
         Ok(self)
     }
 
@@ -347,9 +324,9 @@ impl Config {
 
     /// The PII keys, when configured (from `pii_keys`, else `pii_keys_file`).
     pub fn pii(&self) -> Result<Option<sluice_schema::pii::PiiKeys>, String> {
-        let mut keys = self.pii_keys.trim().to_owned();
+        let mut keys = self.pii_args.pii_keys.trim().to_owned();
         if keys.is_empty() {
-            if let Some(path) = &self.pii_keys_file {
+            if let Some(path) = &self.pii_args.pii_keys_file {
                 keys = std::fs::read_to_string(path)
                     .map_err(|e| {
                         format!(
@@ -364,7 +341,7 @@ impl Config {
         if keys.is_empty() {
             return Ok(None);
         }
-        sluice_schema::pii::PiiKeys::from_env_strings(&keys, &self.pii_active_key)
+        sluice_schema::pii::PiiKeys::from_env_strings(&keys, &self.pii_args.pii_active_key)
             .map(Some)
             .map_err(|e| e.to_string())
     }
@@ -520,5 +497,12 @@ mod tests {
             12,
             "the new name wins over the old"
         );
+    }
+
+    #[test]
+    fn own_words_name_real_flags() {
+        let command = <Config as clap::CommandFactory>::command();
+        let unknown = sluice_schema::cli::unknown_words(&command, OWN_WORDS);
+        assert!(unknown.is_empty(), "{unknown:?}");
     }
 }

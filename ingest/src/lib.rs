@@ -154,7 +154,7 @@ pub async fn serve_on(
 
 /// A small pool for key look-ups, with short timeouts so a dead database makes a fast 503.
 fn database_pool(config: &Config) -> Result<deadpool_postgres::Pool, IngestError> {
-    let target = sluice_schema::db::DbTarget::parse(&config.database_url)
+    let target = sluice_schema::db::DbTarget::parse(&config.database_args.database_url)
         .map_err(|e| IngestError::DatabaseConfig(e.to_string()))?;
     tracing::info!(database = %target.redacted, kafka_properties = %config.kafka, "connecting");
     // 2 s everywhere: a key look-up past it is answered 503, not left hanging.

@@ -131,7 +131,7 @@ pub struct KafkaSink {
 /// The producer settings of docs/architecture.md §3.4, with the bounds from `config`.
 pub fn producer_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.kafka_brokers)
+    c.set("bootstrap.servers", &config.kafka_args.kafka_brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", &config.producer_compression)
@@ -261,15 +261,15 @@ impl Sink for KafkaSink {
 pub async fn ensure_topics(config: &Config) -> Result<(), String> {
     let mut client = ClientConfig::new();
     client
-        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("bootstrap.servers", &config.kafka_args.kafka_brokers)
         .set("socket.timeout.ms", "5000");
     config.kafka.apply(&mut client);
     topics::create_missing_with(
         &client,
         &config.topics().all(),
-        config.topic_partitions,
-        config.topic_replication,
-        config.topic_min_insync_replicas,
+        config.topic_args.topic_partitions,
+        config.topic_args.topic_replication,
+        config.topic_args.topic_min_insync_replicas,
         Duration::from_secs(10),
     )
     .await

@@ -12,6 +12,7 @@ use sluice_loadtest::keys::Key;
 use sluice_loadtest::run::{new_run_id, Mode, RunConfig};
 use sluice_loadtest::verify::VerifyConfig;
 use sluice_loadtest::Error;
+use sluice_schema::cli::{own_words, DatabaseArgs};
 use sluice_schema::runtime::{init_tracing, shutdown_signal, LogFormat};
 
 // The load generator shares the cores of what it measures: it allocates per request, and
@@ -72,6 +73,10 @@ struct BareArgs {
 }
 
 #[derive(Args)]
+#[command(mut_args(own_words(&[(
+    "database_url",
+    "PostgreSQL to make tenants in (--create-tenants)"
+)])))]
 struct RunArgs {
     /// Collector base URL.
     #[arg(
@@ -88,16 +93,8 @@ struct RunArgs {
     #[arg(long, env = "SLUICE_LOADTEST_CREATE_TENANTS", default_value_t = 0)]
     create_tenants: usize,
     /// PostgreSQL to make tenants in (--create-tenants).
-    #[arg(
-        long,
-        env = "SLUICE_DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
-    )]
-    database_url: String,
-    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
-    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
-    database_url_file: Option<PathBuf>,
+    #[command(flatten)]
+    database_args: DatabaseArgs,
     /// Open loop: requests per second, sent on schedule whatever the answers do.
     #[arg(
         long,
@@ -155,6 +152,7 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+#[command(mut_args(own_words(&[("database_url", "PostgreSQL the writer writes to")])))]
 struct VerifyArgs {
     /// The ack file `run` wrote.
     #[arg(
@@ -164,16 +162,8 @@ struct VerifyArgs {
     )]
     ack_file: PathBuf,
     /// PostgreSQL the writer writes to.
-    #[arg(
-        long,
-        env = "SLUICE_DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
-    )]
-    database_url: String,
-    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
-    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
-    database_url_file: Option<PathBuf>,
+    #[command(flatten)]
+    database_args: DatabaseArgs,
     /// Follow the ack file while `run` is still writing it (for true ack -> visible latency).
     #[arg(long)]
     follow: bool,
@@ -225,11 +215,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let run_id = args.run_id.unwrap_or_else(new_run_id);
     let collector_url = args.collector_url;
     if args.create_tenants > 0 {
-        let url = sluice_schema::secrets::value_or_file(
-            &args.database_url,
-            args.database_url_file.as_deref(),
-            "SLUICE_DATABASE_URL_FILE",
-        )?;
+        let url = args.database_args.url()?;
         let client = sluice_loadtest::keys::connect(&url).await?;
         let name_prefix = format!("loadtest-{run_id}");
         let made =
@@ -290,11 +276,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let config = VerifyConfig {
         ack_file: args.ack_file,
-        database_url: sluice_schema::secrets::value_or_file(
-            &args.database_url,
-            args.database_url_file.as_deref(),
-            "SLUICE_DATABASE_URL_FILE",
-        )?,
+        database_url: args.database_args.url()?,
         follow: args.follow,
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(1)),
         timeout: Duration::from_secs(args.timeout_s),

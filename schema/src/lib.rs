@@ -12,6 +12,7 @@
 //!   that name the setting to fix.
 //! - [`kafka`]: operator-given librdkafka properties (TLS, SASL), with sluice's own refused.
 //! - [`defaults`]: defaults of the settings several binaries read.
+//! - [`cli`]: the flags both services take alike (database, Kafka client, topics, PII keys).
 //! - [`secrets`]: settings read from files (`SLUICE_DATABASE_URL_FILE`, ...).
 //! - [`migrate`]: the numbered SQL migrations of `schema/migrations/` and their runner.
 //! - [`dedup`]: the writer's dedup claims: their key (client time first) and day partitions.
@@ -26,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod apikey;
+pub mod cli;
 pub mod control;
 pub mod db;
 pub mod dedup;

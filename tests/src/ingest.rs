@@ -61,6 +61,19 @@ pub async fn served(name: &str) -> Result<(TestDb, Account, Collector)> {
     Ok((db, acct, collector))
 }
 
+/// [`served`] with the collector's config adjusted by `adjust` first.
+pub async fn served_with(
+    name: &str,
+    adjust: impl FnOnce(&mut Config),
+) -> Result<(TestDb, Account, Collector)> {
+    let db = TestDb::migrated().await?;
+    let acct = account(&db, name).await?;
+    let mut config = Collector::config(&db);
+    adjust(&mut config);
+    let collector = Collector::start(config).await?;
+    Ok((db, acct, collector))
+}
+
 /// POSTs `body` as JSON to `url` with `key` as the bearer token: a Segment-style call.
 pub async fn post_json<T: serde::Serialize + ?Sized>(
     http: &reqwest::Client,
@@ -117,12 +130,12 @@ impl Collector {
     /// PII sealed with [`TEST_PII_KEYS`].
     pub fn config(db: &TestDb) -> Config {
         let mut config = Config::local();
-        config.pii_keys = TEST_PII_KEYS.into();
-        config.pii_active_key = "k1".into();
-        config.kafka_brokers = Stack::get().kafka_brokers.clone();
-        config.database_url = db.url.clone();
+        config.pii_args.pii_keys = TEST_PII_KEYS.into();
+        config.pii_args.pii_active_key = "k1".into();
+        config.kafka_args.kafka_brokers = Stack::get().kafka_brokers.clone();
+        config.database_args.database_url = db.url.clone();
         config.topic_prefix = format!("{}.", unique_name("i"));
-        config.topic_partitions = 3;
+        config.topic_args.topic_partitions = 3;
         config.readiness_interval_ms = 200;
         config.key_last_used_flush_ms = 200;
         config
@@ -288,4 +301,104 @@ pub async fn consume(
         }
     }
     Ok(out)
+}
+
+/// The identity messages on `topic`, by message id: [`consume`]s `count` records (failing
+/// when another number arrives) and decodes each.
+pub async fn identities_by_message_id(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    within: Duration,
+    linger: Duration,
+) -> Result<std::collections::HashMap<String, sluice_schema::messages::IdentityMessage>> {
+    let consumed = consume(brokers, topic, count, within, linger).await?;
+    anyhow::ensure!(
+        consumed.len() == count,
+        "{} identity messages where {count} were expected: {consumed:?}",
+        consumed.len()
+    );
+    consumed
+        .iter()
+        .map(|c| {
+            let m: sluice_schema::messages::IdentityMessage =
+                serde_json::from_value(c.value.clone()).context("an identity message")?;
+            Ok((m.message_id.clone(), m))
+        })
+        .collect()
+}
+
+/// Consumed event messages by message id: (record key, decoded message). Panics on a record
+/// that is not an event message.
+pub fn events_by_message_id(
+    consumed: &[Consumed],
+) -> std::collections::HashMap<String, (String, sluice_schema::messages::EventMessage)> {
+    consumed
+        .iter()
+        .map(|c| {
+            let bytes = serde_json::to_vec(&c.value).expect("a JSON value serialises");
+            let msg: sluice_schema::messages::EventMessage =
+                sluice_schema::messages::decode(&bytes).expect("an event message");
+            (msg.message_id.clone(), (c.key.clone(), msg))
+        })
+        .collect()
+}
+
+/// What an SDK's `calls` run put on `collector`'s event topic (track, page, screen, group) by
+/// message id ([`events_by_message_id`]). Panics unless exactly four arrived, or when one of
+/// them holds `key`: a write key or project key never reaches Kafka.
+pub async fn sdk_call_events(
+    collector: &Collector,
+    key: &str,
+    within: Duration,
+    linger: Duration,
+) -> std::collections::HashMap<String, (String, sluice_schema::messages::EventMessage)> {
+    let brokers = &Stack::get().kafka_brokers;
+    let consumed = consume(brokers, &collector.topics.event, 4, within, linger)
+        .await
+        .expect("reading the event topic");
+    assert_eq!(
+        consumed.len(),
+        4,
+        "track, page, screen, group: {consumed:?}"
+    );
+    for c in &consumed {
+        assert!(
+            !c.value.to_string().contains(key),
+            "the key never reaches Kafka: {}",
+            c.value
+        );
+    }
+    events_by_message_id(&consumed)
+}
+
+/// [`consume`]s `topic` and decodes each record's value as `T` (a message type).
+pub async fn consume_as<T: serde::de::DeserializeOwned>(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    within: Duration,
+    linger: Duration,
+) -> Result<Vec<T>> {
+    consume(brokers, topic, count, within, linger)
+        .await?
+        .into_iter()
+        .map(|c| serde_json::from_value(c.value).context("a record of the expected message type"))
+        .collect()
+}
+
+/// [`consume`]s `topic` of the shared broker for up to `within` (and `linger` after `count`
+/// arrived) and panics unless exactly `count` records are there; `what` says which.
+pub async fn consume_exactly(
+    topic: &str,
+    count: usize,
+    within: Duration,
+    linger: Duration,
+    what: &str,
+) -> Vec<Consumed> {
+    let out = consume(&Stack::get().kafka_brokers, topic, count, within, linger)
+        .await
+        .unwrap_or_else(|err| panic!("reading {topic}: {err:#}"));
+    assert_eq!(out.len(), count, "{what}: {out:?}");
+    out
 }

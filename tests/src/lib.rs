@@ -10,13 +10,16 @@
 //! - [`Stack`]: where the broker and the database are.
 //! - [`TestDb`]: a fresh database per test, empty or migrated ([`TestDb::migrated`]),
 //!   dropped when the test is done with it.
-//! - [`query_scalar`], [`query_column`]: the one value or the first column of a query.
+//! - [`query_scalar`], [`query_column`], [`query_pairs`]: the one value, the first column or
+//!   the first two columns of a query.
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
 //! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
 //! - [`ingest`]: a collector served in-process ([`ingest::served`] opens most collector
 //!   tests: database, account, ready collector), [`ingest::post_json`], reading topics back.
 //! - [`writer`]: the writer's topics, message builders, a producer, waiting for rows.
+//! - [`abuse`]: the hostile bodies the collector's abuse tests send.
+//! - [`deploy`]: what the deploy tests read: YAML of compose and k8s, `--help`, `promtool`.
 //! - [`faults`]: a steady load ([`faults::Load::paced`]) recording every message's outcome,
 //!   and the reconciliations that end the fault tests.
 //! - [`sdk`]: the third-party SDKs the compatibility tests drive.
@@ -30,6 +33,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
 
+pub mod abuse;
+pub mod deploy;
 pub mod faults;
 pub mod ingest;
 pub mod private;
@@ -219,6 +224,23 @@ where
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?)
+}
+
+/// The first two columns of every row of `sql` with `params`, in the query's order.
+pub async fn query_pairs<A, B>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<(A, B)>>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let rows = client.query(sql, params).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()?)
 }
 
 /// `url` with its database path replaced by `name`.

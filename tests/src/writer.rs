@@ -330,6 +330,16 @@ impl RunningWriter {
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
+
+    /// Lets `outage` pass, then asserts the writer is still running: it waits out a stopped
+    /// `what` (PostgreSQL, Kafka) instead of exiting.
+    pub async fn outlasts(&self, outage: Duration, what: &str) {
+        tokio::time::sleep(outage).await;
+        assert!(
+            !self.is_finished(),
+            "the writer waits for {what} instead of exiting"
+        );
+    }
 }
 
 impl WriterEnv {
@@ -530,4 +540,16 @@ pub fn wait_all_consumed(group: &str, topics: &Topics) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     bail!("the writer did not consume everything: {behind:?}")
+}
+
+/// The whole HTTP/1.0 answer (status line, headers, body) to `GET path` on `127.0.0.1:port`:
+/// a writer's metrics port, read without an HTTP client.
+pub async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
 }

@@ -11,251 +11,19 @@
 //! --bins` first, deploy/local/test does).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sluice_tests::abuse::{cases, gzip};
 use sluice_tests::faults::vm_kib;
-use sluice_tests::ingest::{account, consume, ingest_command, served, Collector};
+use sluice_tests::ingest::{account, consume, consume_exactly, ingest_command, served, Collector};
 use sluice_tests::private::free_port;
 use sluice_tests::{unique_name, Stack, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// One hostile request: what it is, where it goes, its body and content encoding.
-struct Case {
-    name: &'static str,
-    path: &'static str,
-    body: Vec<u8>,
-    encoding: Option<&'static str>,
-    /// The 4xx it must get.
-    expect: StatusCode,
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    enc.write_all(data).expect("test setup");
-    enc.finish().expect("test setup")
-}
-
-fn nested(depth: usize) -> Vec<u8> {
-    let mut s = String::from(r#"{"event":"e","anonymousId":"a","properties":{"x":"#);
-    s.push_str(&"[".repeat(depth));
-    s.push_str(&"]".repeat(depth));
-    s.push_str("}}");
-    s.into_bytes()
-}
-
-fn cases() -> Vec<Case> {
-    use StatusCode as S;
-    let case = |name, path, body: &[u8], expect| Case {
-        name,
-        path,
-        body: body.to_vec(),
-        encoding: None,
-        expect,
-    };
-    let big_string = "x".repeat(40_000);
-    let huge_body = format!(
-        r#"{{"event":"e","anonymousId":"a","properties":{{"s":"{}"}}}}"#,
-        "y".repeat(600_000)
-    );
-    // 20 MB of one byte compresses to about 20 KB: under the wire limit, far over the
-    // decompressed one.
-    let bomb = gzip(&vec![b' '; 20 * 1024 * 1024]);
-    let valid = br#"{"event":"e","anonymousId":"a","messageId":"gz"}"#;
-    let good_gzip = gzip(valid);
-    let truncated = good_gzip[..good_gzip.len() / 2].to_vec();
-    let many = json!({"batch": (0..3000).map(|i| json!({"type":"track","event":"e","anonymousId":"a","messageId":format!("b{i}")})).collect::<Vec<_>>()});
-    vec![
-        case(
-            "invalid JSON",
-            "/v1/track",
-            br#"{"event": "e", "anonymousId": "#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "not JSON at all",
-            "/v1/track",
-            b"hello world",
-            S::BAD_REQUEST,
-        ),
-        case("empty body", "/v1/track", b"", S::BAD_REQUEST),
-        case("JSON array body", "/v1/track", b"[1,2,3]", S::BAD_REQUEST),
-        case("JSON null body", "/v1/track", b"null", S::BAD_REQUEST),
-        case(
-            "event name a number",
-            "/v1/track",
-            br#"{"event":5,"anonymousId":"a"}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "anonymousId an array",
-            "/v1/track",
-            br#"{"event":"e","anonymousId":["a"]}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "properties a string",
-            "/v1/track",
-            br#"{"event":"e","anonymousId":"a","properties":"p"}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "timestamp not a time",
-            "/v1/track",
-            br#"{"event":"e","anonymousId":"a","timestamp":"yesterday"}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "track without event",
-            "/v1/track",
-            br#"{"anonymousId":"a"}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "no identity",
-            "/v1/track",
-            br#"{"event":"e"}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "alias without previousId",
-            "/v1/alias",
-            br#"{"userId":"u"}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "group without groupId",
-            "/v1/group",
-            br#"{"anonymousId":"a"}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "batch not an array",
-            "/v1/batch",
-            br#"{"batch":{"type":"track"}}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "batch of garbage items",
-            "/v1/batch",
-            br#"{"batch":[1,"x",null,{"type":"nope","anonymousId":"a"}]}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "empty batch",
-            "/v1/batch",
-            br#"{"batch":[]}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "invalid UTF-8 in a string",
-            "/v1/track",
-            b"{\"event\":\"\xff\xfe\",\"anonymousId\":\"a\"}",
-            S::BAD_REQUEST,
-        ),
-        case(
-            "invalid UTF-8 outside strings",
-            "/v1/track",
-            b"\xc3\x28{\"event\":\"e\",\"anonymousId\":\"a\"}",
-            S::BAD_REQUEST,
-        ),
-        case(
-            "lone surrogate escape",
-            "/v1/track",
-            br#"{"event":"\ud800","anonymousId":"a"}"#,
-            S::BAD_REQUEST,
-        ),
-        case("nested 33 deep", "/v1/track", &nested(33), S::BAD_REQUEST),
-        case(
-            "nested 100000 deep",
-            "/v1/track",
-            &nested(100_000),
-            S::BAD_REQUEST,
-        ),
-        case(
-            "number out of f64 range",
-            "/v1/track",
-            br#"{"event":"e","anonymousId":"a","properties":{"n":1e999999}}"#,
-            S::BAD_REQUEST,
-        ),
-        case(
-            "id over 256 bytes",
-            "/v1/track",
-            format!(r#"{{"event":"e","anonymousId":"{}"}}"#, "a".repeat(300)).as_bytes(),
-            S::BAD_REQUEST,
-        ),
-        case(
-            "event name over 512 bytes",
-            "/v1/track",
-            format!(r#"{{"event":"{}","anonymousId":"a"}}"#, "e".repeat(600)).as_bytes(),
-            S::BAD_REQUEST,
-        ),
-        case(
-            "message over 32 KB",
-            "/v1/track",
-            format!(r#"{{"event":"e","anonymousId":"a","properties":{{"s":"{big_string}"}}}}"#)
-                .as_bytes(),
-            S::PAYLOAD_TOO_LARGE,
-        ),
-        case(
-            "body over 500 KB",
-            "/v1/track",
-            huge_body.as_bytes(),
-            S::PAYLOAD_TOO_LARGE,
-        ),
-        case(
-            "batch over 2500 messages",
-            "/v1/batch",
-            &serde_json::to_vec(&many).expect("test setup"),
-            S::PAYLOAD_TOO_LARGE,
-        ),
-        case(
-            "form body without data",
-            "/v1/track",
-            b"data2=abc",
-            S::BAD_REQUEST,
-        ),
-        case(
-            "form body with bad base64",
-            "/v1/track",
-            b"data=%%%***",
-            S::BAD_REQUEST,
-        ),
-        Case {
-            name: "gzip bomb (20 MB of spaces)",
-            path: "/v1/batch",
-            body: bomb,
-            encoding: Some("gzip"),
-            expect: S::PAYLOAD_TOO_LARGE,
-        },
-        Case {
-            name: "truncated gzip",
-            path: "/v1/track",
-            body: truncated,
-            encoding: Some("gzip"),
-            expect: S::BAD_REQUEST,
-        },
-        Case {
-            name: "plain JSON labelled gzip",
-            path: "/v1/track",
-            body: valid.to_vec(),
-            encoding: Some("gzip"),
-            expect: S::BAD_REQUEST,
-        },
-        Case {
-            name: "unsupported encoding br",
-            path: "/v1/track",
-            body: valid.to_vec(),
-            encoding: Some("br"),
-            expect: S::BAD_REQUEST,
-        },
-    ]
-}
 
 /// Sends one valid track and asserts it is accepted: the collector is still healthy.
 async fn probe(collector: &Collector, key: &str, id: &str) {
@@ -405,6 +173,13 @@ fn status_of(answer: &str) -> Option<u16> {
     answer.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Sends `head` over a raw connection (10 s at most) and asserts the answer's status is
+/// `want`; `what` names the case.
+async fn assert_raw_status(collector: &Collector, head: &str, want: u16, what: &str) {
+    let answer = raw_exchange(collector, head.as_bytes(), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&answer), Some(want), "{what}: {answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lying_content_length_and_header_floods_are_refused() {
     let (_db, acct, collector) = served("transport").await.unwrap();
@@ -431,35 +206,20 @@ async fn lying_content_length_and_header_floods_are_refused() {
     let head = format!(
         "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{body}"
     );
-    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
-    assert_eq!(
-        status_of(&answer),
-        Some(400),
-        "truncated by Content-Length: {answer}"
-    );
+    assert_raw_status(&collector, &head, 400, "truncated by Content-Length").await;
 
     // Content-Length far over the limit: 413 before the body is read.
     let head = format!(
         "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 10000000000\r\nConnection: close\r\n\r\n{{"
     );
-    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
-    assert_eq!(
-        status_of(&answer),
-        Some(413),
-        "huge Content-Length: {answer}"
-    );
+    assert_raw_status(&collector, &head, 413, "huge Content-Length").await;
 
     // Two different Content-Lengths (request smuggling shape): refused.
     let head = format!(
         "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 5\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let answer = raw_exchange(&collector, head.as_bytes(), Duration::from_secs(10)).await;
-    assert_eq!(
-        status_of(&answer),
-        Some(400),
-        "double Content-Length: {answer}"
-    );
+    assert_raw_status(&collector, &head, 400, "double Content-Length").await;
 
     // 5,000 headers.
     let mut head = String::from("POST /v1/track HTTP/1.1\r\nHost: x\r\n");
@@ -774,20 +534,9 @@ async fn collector_memory_stays_bounded_under_oversized_bodies_gzip_bombs_and_co
         );
     }
     let topic = sluice_schema::topics::Topics::with_prefix(&prefix).event;
-    let on_kafka = consume(
-        &Stack::get().kafka_brokers,
-        &topic,
-        51,
-        Duration::from_secs(20),
-        Duration::from_secs(1),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        on_kafka.len(),
-        51,
-        "only the 51 valid requests reached Kafka"
-    );
+    let (within, linger) = (Duration::from_secs(20), Duration::from_secs(1));
+    let only_valid = "only the 51 valid requests reached Kafka";
+    consume_exactly(&topic, 51, within, linger, only_valid).await;
     assert!(
         peak_kib / 1024 < ABUSE_RSS_BOUND_MIB,
         "collector resident set peaked at {} MiB (bound {ABUSE_RSS_BOUND_MIB} MiB)",

@@ -18,10 +18,9 @@ use sluice_schema::seed::{self, SeedConfig};
 use sluice_schema::topics::message_key;
 use sluice_tests::private::free_port;
 use sluice_tests::writer::{
-    event, visitor, wait_all_consumed, wait_for_count, RunningWriter, WriterEnv,
+    event, http_get, visitor, wait_all_consumed, wait_for_count, RunningWriter, WriterEnv,
 };
-use sluice_tests::{bin_path, query_scalar, TestDb};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sluice_tests::{bin_path, query_pairs, query_scalar, TestDb};
 
 const KEYS: &str = "t1=AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
 const WAIT: Duration = Duration::from_secs(60);
@@ -61,6 +60,19 @@ fn schema_cli(db_url: &str, args: &[&str]) -> Result<Output> {
     Ok(out)
 }
 
+/// Commits one event of `tenant` (workspace 1) now; returns how long that took, a measure of
+/// the locks a concurrent statement holds.
+async fn probe_insert(c: &tokio_postgres::Client, tenant: i64) -> Result<Duration> {
+    let t = std::time::Instant::now();
+    c.execute(
+        "INSERT INTO event (tenant_id, occurred_at, event_id, workspace_id, type, message_id, received_at) \
+         VALUES ($1, now(), gen_random_uuid(), 1, 'track', 'probe', now())",
+        &[&tenant],
+    )
+    .await?;
+    Ok(t.elapsed())
+}
+
 fn last_line(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -69,17 +81,16 @@ fn last_line(out: &Output) -> String {
         .to_owned()
 }
 
+/// The one count `sql` finds for `tenant` (its `$1`).
+async fn count_of(c: &tokio_postgres::Client, sql: &str, tenant: i64) -> Result<i64> {
+    Ok(c.query_one(sql, &[&tenant]).await?.get(0))
+}
+
 async fn rows_of(c: &tokio_postgres::Client, tenant: i64) -> Result<Vec<(&'static str, i64)>> {
     let mut out = Vec::new();
     for (table, col) in TENANT_TABLES {
-        let n: i64 = c
-            .query_one(
-                &format!("SELECT count(*) FROM {table} WHERE {col} = $1"),
-                &[&tenant],
-            )
-            .await?
-            .get(0);
-        out.push((table, n));
+        let sql = format!("SELECT count(*) FROM {table} WHERE {col} = $1");
+        out.push((table, count_of(c, &sql, tenant).await?));
     }
     Ok(out)
 }
@@ -106,13 +117,12 @@ async fn tenant_delete_removes_every_row_of_the_tenant_in_every_partition_and_no
     for (table, n) in &before_gone {
         assert!(*n > 0, "the seed gave the tenant rows in {table}");
     }
-    let months: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT date_trunc('month', occurred_at)) FROM event WHERE tenant_id = $1",
-            &[&gone],
-        )
-        .await?
-        .get(0);
+    let months = count_of(
+        &c,
+        "SELECT count(DISTINCT date_trunc('month', occurred_at)) FROM event WHERE tenant_id = $1",
+        gone,
+    )
+    .await?;
     assert!(months >= 2, "events in several month partitions");
 
     let tnt = ids::encode(Kind::Tenant, gone);
@@ -122,14 +132,7 @@ async fn tenant_delete_removes_every_row_of_the_tenant_in_every_partition_and_no
     let mut worst = Duration::ZERO;
     let mut probes = 0;
     while !delete.is_finished() {
-        let t = std::time::Instant::now();
-        c.execute(
-            "INSERT INTO event (tenant_id, occurred_at, event_id, workspace_id, type, message_id, received_at) \
-             VALUES (424242, now(), gen_random_uuid(), 1, 'track', 'probe', now())",
-            &[],
-        )
-        .await?;
-        worst = worst.max(t.elapsed());
+        worst = worst.max(probe_insert(&c, 424242).await?);
         probes += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -163,13 +166,12 @@ async fn tenant_delete_removes_every_row_of_the_tenant_in_every_partition_and_no
         before_kept,
         "the other tenant untouched"
     );
-    let suppressed: i64 = c
-        .query_one(
-            "SELECT count(*) FROM erasure_suppression WHERE tenant_id = $1 AND kind = 'tenant'",
-            &[&gone],
-        )
-        .await?
-        .get(0);
+    let suppressed = count_of(
+        &c,
+        "SELECT count(*) FROM erasure_suppression WHERE tenant_id = $1 AND kind = 'tenant'",
+        gone,
+    )
+    .await?;
     assert_eq!(
         suppressed, 1,
         "the tenant's tombstone keeps writers from storing it again"
@@ -204,12 +206,7 @@ fn identify(tenant: i64, anon: &str, user: Option<&str>, email: &str, id: &str) 
 }
 
 async fn metrics(port: u16) -> Result<String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
+    http_get(port, "/metrics").await
 }
 
 /// The sum of a counter's series in a scrape.
@@ -228,8 +225,8 @@ async fn erase_and_send_again(how: &[&str], cache_max_entries: usize, sealed: bo
     let env = WriterEnv::new(2).await?;
     let port = free_port()?;
     let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "t1".into();
+    config.pii_args.pii_keys = KEYS.into();
+    config.pii_args.pii_active_key = "t1".into();
     config.metrics_listen = ([127, 0, 0, 1], port).into();
     config.suppression_cache_max_entries = cache_max_entries;
     let writer = RunningWriter::start(config);
@@ -428,15 +425,12 @@ async fn erase_by_anonymous_id_finds_the_lead_and_suppresses_every_identifier_ha
         "no one else was touched"
     );
 
-    let entries: Vec<(String, Vec<u8>)> = c
-        .query(
-            "SELECT kind, fingerprint FROM erasure_suppression WHERE tenant_id = $1 ORDER BY kind",
-            &[&tenant],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let entries: Vec<(String, Vec<u8>)> = query_pairs(
+        &c,
+        "SELECT kind, fingerprint FROM erasure_suppression WHERE tenant_id = $1 ORDER BY kind",
+        &[&tenant],
+    )
+    .await?;
     use sluice_schema::erase::{id_fingerprint, SuppressionKind};
     let has = |kind: &str, fp: &[u8]| entries.iter().any(|(k, f)| k == kind && f == fp);
     assert!(has(

@@ -13,8 +13,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sluice_tests::faults::{settle_in_table, Load};
-use sluice_tests::ingest::{account, Collector};
+use sluice_tests::faults::{settle_in_table, Load, LoadReport};
+use sluice_tests::ingest::{account, Account, Collector};
 use sluice_tests::private::TcpProxy;
 use sluice_tests::writer::{event_rows, writer_command, RunningWriter};
 use sluice_tests::{unique_name, Stack, TestDb};
@@ -27,13 +27,55 @@ fn through(url: &str, addr: std::net::SocketAddr) -> Result<String> {
     Ok(format!("{scheme_user}@{addr}/{path}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()> {
+/// A migrated database with account `name`, and a collector on it for load (no rate limit);
+/// with the collector's topic prefix, for the writers.
+async fn served_for_load(name: &str) -> Result<(TestDb, Account, Collector, String)> {
     let db = TestDb::migrated().await?;
-    let acct = account(&db, "pg-cut").await?;
+    let acct = account(&db, name).await?;
     let config = Collector::config_for_load(&db);
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
+    Ok((db, acct, collector, prefix))
+}
+
+/// A writer in this process on `database_url` under `prefix`, in a group of its own, retrying
+/// PostgreSQL at least every second and flushing every 100 ms: it catches up soon after a fault.
+fn eager_writer(database_url: &str, prefix: &str) -> RunningWriter {
+    let mut config = sluice_writer::Config::for_tests(
+        &Stack::get().kafka_brokers,
+        database_url,
+        prefix,
+        &unique_name("g"),
+    );
+    config.retry_max_ms = 1_000;
+    config.flush_interval_ms = 100;
+    RunningWriter::start(config)
+}
+
+/// The load ran (over 1,000 messages acknowledged) and, within `within`, every message the
+/// collector acknowledged is a row of `event`, exactly once; `fault` names the run in the log.
+async fn assert_acked_stored_once(
+    db: &TestDb,
+    report: &LoadReport,
+    within: Duration,
+    fault: &str,
+) -> Result<()> {
+    assert!(
+        report.acked.len() > 1_000,
+        "load ran: {:?}",
+        report.statuses
+    );
+    let client = db.client().await?;
+    let r = settle_in_table(&client, report, within).await?;
+    eprintln!("{fault}: {r:?}, statuses {:?}", report.statuses);
+    assert_eq!(r.lost, 0, "acknowledged messages not stored");
+    assert_eq!(r.duplicates, 0, "messages stored twice");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()> {
+    let (db, acct, collector, prefix) = served_for_load("pg-cut").await?;
     let pg = Stack::get()
         .database_url
         .split_once('@')
@@ -41,42 +83,18 @@ async fn postgres_link_cut_for_10_s_loses_and_duplicates_nothing() -> Result<()>
         .map(|(hp, _)| hp.to_owned())
         .context("host:port of the test database")?;
     let proxy = TcpProxy::start(&pg).await?;
-    let mut wconfig = sluice_writer::Config::for_tests(
-        &Stack::get().kafka_brokers,
-        &through(&db.url, proxy.addr())?,
-        &prefix,
-        &unique_name("g"),
-    );
-    wconfig.retry_max_ms = 1_000;
-    wconfig.flush_interval_ms = 100;
-    let writer = RunningWriter::start(wconfig);
+    let writer = eager_writer(&through(&db.url, proxy.addr())?, &prefix);
 
     let load = Load::paced(&collector.url(""), &acct.key.plaintext, "pc", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.cut();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(
-        !writer.is_finished(),
-        "the writer waits for PostgreSQL instead of exiting"
-    );
+    writer.outlasts(Duration::from_secs(10), "PostgreSQL").await;
     proxy.restore();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.finish().await;
     assert_eq!(report.count(200) * 25, report.acked.len());
-    assert!(
-        report.acked.len() > 1_000,
-        "load ran: {:?}",
-        report.statuses
-    );
-
-    let client = db.client().await?;
-    let r = settle_in_table(&client, &report, Duration::from_secs(90)).await?;
-    eprintln!(
-        "PostgreSQL link cut 10 s: {r:?}, statuses {:?}",
-        report.statuses
-    );
-    assert_eq!(r.lost, 0, "acknowledged messages not stored");
-    assert_eq!(r.duplicates, 0, "messages stored twice");
+    let settle = Duration::from_secs(90);
+    assert_acked_stored_once(&db, &report, settle, "PostgreSQL link cut 10 s").await?;
     writer.stop().await?;
     collector.stop().await?;
     Ok(())
@@ -91,11 +109,7 @@ fn spawn_writer(db: &TestDb, prefix: &str, group: &str, log: &std::path::Path) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing() -> Result<()> {
-    let db = TestDb::migrated().await?;
-    let acct = account(&db, "kill").await?;
-    let config = Collector::config_for_load(&db);
-    let prefix = config.topic_prefix.clone();
-    let collector = Collector::start(config).await?;
+    let (db, acct, collector, prefix) = served_for_load("kill").await?;
     let group = unique_name("g");
     let log = std::env::temp_dir().join(format!("{group}.log"));
     let mut writers = vec![
@@ -164,41 +178,17 @@ async fn postgres_restarted_mid_stream_loses_and_duplicates_nothing() -> Result<
     config.key_cache_ttl_ms = 120_000;
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
-    let mut wconfig = sluice_writer::Config::for_tests(
-        &Stack::get().kafka_brokers,
-        &db.url,
-        &prefix,
-        &unique_name("g"),
-    );
-    wconfig.retry_max_ms = 1_000;
-    wconfig.flush_interval_ms = 100;
-    let writer = RunningWriter::start(wconfig);
+    let writer = eager_writer(&db.url, &prefix);
 
     let load = Load::paced(&collector.url(""), &acct.key.plaintext, "pr", 4, 25);
     tokio::time::sleep(Duration::from_secs(4)).await;
     pg.stop().await?;
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    assert!(
-        !writer.is_finished(),
-        "the writer waits for PostgreSQL instead of exiting"
-    );
+    writer.outlasts(Duration::from_secs(8), "PostgreSQL").await;
     pg.start_again().await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.finish().await;
-    assert!(
-        report.acked.len() > 1_000,
-        "load ran: {:?}",
-        report.statuses
-    );
-
-    let client = db.client().await?;
-    let r = settle_in_table(&client, &report, Duration::from_secs(120)).await?;
-    eprintln!(
-        "PostgreSQL restarted: {r:?}, statuses {:?}",
-        report.statuses
-    );
-    assert_eq!(r.lost, 0, "acknowledged messages not stored");
-    assert_eq!(r.duplicates, 0, "messages stored twice");
+    let settle = Duration::from_secs(120);
+    assert_acked_stored_once(&db, &report, settle, "PostgreSQL restarted").await?;
     writer.stop().await?;
     collector.stop().await?;
     Ok(())

@@ -120,7 +120,7 @@ async fn collector_cut_from_kafka_answers_503_never_200_and_loses_nothing() -> R
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kafka-cut").await?;
     let mut config = Collector::config_for_load(&db);
-    config.kafka_brokers = proxy.addr().to_string();
+    config.kafka_args.kafka_brokers = proxy.addr().to_string();
     config.produce_timeout_ms = PRODUCE_TIMEOUT_MS;
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
@@ -230,7 +230,7 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kafka-cut-writer").await?;
     let mut config = Collector::config_for_load(&db);
-    config.kafka_brokers = kafka.brokers();
+    config.kafka_args.kafka_brokers = kafka.brokers();
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
 

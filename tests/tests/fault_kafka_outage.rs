@@ -18,7 +18,7 @@ async fn broker_down_means_503_never_200_and_nothing_acknowledged_is_lost() -> R
     let db = TestDb::migrated().await?;
     let acct = account(&db, "kafka-outage").await?;
     let mut config = Collector::config_for_load(&db);
-    config.kafka_brokers = kafka.brokers();
+    config.kafka_args.kafka_brokers = kafka.brokers();
     config.produce_timeout_ms = 2_000;
     let collector = Collector::start(config).await?;
 

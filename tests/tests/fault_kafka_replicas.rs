@@ -42,9 +42,9 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     let db = TestDb::migrated().await?;
     let acct = account(&db, "replicas").await?;
     let mut config = Collector::config_for_load(&db);
-    config.kafka_brokers = brokers.clone();
-    config.topic_replication = 3;
-    config.topic_partitions = 3;
+    config.kafka_args.kafka_brokers = brokers.clone();
+    config.topic_args.topic_replication = 3;
+    config.topic_args.topic_partitions = 3;
     config.produce_timeout_ms = 3_000;
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
@@ -93,7 +93,7 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
 
     let mut wconfig =
         sluice_writer::Config::for_tests(&brokers, &db.url, &prefix, &unique_name("g"));
-    wconfig.topic_replication = 3;
+    wconfig.topic_args.topic_replication = 3;
     wconfig.flush_interval_ms = 100;
     let writer = RunningWriter::start(wconfig);
 

@@ -38,7 +38,7 @@ async fn key_store_cut_means_503_for_uncached_keys_and_cached_keys_work_within_t
     let mut config = Collector::config(&db);
     let (user, rest) = db.url.split_once('@').unwrap();
     let (_, name) = rest.split_once('/').unwrap();
-    config.database_url = format!("{user}@{}/{name}", proxy.addr());
+    config.database_args.database_url = format!("{user}@{}/{name}", proxy.addr());
     config.key_cache_ttl_ms = TTL_MS;
     let collector = Collector::start(config).await.unwrap();
     assert_eq!(

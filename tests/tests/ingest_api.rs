@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use sluice_schema::messages::{
     self, EventMessage, IdentityMessage, SessionMessage, VisitorMessage,
 };
-use sluice_tests::ingest::{account, consume, post_json, served, Collector};
+use sluice_tests::ingest::{
+    account, consume, consume_as, post_json, served, served_with, Collector,
+};
 use sluice_tests::{Stack, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -145,14 +147,11 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
     assert_eq!(by_id["m-page"].1.name.as_deref(), Some("Home"));
     assert!(!by_id["m-b1"].1.bot);
 
-    let ids = consume(brokers, &collector.topics.identity, 2, WAIT, LINGER)
-        .await
-        .unwrap();
+    let ids: Vec<IdentityMessage> =
+        consume_as(brokers, &collector.topics.identity, 2, WAIT, LINGER)
+            .await
+            .unwrap();
     assert_eq!(ids.len(), 2);
-    let ids: Vec<IdentityMessage> = ids
-        .iter()
-        .map(|c| serde_json::from_value(c.value.clone()).unwrap())
-        .collect();
     // The email left the traits and travels sealed, under the collector's active key.
     let identify = ids
         .iter()
@@ -201,13 +200,9 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
         .iter()
         .all(|c| c.key.starts_with(&format!("{}/a-", acct.tenant_id))));
 
-    let sessions = consume(brokers, &collector.topics.session, 2, WAIT, LINGER)
+    let s: Vec<SessionMessage> = consume_as(brokers, &collector.topics.session, 2, WAIT, LINGER)
         .await
         .unwrap();
-    let s: Vec<SessionMessage> = sessions
-        .iter()
-        .map(|c| serde_json::from_value(c.value.clone()).unwrap())
-        .collect();
     assert_eq!(s.len(), 2, "track and page each carried session s-1");
     assert!(s.iter().all(|s| s.session_id == "s-1"));
     assert_eq!(s.iter().map(|s| s.page_count).sum::<i64>(), 1);
@@ -240,15 +235,16 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
 
 #[tokio::test]
 async fn status_paths_400_401_403_413() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let mut config = Collector::config(&db);
-    config.key_cache_ttl_ms = 300;
-    let collector = Collector::start(config).await.unwrap();
+    let (db, acct, collector) = served_with("acme", |config| {
+        config.key_cache_ttl_ms = 300;
+    })
+    .await
+    .unwrap();
     let key = acct.key.plaintext.clone();
     let c = http();
     let track = json!({"event": "E", "userId": "u"});
     let post = |path: &str| c.post(collector.url(path));
+    let send = |path: &str, key: &str, body: &Value| post(path).bearer_auth(key).json(body).send();
 
     let r = post("/v1/track").json(&track).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "no key");
@@ -256,19 +252,15 @@ async fn status_paths_400_401_403_413() {
         r.text().await.unwrap().contains("Basic"),
         "says how to send a key"
     );
-    let r = post("/v1/track")
-        .bearer_auth("sk_0000000000000000000000000000000000000000")
-        .json(&track)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        "/v1/track",
+        "sk_0000000000000000000000000000000000000000",
+        &track,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "unknown key");
-    let r = post("/v1/track")
-        .bearer_auth("not-a-key")
-        .json(&track)
-        .send()
-        .await
-        .unwrap();
+    let r = send("/v1/track", "not-a-key", &track).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "malformed key");
 
     let r = post("/v1/track")
@@ -278,19 +270,17 @@ async fn status_paths_400_401_403_413() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let r = post("/v1/track")
-        .bearer_auth(&key)
-        .json(&json!({"userId": "u"}))
-        .send()
+    let r = send("/v1/track", &key, &json!({"userId": "u"}))
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST, "track without event");
-    let r = post("/v1/batch")
-        .bearer_auth(&key)
-        .json(&json!({"batch": [{"type": "bogus", "userId": "u"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        "/v1/batch",
+        &key,
+        &json!({"batch": [{"type": "bogus", "userId": "u"}]}),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         r.status(),
         StatusCode::BAD_REQUEST,
@@ -300,22 +290,20 @@ async fn status_paths_400_401_403_413() {
     assert_eq!(body["rejected"][0]["reason"], "invalid_type");
 
     let big = "x".repeat(40_000);
-    let r = post("/v1/track")
-        .bearer_auth(&key)
-        .json(&json!({"event": "E", "userId": "u", "properties": {"b": big}}))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        "/v1/track",
+        &key,
+        &json!({"event": "E", "userId": "u", "properties": {"b": big}}),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         r.status(),
         StatusCode::PAYLOAD_TOO_LARGE,
         "message over 32 KB"
     );
     let batch: Vec<Value> = (0..20).map(|_| json!({"type": "track", "event": "E", "userId": "u", "properties": {"b": "y".repeat(30_000)}})).collect();
-    let r = post("/v1/batch")
-        .bearer_auth(&key)
-        .json(&json!({"batch": batch}))
-        .send()
+    let r = send("/v1/batch", &key, &json!({"batch": batch}))
         .await
         .unwrap();
     assert_eq!(
@@ -336,33 +324,20 @@ async fn status_paths_400_401_403_413() {
         )
         .await
         .unwrap();
-    let r = post("/v1/track")
-        .bearer_auth(&expiring.plaintext)
-        .json(&track)
-        .send()
+    let r = send("/v1/track", &expiring.plaintext, &track)
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN, "expired");
     assert!(r.text().await.unwrap().contains("expired"));
 
     // Revoked key: works, is revoked, stops within the cache TTL.
-    let r = post("/v1/track")
-        .bearer_auth(&key)
-        .json(&track)
-        .send()
-        .await
-        .unwrap();
+    let r = send("/v1/track", &key, &track).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     sluice_schema::control::revoke_key(&client, acct.key.id)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let r = post("/v1/track")
-        .bearer_auth(&key)
-        .json(&track)
-        .send()
-        .await
-        .unwrap();
+    let r = send("/v1/track", &key, &track).await.unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN, "revoked");
     assert!(r.text().await.unwrap().contains("revoked"));
     collector.stop().await.unwrap();
@@ -370,12 +345,12 @@ async fn status_paths_400_401_403_413() {
 
 #[tokio::test]
 async fn over_the_rate_limit_answers_429_with_retry_after() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "acme").await.unwrap();
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second = 1;
-    config.rate_limit_burst_messages = 3;
-    let collector = Collector::start(config).await.unwrap();
+    let (db, acct, collector) = served_with("acme", |config| {
+        config.rate_limit_per_key_per_second = 1;
+        config.rate_limit_burst_messages = 3;
+    })
+    .await
+    .unwrap();
     let c = http();
     let batch = json!({"batch": [
         {"type": "track", "event": "E", "userId": "u"},
@@ -657,25 +632,20 @@ async fn a_key_of_workspace_a_cannot_write_into_workspace_b() {
 /// (never produced in plaintext), while one without personal traits goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "nokeys").await.unwrap();
-    let mut config = Collector::config(&db);
-    config.pii_keys = String::new();
-    config.pii_active_key = String::new();
-    let collector = Collector::start(config).await.unwrap();
-    let http = reqwest::Client::new();
-    let send = |body: Value| {
-        http.post(collector.url("/v1/batch"))
-            .bearer_auth(&acct.key.plaintext)
-            .json(&body)
-            .send()
-    };
-    let r = send(json!({"batch": [
-        {"type": "identify", "userId": "u-nk", "messageId": "m-nk-1", "traits": {"email": "nokeys@example.com"}},
-        {"type": "identify", "userId": "u-nk", "messageId": "m-nk-2", "traits": {"plan": "pro"}},
-    ]}))
+    let (_db, acct, collector) = served_with("nokeys", |config| {
+        config.pii_args.pii_keys = String::new();
+        config.pii_args.pii_active_key = String::new();
+    })
     .await
     .unwrap();
+    let body = json!({"batch": [
+        {"type": "identify", "userId": "u-nk", "messageId": "m-nk-1", "traits": {"email": "nokeys@example.com"}},
+        {"type": "identify", "userId": "u-nk", "messageId": "m-nk-2", "traits": {"plan": "pro"}},
+    ]});
+    let url = collector.url("/v1/batch");
+    let r = post_json(&http(), url, &acct.key.plaintext, &body)
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     assert_eq!(answer["accepted"], 1, "{answer}");
@@ -704,24 +674,20 @@ async fn without_pii_keys_an_identify_with_an_email_is_refused_not_produced() {
 /// at 2 a second), where the per-collector 5,000 would have refilled it at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_rate_limit_is_enforced_as_this_collectors_share() {
-    let db = TestDb::migrated().await.unwrap();
-    let acct = account(&db, "fleet").await.unwrap();
-    let mut config = Collector::config(&db);
-    config.rate_limit_per_key_per_second_fleet = Some(20);
-    config.collectors = 10;
-    config.rate_limit_burst_messages = 3;
-    assert_eq!(config.rate_limit_per_collector(), 2);
-    let collector = Collector::start(config).await.unwrap();
+    let (_db, acct, collector) = served_with("fleet", |config| {
+        config.rate_limit_per_key_per_second_fleet = Some(20);
+        config.collectors = 10;
+        config.rate_limit_burst_messages = 3;
+        assert_eq!(config.rate_limit_per_collector(), 2);
+    })
+    .await
+    .unwrap();
     let c = http();
     let batch = |n: usize| json!({"batch": (0..n).map(|_| json!({"type": "track", "event": "E", "userId": "u"})).collect::<Vec<_>>()});
-    let send = |body: Value| {
-        c.post(collector.url("/v1/batch"))
-            .bearer_auth(&acct.key.plaintext)
-            .json(&body)
-            .send()
-    };
-    assert_eq!(send(batch(3)).await.unwrap().status(), StatusCode::OK);
-    let r = send(batch(1)).await.unwrap();
+    let (url, key) = (collector.url("/v1/batch"), &acct.key.plaintext);
+    let r = post_json(&c, &url, key, &batch(3)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = post_json(&c, &url, key, &batch(1)).await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.headers()["retry-after"], "1");
     collector.stop().await.unwrap();

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::json;
-use sluice_tests::ingest::{account, consume, Collector};
-use sluice_tests::{Stack, TestDb};
+use sluice_tests::ingest::{account, consume_exactly, Collector};
+use sluice_tests::TestDb;
 
 #[tokio::test]
 async fn shutdown_finishes_requests_in_flight_and_then_refuses_connections() {
@@ -53,18 +53,7 @@ async fn shutdown_finishes_requests_in_flight_and_then_refuses_connections() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "no connections accepted after the drain"
     );
-    let events = consume(
-        &Stack::get().kafka_brokers,
-        &topic,
-        500,
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        events.len(),
-        500,
-        "every acknowledged message is on the topic, once"
-    );
+    let (within, linger) = (Duration::from_secs(30), Duration::from_millis(500));
+    let once = "every acknowledged message is on the topic, once";
+    consume_exactly(&topic, 500, within, linger, once).await;
 }

@@ -27,7 +27,7 @@ async fn kafka_stopped_gets_503_in_time_and_every_200_is_on_the_topic() {
     let db = TestDb::migrated().await.unwrap();
     let acct = account(&db, "acme").await.unwrap();
     let mut config = Collector::config(&db);
-    config.kafka_brokers = kafka.brokers();
+    config.kafka_args.kafka_brokers = kafka.brokers();
     config.produce_timeout_ms = 3_000;
     let timeout = config.produce_timeout();
     let collector = Collector::start(config).await.unwrap();

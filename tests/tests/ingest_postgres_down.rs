@@ -26,7 +26,7 @@ async fn postgres_cut_keeps_cached_keys_working_and_answers_503_for_others() {
         .to_owned();
     let proxy = TcpProxy::start(&pg_hostport).await.unwrap();
     let mut config = Collector::config(&db);
-    config.database_url = db.url.replace(&pg_hostport, &proxy.addr().to_string());
+    config.database_args.database_url = db.url.replace(&pg_hostport, &proxy.addr().to_string());
     config.key_cache_ttl_ms = 60_000;
     let collector = Collector::start(config).await.unwrap();
     let http = reqwest::Client::new();

@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_schema::messages::{self, EventMessage, EventType, IdentityKind, IdentityMessage};
-use sluice_tests::ingest::{account, consume, Account, Collector};
+use sluice_schema::messages::{self, EventType, IdentityKind};
+use sluice_tests::ingest::{
+    account, identities_by_message_id, sdk_call_events, Account, Collector,
+};
 use sluice_tests::writer::RunningWriter;
 use sluice_tests::{sdk, unique_name, Stack, TestDb};
 
@@ -181,26 +183,7 @@ async fn assert_calls_arrived(
     let ids = uuids(sdk, report);
     let brokers = &Stack::get().kafka_brokers;
     let tenant = acct.tenant_id;
-    let consumed = consume(brokers, &collector.topics.event, 4, WAIT, LINGER)
-        .await
-        .expect("reading the event topic");
-    assert_eq!(
-        consumed.len(),
-        4,
-        "track, page, screen, group: {consumed:?}"
-    );
-    let by_id: HashMap<String, (String, EventMessage)> = consumed
-        .iter()
-        .map(|c| {
-            assert!(
-                !c.value.to_string().contains(&acct.key.plaintext),
-                "the project key never reaches Kafka"
-            );
-            let bytes = serde_json::to_vec(&c.value).expect("a JSON value serialises");
-            let m: EventMessage = messages::decode(&bytes).expect("an event message");
-            (m.message_id.clone(), (c.key.clone(), m))
-        })
-        .collect();
+    let by_id = sdk_call_events(collector, &acct.key.plaintext, WAIT, LINGER).await;
     let event = |kind: &str| {
         let id = &ids[kind];
         let (key, m) = by_id
@@ -248,18 +231,9 @@ async fn assert_calls_arrived(
     assert_eq!(group.properties["groupId"], sdk.group);
     assert!(group.properties["traits"]["employees"].is_number());
 
-    let consumed = consume(brokers, &collector.topics.identity, 2, WAIT, LINGER)
+    let identities = identities_by_message_id(brokers, &collector.topics.identity, 2, WAIT, LINGER)
         .await
-        .expect("reading the identity topic");
-    assert_eq!(consumed.len(), 2, "identify, alias: {consumed:?}");
-    let identities: HashMap<String, IdentityMessage> = consumed
-        .iter()
-        .map(|c| {
-            let m: IdentityMessage =
-                serde_json::from_value(c.value.clone()).expect("an identity message");
-            (m.message_id.clone(), m)
-        })
-        .collect();
+        .expect("the identify and the alias");
     let identify = &identities[&ids["identify"]];
     assert_eq!(identify.kind, IdentityKind::Identify);
     assert_eq!(identify.user_id.as_deref(), Some(sdk.user));

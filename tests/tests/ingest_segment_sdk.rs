@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
-use sluice_schema::messages::{self, EventMessage, EventType, IdentityKind, IdentityMessage};
-use sluice_tests::ingest::{consume, served, Account, Collector, Consumed};
+use sluice_schema::messages::{self, EventType, IdentityKind};
+use sluice_tests::ingest::{
+    events_by_message_id, identities_by_message_id, sdk_call_events, served, Account, Collector,
+};
 use sluice_tests::{repo_root, Stack};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -114,37 +116,12 @@ fn ids_by_type(report: &Report) -> HashMap<&str, &str> {
     ids
 }
 
-fn events(consumed: &[Consumed]) -> HashMap<String, (String, EventMessage)> {
-    consumed
-        .iter()
-        .map(|c| {
-            let bytes = serde_json::to_vec(&c.value).expect("a JSON value serialises");
-            let msg: EventMessage = messages::decode(&bytes).expect("an event message");
-            (msg.message_id.clone(), (c.key.clone(), msg))
-        })
-        .collect()
-}
-
 /// Checks what a `calls` run put on the event and identity topics.
 async fn assert_calls_arrived(collector: &Collector, acct: &Account, report: &Report) {
     let ids = ids_by_type(report);
     let brokers = &Stack::get().kafka_brokers;
     let tenant = acct.tenant_id;
-    let consumed = consume(brokers, &collector.topics.event, 4, WAIT, LINGER)
-        .await
-        .expect("reading the event topic");
-    assert_eq!(
-        consumed.len(),
-        4,
-        "track, page, screen, group: {consumed:?}"
-    );
-    for c in &consumed {
-        assert!(
-            !c.value.to_string().contains(&acct.key.plaintext),
-            "the write key never reaches Kafka"
-        );
-    }
-    let by_id = events(&consumed);
+    let by_id = sdk_call_events(collector, &acct.key.plaintext, WAIT, LINGER).await;
     let event = |kind: &str| {
         let id = ids[kind];
         let (key, msg) = by_id
@@ -205,18 +182,9 @@ async fn assert_calls_arrived(collector: &Collector, acct: &Account, report: &Re
     assert_eq!(group.properties["traits"]["name"], "Initech");
     assert_eq!(group.properties["traits"]["employees"], 120);
 
-    let consumed = consume(brokers, &collector.topics.identity, 2, WAIT, LINGER)
+    let identities = identities_by_message_id(brokers, &collector.topics.identity, 2, WAIT, LINGER)
         .await
-        .expect("reading the identity topic");
-    assert_eq!(consumed.len(), 2, "identify, alias: {consumed:?}");
-    let identities: HashMap<String, IdentityMessage> = consumed
-        .iter()
-        .map(|c| {
-            let m: IdentityMessage =
-                serde_json::from_value(c.value.clone()).expect("an identity message");
-            (m.message_id.clone(), m)
-        })
-        .collect();
+        .expect("the identify and the alias");
     let identify = &identities[ids["identify"]];
     assert_eq!(identify.kind, IdentityKind::Identify);
     assert_eq!(identify.tenant_id, tenant);
@@ -275,7 +243,7 @@ async fn segment_node_sdk_batches_of_50_calls_arrive_whole_and_once() {
         .await
         .unwrap();
     assert_eq!(consumed.len(), N, "each call exactly once");
-    let by_id = events(&consumed);
+    let by_id = events_by_message_id(&consumed);
     let got: HashSet<&str> = by_id.keys().map(String::as_str).collect();
     assert_eq!(got, sdk_ids);
     let mut seqs: Vec<i64> = by_id

@@ -24,11 +24,11 @@ async fn every_acknowledged_event_is_stored_once_and_verify_catches_loss_and_dup
         &collector.config.topic_prefix,
         &unique_name("g"),
     );
-    writer_config.pii_keys = format!(
+    writer_config.pii_args.pii_keys = format!(
         "k1={}",
         base64::engine::general_purpose::STANDARD.encode([7u8; 32])
     );
-    writer_config.pii_active_key = "k1".into();
+    writer_config.pii_args.pii_active_key = "k1".into();
     let writer = RunningWriter::start(writer_config);
 
     let client = db.client().await.unwrap();

@@ -3,8 +3,8 @@
 //! queries never mix.
 
 use sluice_schema::control;
-use sluice_tests::query_scalar;
 use sluice_tests::TestDb;
+use sluice_tests::{query_pairs, query_scalar};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
@@ -23,22 +23,23 @@ async fn refused(client: &Client, sql: &str) -> (SqlState, String, String) {
     )
 }
 
-async fn assert_check(client: &Client, sql: &str, constraint: &str) {
+/// Runs `sql`, which `constraint` must refuse with SQLSTATE `state`.
+async fn assert_refused_by(client: &Client, sql: &str, state: SqlState, constraint: &str) {
     let (code, name, msg) = refused(client, sql).await;
-    assert_eq!(code, SqlState::CHECK_VIOLATION, "{sql}: {msg}");
+    assert_eq!(code, state, "{sql}: {msg}");
     assert_eq!(name, constraint, "{sql}: {msg}");
+}
+
+async fn assert_check(client: &Client, sql: &str, constraint: &str) {
+    assert_refused_by(client, sql, SqlState::CHECK_VIOLATION, constraint).await;
 }
 
 async fn assert_fk(client: &Client, sql: &str, constraint: &str) {
-    let (code, name, msg) = refused(client, sql).await;
-    assert_eq!(code, SqlState::FOREIGN_KEY_VIOLATION, "{sql}: {msg}");
-    assert_eq!(name, constraint, "{sql}: {msg}");
+    assert_refused_by(client, sql, SqlState::FOREIGN_KEY_VIOLATION, constraint).await;
 }
 
 async fn assert_unique(client: &Client, sql: &str, constraint: &str) {
-    let (code, name, msg) = refused(client, sql).await;
-    assert_eq!(code, SqlState::UNIQUE_VIOLATION, "{sql}: {msg}");
-    assert_eq!(name, constraint, "{sql}: {msg}");
+    assert_refused_by(client, sql, SqlState::UNIQUE_VIOLATION, constraint).await;
 }
 
 /// Two tenants with a workspace each: (tenant, workspace) pairs.
@@ -123,13 +124,13 @@ async fn control_plane_keys_and_checks() {
     c.execute("DELETE FROM tenant WHERE id = $1", &[&t1])
         .await
         .unwrap();
-    let left: Vec<(i64, i64)> = c
-        .query("SELECT tenant_id, count(*) FROM api_key GROUP BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let left: Vec<(i64, i64)> = query_pairs(
+        &c,
+        "SELECT tenant_id, count(*) FROM api_key GROUP BY 1",
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(left, [(t2, 1)]);
     let workspaces: i64 = query_scalar(&c, "SELECT count(*) FROM workspace")
         .await
@@ -210,36 +211,36 @@ async fn identity_tables_refuse_bad_rows() {
     let lead = |tenant: i64, ws: i64, cols: &str, vals: &str| {
         format!("INSERT INTO lead (tenant_id, workspace_id{cols}) VALUES ({tenant}, {ws}{vals})")
     };
-    assert_check(
-        &c,
-        &lead(t1, w1, ", email_ciphertext", &format!(", {ct}")),
-        "lead_ciphertext_has_key_id",
-    )
-    .await;
-    assert_check(
-        &c,
-        &lead(t1, w1, ", email_ciphertext, pii_key_id", ", '\\x00', 'k1'"),
-        "lead_email_ciphertext_check",
-    )
-    .await;
-    assert_check(
-        &c,
-        &lead(t1, w1, ", email_fingerprint", ", '\\x00'"),
-        "lead_email_fingerprint_check",
-    )
-    .await;
-    assert_check(
-        &c,
-        &lead(t1, w1, ", traits", ", '{\"email\": \"ada@example.com\"}'"),
-        "lead_traits_check",
-    )
-    .await;
-    assert_check(
-        &c,
-        &lead(t1, w1, ", traits", ", '{\"phone\": \"+14155550100\"}'"),
-        "lead_traits_check",
-    )
-    .await;
+    let ciphertext = format!(", {ct}");
+    for (cols, vals, constraint) in [
+        (
+            ", email_ciphertext",
+            ciphertext.as_str(),
+            "lead_ciphertext_has_key_id",
+        ),
+        (
+            ", email_ciphertext, pii_key_id",
+            ", '\\x00', 'k1'",
+            "lead_email_ciphertext_check",
+        ),
+        (
+            ", email_fingerprint",
+            ", '\\x00'",
+            "lead_email_fingerprint_check",
+        ),
+        (
+            ", traits",
+            ", '{\"email\": \"ada@example.com\"}'",
+            "lead_traits_check",
+        ),
+        (
+            ", traits",
+            ", '{\"phone\": \"+14155550100\"}'",
+            "lead_traits_check",
+        ),
+    ] {
+        assert_check(&c, &lead(t1, w1, cols, vals), constraint).await;
+    }
     c.batch_execute(&lead(
         t1,
         w1,
@@ -461,15 +462,12 @@ async fn equal_client_ids_in_two_tenants_are_two_rows_and_never_mix() {
     )
     .await
     .unwrap();
-    let counts: Vec<(i64, i64)> = c
-        .query(
-            "SELECT tenant_id, event_count FROM visitor ORDER BY tenant_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let counts: Vec<(i64, i64)> = query_pairs(
+        &c,
+        "SELECT tenant_id, event_count FROM visitor ORDER BY tenant_id",
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(counts, [(t1, 5), (t2, 0)]);
 }

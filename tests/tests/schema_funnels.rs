@@ -4,8 +4,8 @@
 
 use serde_json::{json, Value};
 use sluice_schema::control;
-use sluice_tests::query_scalar;
 use sluice_tests::TestDb;
+use sluice_tests::{query_pairs, query_scalar};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
@@ -79,19 +79,46 @@ fn code(err: &tokio_postgres::Error) -> SqlState {
     err.code().cloned().unwrap_or(SqlState::INTERNAL_ERROR)
 }
 
+/// PostgreSQL's message of a server error.
+fn message(err: &tokio_postgres::Error) -> &str {
+    err.as_db_error().expect("a server error").message()
+}
+
+/// The constraint a server error names.
+fn constraint(err: &tokio_postgres::Error) -> Option<&str> {
+    err.as_db_error().expect("a server error").constraint()
+}
+
+/// `funnel_publish` of `version` of `f` (published by `by`): the definition it froze.
+async fn publish(
+    c: &Client,
+    f: &Funnel,
+    version: i32,
+    by: &str,
+) -> Result<Value, tokio_postgres::Error> {
+    let sql = format!("SELECT funnel_publish($1, $2, {version}, '{by}')");
+    Ok(c.query_one(&sql, &[&f.tenant, &f.id]).await?.get(0))
+}
+
+/// A publication of version 1 of `f` inserted by hand, with `definition`.
+async fn insert_publication(
+    c: &Client,
+    f: &Funnel,
+    definition: &Value,
+) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        "INSERT INTO funnel_publication (tenant_id, funnel_id, version, definition) VALUES ($1, $2, 1, $3)",
+        &[&f.tenant, &f.id, definition],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_publication_is_immutable() {
     let db = TestDb::migrated().await.unwrap();
     let c = db.client().await.unwrap();
     let f = funnel_with_draft(&c).await;
-    let def: Value = c
-        .query_one(
-            "SELECT funnel_publish($1, $2, 1, 'test')",
-            &[&f.tenant, &f.id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let def = publish(&c, &f, 1, "test").await.unwrap();
     assert_eq!(def["steps"].as_array().unwrap().len(), 2);
     assert_eq!(def["steps"][1]["match"][0]["name"], "Signed Up");
 
@@ -107,10 +134,7 @@ async fn a_publication_is_immutable() {
             SqlState::INTEGRITY_CONSTRAINT_VIOLATION,
             "{sql}"
         );
-        assert!(
-            err.as_db_error().unwrap().message().contains("immutable"),
-            "{sql}: {err:?}"
-        );
+        assert!(message(&err).contains("immutable"), "{sql}: {err:?}");
     }
     // The published version and its steps are frozen too.
     for sql in [
@@ -137,18 +161,8 @@ async fn a_publication_is_immutable() {
     .await
     .unwrap_err();
     assert_eq!(code(&err), SqlState::INTEGRITY_CONSTRAINT_VIOLATION);
-    let err = c
-        .execute(
-            "SELECT funnel_publish($1, $2, 1, 'again')",
-            &[&f.tenant, &f.id],
-        )
-        .await
-        .unwrap_err();
-    assert!(err
-        .as_db_error()
-        .unwrap()
-        .message()
-        .contains("already published"));
+    let err = publish(&c, &f, 1, "again").await.unwrap_err();
+    assert!(message(&err).contains("already published"));
     let unchanged: Value = query_scalar(&c, "SELECT definition FROM funnel_publication")
         .await
         .unwrap();
@@ -173,37 +187,19 @@ async fn a_publication_is_immutable() {
         SqlState::UNIQUE_VIOLATION,
         "one draft at a time"
     );
-    let err = c
-        .execute(
-            "SELECT funnel_publish($1, $2, 2, 'test')",
-            &[&f.tenant, &f.id],
-        )
-        .await
-        .unwrap_err();
-    assert!(err
-        .as_db_error()
-        .unwrap()
-        .message()
-        .contains("has no steps"));
+    let err = publish(&c, &f, 2, "test").await.unwrap_err();
+    assert!(message(&err).contains("has no steps"));
     add_step(&c, &f, 2, 1, "Anything", &json!({"event_type": "page"}))
         .await
         .unwrap();
-    c.execute(
-        "SELECT funnel_publish($1, $2, 2, 'test')",
-        &[&f.tenant, &f.id],
+    publish(&c, &f, 2, "test").await.unwrap();
+    let statuses: Vec<(i32, String)> = query_pairs(
+        &c,
+        "SELECT version, status FROM funnel_version ORDER BY version",
+        &[],
     )
     .await
     .unwrap();
-    let statuses: Vec<(i32, String)> = c
-        .query(
-            "SELECT version, status FROM funnel_version ORDER BY version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
     assert_eq!(
         statuses,
         [(1, "archived".to_owned()), (2, "published".to_owned())]
@@ -281,10 +277,7 @@ async fn match_rules_of_a_bad_shape_are_refused() {
             .await
             .expect_err(&format!("{rule} accepted"));
         assert_eq!(code(&err), SqlState::CHECK_VIOLATION, "{rule}");
-        assert_eq!(
-            err.as_db_error().unwrap().constraint(),
-            Some("funnel_step_match_rule_shape")
-        );
+        assert_eq!(constraint(&err), Some("funnel_step_match_rule_shape"));
     }
     // Steps: unique positions, and a rule must belong to an existing step.
     let err = add_step(&c, &f, 1, 1, "Again", &json!({"event_type": "page"}))
@@ -304,7 +297,7 @@ async fn match_rules_of_a_bad_shape_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(
-        err.as_db_error().unwrap().constraint(),
+        constraint(&err),
         Some("funnel_version_published_at_iff_not_draft")
     );
 }
@@ -336,27 +329,18 @@ async fn funnel_foreign_keys_refuse_orphans_and_other_tenants() {
             "funnel_publication_tenant_id_funnel_id_version_fkey",
         ),
     ];
-    for (sql, constraint) in cases {
+    for (sql, named) in cases {
         let err = c.batch_execute(&sql).await.expect_err(&sql);
         assert_eq!(
             code(&err),
             SqlState::FOREIGN_KEY_VIOLATION,
             "{sql}: {err:?}"
         );
-        assert_eq!(
-            err.as_db_error().unwrap().constraint(),
-            Some(constraint),
-            "{sql}"
-        );
+        assert_eq!(constraint(&err), Some(named), "{sql}");
     }
     // Deleting the tenant cascades through a published funnel: erasure is not blocked by
     // the immutability guard.
-    c.execute(
-        "SELECT funnel_publish($1, $2, 1, 'test')",
-        &[&f.tenant, &f.id],
-    )
-    .await
-    .unwrap();
+    publish(&c, &f, 1, "test").await.unwrap();
     c.execute("DELETE FROM tenant WHERE id = $1", &[&f.tenant])
         .await
         .unwrap();
@@ -414,13 +398,7 @@ async fn publishing_cannot_be_bypassed_by_direct_statements() {
         fewer,
         renamed,
     ] {
-        let err = c
-            .execute(
-                "INSERT INTO funnel_publication (tenant_id, funnel_id, version, definition) VALUES ($1, $2, 1, $3)",
-                &[&f.tenant, &f.id, &def],
-            )
-            .await
-            .unwrap_err();
+        let err = insert_publication(&c, &f, &def).await.unwrap_err();
         refused(err, &def.to_string());
     }
     let counts: (i64, String) = {
@@ -436,14 +414,7 @@ async fn publishing_cannot_be_bypassed_by_direct_statements() {
     assert_eq!(counts, (0, "draft".to_owned()), "nothing was published");
 
     // The publish operation still works, and its snapshot is the real one.
-    let def: Value = c
-        .query_one(
-            "SELECT funnel_publish($1, $2, 1, 'test')",
-            &[&f.tenant, &f.id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let def = publish(&c, &f, 1, "test").await.unwrap();
     assert_eq!(def, real);
     let row = c
         .query_one(
@@ -457,20 +428,8 @@ async fn publishing_cannot_be_bypassed_by_direct_statements() {
     assert!(row.get::<_, bool>(1));
     assert_eq!(row.get::<_, Value>(2), real);
     // A second publication of the same version is refused as before.
-    let err = c
-        .execute(
-            "INSERT INTO funnel_publication (tenant_id, funnel_id, version, definition) VALUES ($1, $2, 1, $3)",
-            &[&f.tenant, &f.id, &real],
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        err.as_db_error()
-            .unwrap()
-            .message()
-            .contains("already published"),
-        "{err:?}"
-    );
+    let err = insert_publication(&c, &f, &real).await.unwrap_err();
+    assert!(message(&err).contains("already published"), "{err:?}");
 }
 
 /// Migration 0006 rolls back to 0004's behaviour and applies again.
@@ -482,12 +441,7 @@ async fn funnel_publish_guard_rolls_back_and_reapplies() {
     assert_eq!(done[0].version, 6);
     let f = funnel_with_draft(&c).await;
     // 0004's function publishes on its own.
-    c.execute(
-        "SELECT funnel_publish($1, $2, 1, 'test')",
-        &[&f.tenant, &f.id],
-    )
-    .await
-    .unwrap();
+    publish(&c, &f, 1, "test").await.unwrap();
     let applied = sluice_schema::migrate::up(&mut c).await.unwrap();
     assert_eq!(applied.iter().map(|m| m.version).collect::<Vec<_>>(), [6]);
     let err = c

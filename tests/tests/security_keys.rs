@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::json;
-use sluice_tests::ingest::{account, post_json, Collector};
+use sluice_tests::ingest::{account, consume_exactly, post_json, Collector};
 use sluice_tests::TestDb;
 
 const TTL_MS: u64 = 1_500;
@@ -124,20 +124,9 @@ async fn a_key_writes_only_into_its_own_workspace_whatever_the_body_claims() {
         StatusCode::UNAUTHORIZED
     );
 
-    let events = collector
-        .consume(
-            &collector.topics.event,
-            1,
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        events.len(),
-        1,
-        "only the forged-but-authenticated message: {events:?}"
-    );
+    let (within, linger) = (Duration::from_secs(30), Duration::from_secs(1));
+    let forged = "only the forged-but-authenticated message";
+    let events = consume_exactly(&collector.topics.event, 1, within, linger, forged).await;
     let e = &events[0].value;
     assert_eq!(e["message_id"], "forged");
     assert_eq!(

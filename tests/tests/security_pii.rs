@@ -130,6 +130,13 @@ async fn open_lead(
     (key_id, email, phone)
 }
 
+/// Waits (up to 60 s) until `sql`, a count, finds exactly one row.
+async fn wait_for_one(client: &tokio_postgres::Client, sql: &str) {
+    wait_for_count(client, sql, 1, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err:#}"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     let logs = Captured::default();
@@ -144,8 +151,8 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     let b64 = |k: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
     let (pii_key, new_key) = (b64(rand::random()), b64(rand::random()));
     let mut config = Collector::config(&db);
-    config.pii_keys = format!("k1={pii_key}");
-    config.pii_active_key = "k1".into();
+    config.pii_args.pii_keys = format!("k1={pii_key}");
+    config.pii_args.pii_active_key = "k1".into();
     config.pii_traits = vec!["email".into(), "phone".into(), "name".into()];
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config.clone()).await.unwrap();
@@ -156,8 +163,8 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
         &unique_name("g"),
     );
     // The writer already knows the next key (rotation step 1), and still seals with k1.
-    wconfig.pii_keys = format!("k1={pii_key},k2={new_key}");
-    wconfig.pii_active_key = "k1".into();
+    wconfig.pii_args.pii_keys = format!("k1={pii_key},k2={new_key}");
+    wconfig.pii_args.pii_active_key = "k1".into();
     let writer = sluice_tests::writer::RunningWriter::start(wconfig);
     let keys =
         sluice_schema::pii::PiiKeys::from_env_strings(&format!("k1={pii_key},k2={new_key}"), "k1")
@@ -204,14 +211,7 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     .unwrap();
     assert_eq!(r.status(), 403);
 
-    wait_for_count(
-        &client,
-        "SELECT count(*) FROM lead WHERE email_ciphertext IS NOT NULL AND phone_ciphertext IS NOT NULL",
-        1,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    wait_for_one(&client, "SELECT count(*) FROM lead WHERE email_ciphertext IS NOT NULL AND phone_ciphertext IS NOT NULL").await;
     // The collector sealed; the writer stored what it got: the lead decrypts to the email.
     assert_eq!(
         open_lead(&client, &keys, "user-pii").await,
@@ -233,8 +233,8 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
     // Rotation step 2: collectors seal with k2. A phone change arrives sealed under k2; the
     // email the lead keeps is re-sealed by the writer under k2, so one key id covers both.
     let mut rotated = config;
-    rotated.pii_keys = format!("k1={pii_key},k2={new_key}");
-    rotated.pii_active_key = "k2".into();
+    rotated.pii_args.pii_keys = format!("k1={pii_key},k2={new_key}");
+    rotated.pii_args.pii_active_key = "k2".into();
     let collector = Collector::start(rotated).await.unwrap();
     let change =
         json!({"userId": "user-pii", "messageId": "m-id-2", "traits": {"phone": NEW_PHONE}});
@@ -246,14 +246,7 @@ async fn an_identify_flow_leaves_no_pii_or_key_in_logs_or_plaintext_columns() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    wait_for_count(
-        &client,
-        "SELECT count(*) FROM lead WHERE pii_key_id = 'k2'",
-        1,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    wait_for_one(&client, "SELECT count(*) FROM lead WHERE pii_key_id = 'k2'").await;
     assert_eq!(
         open_lead(&client, &keys, "user-pii").await,
         ("k2".to_owned(), EMAIL.to_owned(), NEW_PHONE.to_owned())
@@ -368,11 +361,11 @@ async fn email_in_a_track_calls_context_traits_is_not_stored_in_plaintext() {
         &prefix,
         &unique_name("g"),
     );
-    wconfig.pii_keys = format!(
+    wconfig.pii_args.pii_keys = format!(
         "k1={}",
         base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
     );
-    wconfig.pii_active_key = "k1".into();
+    wconfig.pii_args.pii_active_key = "k1".into();
     let writer = sluice_tests::writer::RunningWriter::start(wconfig);
     // As analytics.js sends a track call after identify: the traits ride along in context.
     // Its clock is an hour fast: `timestamp` and `sentAt` are stored as sent, `occurred_at`
@@ -391,14 +384,7 @@ async fn email_in_a_track_calls_context_traits_is_not_stored_in_plaintext() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let client = db.client().await.unwrap();
-    wait_for_count(
-        &client,
-        "SELECT count(*) FROM event",
-        1,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    wait_for_one(&client, "SELECT count(*) FROM event").await;
     writer.stop().await.unwrap();
     collector.stop().await.unwrap();
     let row = client

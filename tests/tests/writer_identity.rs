@@ -8,10 +8,33 @@ use chrono::Utc;
 use serde_json::json;
 use sluice_schema::messages::{IdentityKind, IdentityMessage, JsonObject, VERSION};
 use sluice_schema::pii::PiiKeys;
+use sluice_tests::query_pairs;
 use sluice_tests::writer::{wait_for_count, RunningWriter, WriterEnv};
 
 const KEYS: &str = "k1=BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 const WAIT: Duration = Duration::from_secs(60);
+
+/// `env`'s writer config with [`KEYS`], `k1` active.
+fn keyed_config(env: &WriterEnv) -> sluice_writer::Config {
+    let mut config = env.config();
+    config.pii_args.pii_keys = KEYS.into();
+    config.pii_args.pii_active_key = "k1".into();
+    config
+}
+
+/// A writer environment of one lane, its [`keyed_config`], the [`keys`] and its identity
+/// topic: the opening of the tests that seal.
+async fn keyed_env() -> Result<(WriterEnv, sluice_writer::Config, PiiKeys, String)> {
+    let env = WriterEnv::new(1).await?;
+    let config = keyed_config(&env);
+    let topic = env.topics.identity.clone();
+    Ok((env, config, keys()?, topic))
+}
+
+/// [`KEYS`] as keys, `k1` active: what [`keyed_config`]'s writer seals with.
+fn keys() -> Result<PiiKeys> {
+    Ok(PiiKeys::from_env_strings(KEYS, "k1")?)
+}
 
 fn identify(anon: &str, user: Option<&str>, traits: serde_json::Value) -> IdentityMessage {
     let now = Utc::now();
@@ -35,11 +58,9 @@ fn identify(anon: &str, user: Option<&str>, traits: serde_json::Value) -> Identi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identify_creates_an_encrypted_lead_and_links_matched_by_fingerprint() -> Result<()> {
     let env = WriterEnv::new(1).await?;
-    let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "k1".into();
+    let config = keyed_config(&env);
     let writer = RunningWriter::start(config);
-    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
+    let keys = keys()?;
     let db = env.db.client().await?;
     let topic = env.topics.identity.clone();
 
@@ -152,12 +173,7 @@ async fn identify_with_pii_but_no_keys_is_dead_lettered_not_stored_in_clear() ->
 /// one of applying them one by one (same leads, traits merged in order, every link).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_dependent_identities_ends_as_if_applied_in_order() -> Result<()> {
-    let env = WriterEnv::new(1).await?;
-    let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "k1".into();
-    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
-    let topic = env.topics.identity.clone();
+    let (env, config, keys, topic) = keyed_env().await?;
     const USERS: usize = 40;
     let mut msgs: Vec<IdentityMessage> = Vec::new();
     // Runs of one visitor's identifies (folded).
@@ -250,15 +266,12 @@ async fn a_backlog_of_dependent_identities_ends_as_if_applied_in_order() -> Resu
             format!("USER{i}@example.com").into_bytes()
         );
         let lead: i64 = row.get(0);
-        let links: Vec<(String, String)> = db
-            .query(
-                "SELECT anonymous_id, kind FROM identity_link WHERE lead_id = $1 ORDER BY anonymous_id",
-                &[&lead],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let links: Vec<(String, String)> = query_pairs(
+            &db,
+            "SELECT anonymous_id, kind FROM identity_link WHERE lead_id = $1 ORDER BY anonymous_id",
+            &[&lead],
+        )
+        .await?;
         assert_eq!(
             links,
             [
@@ -329,12 +342,7 @@ async fn a_lead_inserted_by_a_concurrent_transaction_is_updated_not_dead_lettere
 /// waiting. All must end as if applied in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_overtake_waiting_ones_only_when_nothing_links_them() -> Result<()> {
-    let env = WriterEnv::new(1).await?;
-    let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "k1".into();
-    let keys = PiiKeys::from_env_strings(KEYS, "k1")?;
-    let topic = env.topics.identity.clone();
+    let (env, config, keys, topic) = keyed_env().await?;
     let db = env.db.client().await?;
 
     // Leads stored earlier: `ux` with an email and a phone, `wz` with neither.
@@ -479,9 +487,7 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
     let lead =
         "SELECT pii_key_id, email_ciphertext, phone_ciphertext FROM lead WHERE user_id = 'u5'";
 
-    let mut config = env.config();
-    config.pii_keys = KEYS.into();
-    config.pii_active_key = "k1".into();
+    let config = keyed_config(&env);
     let writer = RunningWriter::start(config);
     let first = identify(
         "a5",
@@ -508,8 +514,8 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
 
     // A writer that lost k1 (only k2 listed).
     let mut config = env.config();
-    config.pii_keys = K2.into();
-    config.pii_active_key = "k2".into();
+    config.pii_args.pii_keys = K2.into();
+    config.pii_args.pii_active_key = "k2".into();
     let writer = RunningWriter::start(config);
     env.produce_json(&topic, "4/a5", &change).await?;
     let dead = env.read_dlq(1, WAIT).await?;
@@ -531,8 +537,8 @@ async fn a_reseal_without_the_old_key_is_refused_not_orphaned() -> Result<()> {
 
     // Both keys back: the replayed message is stored, the email re-sealed under k2.
     let mut config = env.config();
-    config.pii_keys = format!("{KEYS},{K2}");
-    config.pii_active_key = "k2".into();
+    config.pii_args.pii_keys = format!("{KEYS},{K2}");
+    config.pii_args.pii_active_key = "k2".into();
     let writer = RunningWriter::start(config);
     env.produce_json(&topic, "4/a5", &change).await?;
     wait_for_count(

@@ -8,16 +8,13 @@ use anyhow::{Context, Result};
 use chrono::Utc;
 use sluice_tests::private::free_port;
 use sluice_tests::query_scalar;
-use sluice_tests::writer::{event, wait_for_count, writer_command, RunningWriter, WriterEnv};
+use sluice_tests::writer::{
+    event, http_get, wait_for_count, writer_command, RunningWriter, WriterEnv,
+};
 use sluice_tests::Stack;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
+    let out = http_get(port, path).await?;
     let status = out.split(' ').nth(1).context("no status")?.parse()?;
     let body = out
         .split_once("\r\n\r\n")

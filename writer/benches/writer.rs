@@ -572,7 +572,7 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize, fill_rows: i64) -> 
     config.batch_max_rows = 20_000;
     config.flush_interval_ms = 500;
     config.lanes = env("SLUICE_WRITER_LANES", "2").parse()?;
-    config.kafka_properties = env("SLUICE_KAFKA_PROPERTIES", "")
+    config.kafka_args.kafka_properties = env("SLUICE_KAFKA_PROPERTIES", "")
         .split(',')
         .map(str::to_owned)
         .collect();

@@ -17,31 +17,30 @@
 //! channel behind fills up and the consumer pauses. Nothing is committed anywhere before the
 //! database has the rows.
 
-use std::collections::{HashMap, HashSet};
+mod prepare;
+mod steps;
+
+use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use sluice_schema::messages::{
-    EventMessage, IdentityMessage, RawObject, SessionMessage, VisitorMessage,
-};
+use futures::future::JoinAll;
 use sluice_schema::pii::PiiKeys;
 use tokio::sync::mpsc;
-use tokio_postgres::Transaction;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::consume::{Command, Record};
-use crate::decode::{Decoded, Rejection};
+use crate::decode::Rejection;
 use crate::dlq::{DeadLetter, Dlq};
-use crate::error::{is_concurrent_lead_insert, is_data_error, StoreError};
+use crate::error::StoreError;
+use crate::metrics;
 use crate::offsets::{self, Assignments, Tp};
 use crate::partitions::{ClaimDays, Months};
-use crate::suppress::{Subject, Suppression};
-use crate::{claim, identity, merge, metrics};
-use sluice_schema::db::describe;
+use crate::suppress::Suppression;
+use steps::{Step, Stored};
 
 /// Limits and timings of the pipeline, from [`crate::Config`].
 #[derive(Debug, Clone)]
@@ -54,6 +53,18 @@ pub(crate) struct BatchLimits {
     pub flush_interval: Duration,
     /// Longest wait between retries.
     pub retry_max: Duration,
+}
+
+impl BatchLimits {
+    /// The limits `config` sets.
+    pub(crate) fn new(config: &crate::Config) -> BatchLimits {
+        BatchLimits {
+            max_rows: config.batch_max_rows,
+            max_bytes: config.batch_max_bytes,
+            flush_interval: Duration::from_millis(config.flush_interval_ms),
+            retry_max: Duration::from_millis(config.retry_max_ms),
+        }
+    }
 }
 
 /// Everything a batch is stored with.
@@ -80,10 +91,26 @@ pub(crate) struct Store {
     pub limits: BatchLimits,
 }
 
+/// Starts one [`run`] task per lane, lane `i` reading `receivers[i]`; the future ends when
+/// all have. Lanes are tasks of their own: one lane's encoding runs while another awaits
+/// PostgreSQL.
+pub(crate) fn spawn_lanes(
+    store: &Arc<Store>,
+    receivers: Vec<mpsc::Receiver<Record>>,
+    stop: &CancellationToken,
+) -> JoinAll<JoinHandle<()>> {
+    futures::future::join_all(
+        receivers
+            .into_iter()
+            .enumerate()
+            .map(|(lane, rx)| tokio::spawn(run(store.clone(), lane, rx, stop.clone()))),
+    )
+}
+
 /// Runs one lane of the pipeline until `stop`; the open batch is then stored once more or
 /// abandoned. Lanes own disjoint partitions, so their transactions move disjoint
 /// `writer_offset` rows and commit in any order.
-pub(crate) async fn run(
+async fn run(
     store: Arc<Store>,
     lane: usize,
     mut rx: mpsc::Receiver<Record>,
@@ -134,59 +161,12 @@ pub(crate) async fn run(
     }
 }
 
-/// A batch's decoded content, indexes pointing back into the batch's records.
-#[derive(Default)]
-struct Prepared<'a> {
-    events: Vec<(usize, &'a EventMessage<RawObject>)>,
-    visitors: Vec<(usize, &'a VisitorMessage)>,
-    sessions: Vec<(usize, &'a SessionMessage)>,
-    identities: Vec<(usize, &'a IdentityMessage)>,
-    /// Messages refused before the database saw them.
-    rejected: Vec<(usize, Rejection)>,
-    /// Events dropped as duplicates of an earlier one in the same batch.
-    in_batch_duplicates: u64,
-    /// The writer's clock when the batch was prepared: it bounds the dedup claim keys.
-    now: DateTime<Utc>,
-}
-
-impl Prepared<'_> {
-    /// The dedup claim key of `e` (see [`sluice_schema::dedup::Window::key_ms`]).
-    fn claim_key(&self, days: &ClaimDays, e: &EventMessage<RawObject>) -> i64 {
-        days.window.key_ms(e.timestamp, e.received_at, self.now)
-    }
-}
-
 /// One partition's move in a batch.
 struct Move {
     tp: Tp,
     epoch: u64,
     expected: Option<i64>,
     next: i64,
-}
-
-/// Steps of the transaction that can be split to isolate a refused row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    Events,
-    Visitors,
-    Sessions,
-    Identities,
-}
-
-/// What the steps stored, for the metrics.
-#[derive(Debug, Default)]
-struct Stored {
-    events: u64,
-    duplicates: u64,
-    visitors: u64,
-    sessions: u64,
-    leads: u64,
-    links: u64,
-    waves: u64,
-    reach_time: Duration,
-    copy_time: Duration,
-    /// Messages dropped by the suppression list: events, visitors, sessions, identities.
-    suppressed: [u64; 4],
 }
 
 impl Store {
@@ -275,35 +255,6 @@ impl Store {
                 }
             })
             .collect()
-    }
-
-    /// Sorts the batch's messages (decoded by the consumer thread, off this task) by step.
-    fn prepare<'a>(&self, batch: &'a [Record]) -> Prepared<'a> {
-        let mut p = Prepared {
-            now: Utc::now(),
-            ..Prepared::default()
-        };
-        let mut seen: HashSet<(i64, Uuid)> = HashSet::new();
-        for (i, r) in batch.iter().enumerate() {
-            match &r.decoded {
-                Ok(Decoded::Event(e)) => {
-                    // The same messageId twice in one batch: the first one stands.
-                    if seen.insert((e.tenant_id, e.event_id)) {
-                        p.events.push((i, e));
-                    } else {
-                        p.in_batch_duplicates += 1;
-                    }
-                }
-                Ok(Decoded::Visitor(v)) => p.visitors.push((i, v)),
-                Ok(Decoded::Session(s)) => p.sessions.push((i, s)),
-                Ok(Decoded::Identity(m)) => match identity::precheck(m, self.keys.as_ref()) {
-                    Ok(()) => p.identities.push((i, m)),
-                    Err(rej) => p.rejected.push((i, rej)),
-                },
-                Err(rej) => p.rejected.push((i, rej.clone())),
-            }
-        }
-        p
     }
 
     async fn store_once(&self, batch: &[Record], moves: &[Move]) -> Result<Stored, StoreError> {
@@ -417,186 +368,6 @@ impl Store {
             );
         }
         self.dlq.send(&letters).await.map_err(StoreError::Dlq)
-    }
-
-    /// Drops the prepared messages the suppression list names (read in `tx`); returns how
-    /// many of each kind.
-    async fn suppress(
-        &self,
-        tx: &Transaction<'_>,
-        p: &mut Prepared<'_>,
-    ) -> Result<[u64; 4], tokio_postgres::Error> {
-        let mut subjects: Vec<Subject<'_>> = Vec::with_capacity(
-            p.events.len() + p.visitors.len() + p.sessions.len() + p.identities.len(),
-        );
-        for (_, e) in &p.events {
-            subjects.push(Subject {
-                tenant: e.tenant_id,
-                user_ids: [e.user_id.as_deref(), None],
-                anonymous_ids: [e.anonymous_id.as_deref(), None],
-                ..Subject::default()
-            });
-        }
-        for (_, v) in &p.visitors {
-            subjects.push(Subject {
-                tenant: v.tenant_id,
-                user_ids: [v.user_id.as_deref(), None],
-                anonymous_ids: [Some(v.anonymous_id.as_str()), None],
-                ..Subject::default()
-            });
-        }
-        for (_, m) in &p.sessions {
-            subjects.push(Subject {
-                tenant: m.tenant_id,
-                user_ids: [m.user_id.as_deref(), None],
-                anonymous_ids: [m.anonymous_id.as_deref(), None],
-                ..Subject::default()
-            });
-        }
-        for (_, m) in &p.identities {
-            // An alias's previous id is a user id or an anonymous id: either erased one counts.
-            let previous = m.previous_id.as_deref();
-            subjects.push(
-                Subject {
-                    tenant: m.tenant_id,
-                    user_ids: [m.user_id.as_deref(), previous],
-                    anonymous_ids: [m.anonymous_id.as_deref(), previous],
-                    ..Subject::default()
-                }
-                .with_traits(&m.traits)
-                .with_sealed(m.pii.as_ref()),
-            );
-        }
-        let verdicts = self
-            .suppression
-            .check(tx, &subjects, self.keys.as_ref())
-            .await?;
-        drop(subjects);
-        let mut verdicts = verdicts.into_iter();
-        let mut dropped = [0u64; 4];
-        let mut keep = |k: usize| {
-            let suppressed = verdicts.next().unwrap_or(false);
-            dropped[k] += u64::from(suppressed);
-            !suppressed
-        };
-        p.events.retain(|_| keep(0));
-        p.visitors.retain(|_| keep(1));
-        p.sessions.retain(|_| keep(2));
-        p.identities.retain(|_| keep(3));
-        Ok(dropped)
-    }
-
-    /// Runs one step over all its items under a savepoint; when PostgreSQL refuses the data,
-    /// halves the items until the refused ones are alone. Returns them (batch index, reason).
-    async fn split_step(
-        &self,
-        tx: &Transaction<'_>,
-        step: Step,
-        p: &Prepared<'_>,
-        stored: &mut Stored,
-    ) -> Result<Vec<(usize, Rejection)>, StoreError> {
-        let n = match step {
-            Step::Events => p.events.len(),
-            Step::Visitors => p.visitors.len(),
-            Step::Sessions => p.sessions.len(),
-            Step::Identities => p.identities.len(),
-        };
-        let mut bad = Vec::new();
-        if n == 0 {
-            return Ok(bad);
-        }
-        let mut stack: Vec<Vec<usize>> = vec![(0..n).collect()];
-        while let Some(idx) = stack.pop() {
-            tx.batch_execute("SAVEPOINT sluice_step").await?;
-            match self.run_step(tx, step, p, &idx, stored).await {
-                Ok(refused) => {
-                    tx.batch_execute("RELEASE SAVEPOINT sluice_step").await?;
-                    bad.extend(refused);
-                }
-                Err(err) if sluice_schema::partitions::is_missing_partition(&err) => {
-                    // A month vanished after we saw it (pruned by an operator): forget what we
-                    // know and retry the batch, which recreates it.
-                    self.months.forget_all();
-                    self.claim_days.forget_all();
-                    return Err(StoreError::Transient(describe(&err)));
-                }
-                Err(err) if is_concurrent_lead_insert(&err) => {
-                    return Err(StoreError::Transient(describe(&err)));
-                }
-                Err(err) if is_data_error(&err) => {
-                    tx.batch_execute(
-                        "ROLLBACK TO SAVEPOINT sluice_step; RELEASE SAVEPOINT sluice_step",
-                    )
-                    .await?;
-                    if let [only] = idx[..] {
-                        let batch_index = match step {
-                            Step::Events => p.events[only].0,
-                            Step::Visitors => p.visitors[only].0,
-                            Step::Sessions => p.sessions[only].0,
-                            Step::Identities => p.identities[only].0,
-                        };
-                        bad.push((
-                            batch_index,
-                            Rejection::new("rejected_by_database", describe(&err)),
-                        ));
-                    } else {
-                        let mid = idx.len() / 2;
-                        stack.push(idx[mid..].to_vec());
-                        stack.push(idx[..mid].to_vec());
-                    }
-                }
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Ok(bad)
-    }
-
-    async fn run_step(
-        &self,
-        tx: &Transaction<'_>,
-        step: Step,
-        p: &Prepared<'_>,
-        idx: &[usize],
-        stored: &mut Stored,
-    ) -> Result<Vec<(usize, Rejection)>, tokio_postgres::Error> {
-        let mut refused = Vec::new();
-        match step {
-            Step::Events => {
-                let rows: Vec<&EventMessage<RawObject>> =
-                    idx.iter().map(|&i| p.events[i].1).collect();
-                let keys: Vec<i64> = rows
-                    .iter()
-                    .map(|e| p.claim_key(&self.claim_days, e))
-                    .collect();
-                let out = claim::events(tx, &rows, &keys).await?;
-                stored.events += out.stored;
-                stored.duplicates += out.duplicates;
-            }
-            Step::Visitors => {
-                let rows: Vec<&VisitorMessage> = idx.iter().map(|&i| p.visitors[i].1).collect();
-                stored.visitors += merge::visitors(tx, &rows).await?;
-            }
-            Step::Sessions => {
-                let rows: Vec<&SessionMessage> = idx.iter().map(|&i| p.sessions[i].1).collect();
-                stored.sessions += merge::sessions(tx, &rows).await?;
-            }
-            Step::Identities => {
-                let rows: Vec<&IdentityMessage> = idx.iter().map(|&i| p.identities[i].1).collect();
-                let applied = identity::apply(tx, &rows, self.keys.as_ref()).await?;
-                stored.leads += applied.leads;
-                stored.links += applied.links;
-                stored.waves += applied.waves;
-                stored.reach_time += applied.reach_time;
-                // Refused by the identity step itself (a lead's kept PII it cannot re-seal).
-                refused.extend(
-                    applied
-                        .refused
-                        .into_iter()
-                        .filter_map(|(j, rej)| Some((p.identities[*idx.get(j)?].0, rej))),
-                );
-            }
-        }
-        Ok(refused)
     }
 
     fn after_commit(&self, messages: usize, moves: &[Move], stored: &Stored, took: Duration) {

@@ -2,8 +2,8 @@
 //! environment variable and a default for the local stack (docs/architecture.md §8.4).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
+use sluice_schema::cli::{own_words, DatabaseArgs, KafkaArgs, PiiArgs, TopicArgs};
 use sluice_schema::readiness;
 use sluice_schema::runtime::LogFormat;
 
@@ -30,48 +30,64 @@ pub mod defaults {
     pub const RETRY_MAX_MS: u64 = 5_000;
 }
 
+/// The writer's words for the shared flags of `sluice_schema::cli` it explains its own way
+/// (argument id, help text).
+const OWN_WORDS: &[(&str, &str)] = &[
+    (
+        "database_url",
+        "PostgreSQL URL (the database holding `event`, `visitor`, \
+        ... and `writer_offset`), libpq style: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` \
+        apply",
+    ),
+    (
+        "kafka_properties",
+        "librdkafka property `key=value` for every Kafka \
+        client of the writer (TLS, SASL); repeatable, or comma-separated in the variable. \
+        Properties the writer's guarantees rest on (group, commits, isolation, idempotence, \
+        acks) are refused",
+    ),
+    (
+        "pii_keys",
+        "PII keys, `id=base64(32 bytes)[,id=...]`. Needed to store \
+        email and phone of identify calls; without them such calls are dead-lettered with \
+        reason `pii_key_missing`",
+    ),
+    (
+        "pii_keys_file",
+        "File holding the PII keys (a mounted Secret); wins over --pii-keys",
+    ),
+    (
+        "pii_active_key",
+        "Id of the PII key new ciphertexts are sealed with (one of `SLUICE_PII_KEYS`)",
+    ),
+    (
+        "topic_partitions",
+        "Partitions of each topic created at start-up when \
+        missing (existing topics keep theirs). Writer instances beyond this number stay idle",
+    ),
+    (
+        "topic_replication",
+        "Replication factor of topics created at start-up",
+    ),
+];
+
 /// Everything `sluice-writer` can be told. Build it with `Config::parse()` in the binary, or
 /// with [`Config::for_tests`] and field updates in tests.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "sluice-writer",
     about = "Kafka -> PostgreSQL writer of sluice",
-    version
+    version,
+    mut_args(own_words(OWN_WORDS))
 )]
 pub struct Config {
-    /// PostgreSQL URL (the database holding `event`, `visitor`, ... and `writer_offset`),
-    /// libpq style: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` apply.
-    #[arg(
-        long,
-        env = "SLUICE_DATABASE_URL",
-        hide_env_values = true,
-        default_value = defaults::DATABASE_URL
-    )]
-    pub database_url: String,
+    /// The PostgreSQL of the events and of the writer's offsets.
+    #[command(flatten)]
+    pub database_args: DatabaseArgs,
 
-    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
-    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
-    pub database_url_file: Option<PathBuf>,
-
-    /// Kafka bootstrap servers, `host:port[,host:port...]`.
-    #[arg(long, env = "SLUICE_KAFKA_BROKERS", default_value = defaults::KAFKA_BROKERS)]
-    pub kafka_brokers: String,
-
-    /// librdkafka property `key=value` for every Kafka client of the writer (TLS, SASL);
-    /// repeatable, or comma-separated in the variable. Properties the writer's guarantees
-    /// rest on (group, commits, isolation, idempotence, acks) are refused.
-    #[arg(
-        long = "kafka-property",
-        env = "SLUICE_KAFKA_PROPERTIES",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub kafka_properties: Vec<String>,
-
-    /// File of librdkafka properties, one `key=value` a line, `#` comments (a mounted
-    /// Secret); read after SLUICE_KAFKA_PROPERTIES.
-    #[arg(long, env = "SLUICE_KAFKA_PROPERTIES_FILE")]
-    pub kafka_properties_file: Option<PathBuf>,
+    /// The Kafka brokers and the operator's librdkafka properties.
+    #[command(flatten)]
+    pub kafka_args: KafkaArgs,
 
     /// Consumer group of every writer instance of one pipeline.
     #[arg(long, env = "SLUICE_WRITER_GROUP", default_value = "sluice-writer")]
@@ -85,37 +101,13 @@ pub struct Config {
     #[arg(long, env = "SLUICE_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
 
-    /// PII keys, `id=base64(32 bytes)[,id=...]`. Needed to store email and phone of identify
-    /// calls; without them such calls are dead-lettered with reason `pii_key_missing`.
-    #[arg(
-        long,
-        env = "SLUICE_PII_KEYS",
-        default_value = "",
-        hide_env_values = true
-    )]
-    pub pii_keys: String,
+    /// The PII keys email and phone are stored with.
+    #[command(flatten)]
+    pub pii_args: PiiArgs,
 
-    /// File holding the PII keys (a mounted Secret); wins over --pii-keys.
-    #[arg(long, env = "SLUICE_PII_KEYS_FILE")]
-    pub pii_keys_file: Option<PathBuf>,
-
-    /// Id of the PII key new ciphertexts are sealed with (one of `SLUICE_PII_KEYS`).
-    #[arg(long, env = "SLUICE_PII_ACTIVE_KEY", default_value = "")]
-    pub pii_active_key: String,
-
-    /// Partitions of each topic created at start-up when missing (existing topics keep theirs).
-    /// Writer instances beyond this number stay idle.
-    #[arg(long, env = "SLUICE_TOPIC_PARTITIONS", default_value_t = defaults::TOPIC_PARTITIONS)]
-    pub topic_partitions: i32,
-
-    /// Replication factor of topics created at start-up.
-    #[arg(long, env = "SLUICE_TOPIC_REPLICATION", default_value_t = defaults::TOPIC_REPLICATION)]
-    pub topic_replication: i32,
-
-    /// `min.insync.replicas` of topics created at start-up; 0 picks replication - 1 (at
-    /// least 1), so with `acks=all` losing one broker loses no acknowledged message.
-    #[arg(long, env = "SLUICE_TOPIC_MIN_INSYNC_REPLICAS", default_value_t = 0)]
-    pub topic_min_insync_replicas: i32,
+    /// How the topics created at start-up are made.
+    #[command(flatten)]
+    pub topic_args: TopicArgs,
 
     /// Most messages in one batch (one PostgreSQL transaction). Bounds the writer's memory.
     #[arg(long, env = "SLUICE_WRITER_BATCH_MAX_ROWS", default_value_t = defaults::BATCH_MAX_ROWS)]
@@ -184,22 +176,19 @@ impl Config {
         group: &str,
     ) -> Config {
         Config {
-            database_url: database_url.to_owned(),
-            database_url_file: None,
-            kafka_brokers: kafka_brokers.to_owned(),
-            kafka_properties: Vec::new(),
-            kafka_properties_file: None,
+            database_args: DatabaseArgs::new(database_url),
+            kafka_args: KafkaArgs::new(kafka_brokers),
             group: group.to_owned(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             topic_prefix: topic_prefix.to_owned(),
-            pii_keys: String::new(),
-            pii_keys_file: None,
-            pii_active_key: String::new(),
+            pii_args: PiiArgs::default(),
             // Fewer partitions, a shorter flush and retry ceiling than production: tests
             // create topics per case and wait on stored rows.
-            topic_partitions: 4,
-            topic_replication: defaults::TOPIC_REPLICATION,
-            topic_min_insync_replicas: 0,
+            topic_args: TopicArgs {
+                topic_partitions: 4,
+                topic_replication: defaults::TOPIC_REPLICATION,
+                topic_min_insync_replicas: 0,
+            },
             batch_max_rows: defaults::BATCH_MAX_ROWS,
             lanes: defaults::LANES,
             batch_max_bytes: defaults::BATCH_MAX_BYTES,
@@ -226,23 +215,30 @@ mod tests {
     fn test_config_differs_from_the_declared_defaults_only_where_it_says() {
         let parsed = Config::try_parse_from(["sluice-writer"]).unwrap();
         let mut tests = Config::for_tests(
-            &parsed.kafka_brokers,
-            &parsed.database_url,
+            &parsed.kafka_args.kafka_brokers,
+            &parsed.database_args.database_url,
             &parsed.topic_prefix,
             &parsed.group,
         );
         assert_eq!(
             (
-                tests.topic_partitions,
+                tests.topic_args.topic_partitions,
                 tests.flush_interval_ms,
                 tests.retry_max_ms
             ),
             (4, 200, 2_000)
         );
         tests.metrics_listen = parsed.metrics_listen;
-        tests.topic_partitions = parsed.topic_partitions;
+        tests.topic_args.topic_partitions = parsed.topic_args.topic_partitions;
         tests.flush_interval_ms = parsed.flush_interval_ms;
         tests.retry_max_ms = parsed.retry_max_ms;
         assert_eq!(format!("{tests:?}"), format!("{parsed:?}"));
+    }
+
+    #[test]
+    fn own_words_name_real_flags() {
+        let command = <Config as clap::CommandFactory>::command();
+        let unknown = sluice_schema::cli::unknown_words(&command, OWN_WORDS);
+        assert!(unknown.is_empty(), "{unknown:?}");
     }
 }

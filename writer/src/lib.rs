@@ -9,7 +9,8 @@
 //! - [`config`]: settings (flags and `SLUICE_*` variables).
 //! - `consume`: the Kafka consumer thread (`Poller`): lanes fed, paused and resumed.
 //! - `rebalance`: the consumer's context: rebalances positioned from `writer_offset`; lag.
-//! - `batch`: the store pipeline: batching, the transaction, retries, splitting bad batches.
+//! - `batch`: the store pipeline: batching, the transaction, retries; `batch/prepare` sorts a
+//!   batch by step and drops suppressed messages, `batch/steps` splits bad batches.
 //! - `decode`: Kafka values -> typed, validated messages.
 //! - [`copy`]: binary COPY encoding and the event row format (public for the benchmark).
 //! - `claim`: the events' dedup claims in `event_dedup`, then their COPY into `event`.
@@ -76,7 +77,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let stop = CancellationToken::new();
     let consumer_stop = CancellationToken::new();
-    let dlq = dlq::Dlq::new(&config.kafka_brokers, &kafka, topics.dlq.clone())?;
+    let dlq = dlq::Dlq::new(&config.kafka_args.kafka_brokers, &kafka, topics.dlq.clone())?;
     // Health first, so that while the start-up checks below fail (wrong password, unknown CA,
     // refused SASL credentials, no migrations) /readyz says why, and the writer keeps trying
     // instead of exiting into a crash loop.
@@ -90,14 +91,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
 
-    let months = Arc::new(partitions::Months::new(PartitionConfig {
-        hash_modulus: config.partition_hash_modulus,
-        months_ahead: config.partition_months_ahead,
-    }));
+    let (months, claim_days) = partition_caches(&config);
     tokio::pin!(shutdown);
-    let claim_days = Arc::new(partitions::ClaimDays::new(sluice_schema::dedup::Window {
-        days: config.dedup_window_days,
-    }));
     let checks = || start_up_checks(&pool, &months, &claim_days, &config, &kafka, &topics);
     if !until_ready(checks, &dlq, &mut shutdown).await {
         consumer_stop.cancel();
@@ -106,11 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let assignments = Arc::new(offsets::Assignments::default());
-    let ConsumerThread {
-        thread: consumer_thread,
-        receivers,
-        commands: cmd_tx,
-    } = start_consumer(
+    let consumer = start_consumer(
         &config,
         &kafka,
         &topics,
@@ -136,41 +127,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         keys,
         suppression: suppress::Suppression::new(config.suppression_cache_max_entries),
         assignments,
-        commands: cmd_tx,
-        limits: batch::BatchLimits {
-            max_rows: config.batch_max_rows,
-            max_bytes: config.batch_max_bytes,
-            flush_interval: Duration::from_millis(config.flush_interval_ms),
-            retry_max: Duration::from_millis(config.retry_max_ms),
-        },
+        commands: consumer.commands,
+        limits: batch::BatchLimits::new(&config),
     });
     tracing::info!(group = %config.group, prefix = %config.topic_prefix, lanes, "writer started");
-    // Lanes are tasks of their own: one lane's encoding runs while another awaits PostgreSQL.
-    let pipeline = futures::future::join_all(
-        receivers
-            .into_iter()
-            .enumerate()
-            .map(|(lane, rx)| tokio::spawn(batch::run(store.clone(), lane, rx, stop.clone()))),
-    );
+    let pipeline = batch::spawn_lanes(&store, consumer.receivers, &stop);
     let shutting_down = until_stored(pipeline, &mut shutdown, &stop).await;
     // Only now may the consumer leave: its revocation would make the last batch's partitions
     // unowned and that batch unstorable.
     consumer_stop.cancel();
-    let joined = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
+    let joined = tokio::task::spawn_blocking(move || consumer.thread.join()).await;
+    stopped(shutting_down, joined.is_ok_and(|left| left.is_ok()))
+}
+
+/// What the writer knows of its partitions, empty at start: the months of `event` and the days
+/// of `event_dedup` known to exist (and the dedup window).
+fn partition_caches(config: &Config) -> (Arc<partitions::Months>, Arc<partitions::ClaimDays>) {
+    let months = partitions::Months::new(PartitionConfig {
+        hash_modulus: config.partition_hash_modulus,
+        months_ahead: config.partition_months_ahead,
+    });
+    let claim_days = partitions::ClaimDays::new(sluice_schema::dedup::Window {
+        days: config.dedup_window_days,
+    });
+    (Arc::new(months), Arc::new(claim_days))
+}
+
+/// How [`run`] ends once the lanes are done and the consumer thread joined: `shutting_down`
+/// false means the lanes ended because the consumer's channels closed without a shutdown;
+/// `left_cleanly` false, that the thread panicked while leaving the group.
+fn stopped(shutting_down: bool, left_cleanly: bool) -> Result<(), WriterError> {
     if !shutting_down {
         return Err(WriterError::ConsumerThread(
             "its channel closed without a shutdown; see the log above".into(),
         ));
     }
-    match joined {
-        Ok(Ok(())) => {
-            tracing::info!("writer stopped");
-            Ok(())
-        }
-        _ => Err(WriterError::ConsumerThread(
+    if !left_cleanly {
+        return Err(WriterError::ConsumerThread(
             "it panicked while leaving the group".into(),
-        )),
+        ));
     }
+    tracing::info!("writer stopped");
+    Ok(())
 }
 
 /// The consumer thread and the pipeline's ends of its channels.
@@ -193,7 +191,7 @@ fn start_consumer(
 ) -> Result<ConsumerThread, WriterError> {
     let topic_map = consume::TopicMap::new(topics);
     let consumer = consume::create(
-        &config.kafka_brokers,
+        &config.kafka_args.kafka_brokers,
         kafka,
         &config.group,
         &topic_map,
@@ -236,27 +234,18 @@ struct Secrets {
 impl Secrets {
     fn load(config: &Config) -> Result<Secrets, WriterError> {
         let config_err = |e: sluice_schema::SchemaError| WriterError::Config(e.to_string());
-        let database_url = secrets::value_or_file(
-            &config.database_url,
-            config.database_url_file.as_deref(),
-            "SLUICE_DATABASE_URL_FILE",
-        )
-        .map_err(config_err)?;
+        let database_url = config.database_args.url().map_err(config_err)?;
         let pii_keys = secrets::value_or_file(
-            &config.pii_keys,
-            config.pii_keys_file.as_deref(),
+            &config.pii_args.pii_keys,
+            config.pii_args.pii_keys_file.as_deref(),
             "SLUICE_PII_KEYS_FILE",
         )
         .map_err(config_err)?;
-        let kafka = KafkaProperties::load(
-            &config.kafka_properties,
-            config.kafka_properties_file.as_deref(),
-        )
-        .map_err(config_err)?;
+        let kafka = config.kafka_args.properties().map_err(config_err)?;
         let keys = match pii_keys.trim() {
             "" => None,
             keys => Some(
-                PiiKeys::from_env_strings(keys, &config.pii_active_key).map_err(|e| {
+                PiiKeys::from_env_strings(keys, &config.pii_args.pii_active_key).map_err(|e| {
                     WriterError::Config(format!("SLUICE_PII_KEYS / SLUICE_PII_ACTIVE_KEY: {e}"))
                 })?,
             ),
@@ -339,7 +328,7 @@ fn check(config: &Config) -> Result<(), WriterError> {
             "partition hash modulus must be between 1 and 1024 (SLUICE_PARTITION_HASH_MODULUS)",
         );
     }
-    if config.topic_partitions < 1 || config.topic_replication < 1 {
+    if config.topic_args.topic_partitions < 1 || config.topic_args.topic_replication < 1 {
         return bad("topic partitions and replication must be at least 1");
     }
     Ok(())
@@ -411,14 +400,14 @@ async fn create_topics(
     topics: &Topics,
 ) -> Result<(), WriterError> {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka_brokers);
+    client.set("bootstrap.servers", &config.kafka_args.kafka_brokers);
     kafka.apply(&mut client);
     sluice_schema::topics::create_missing_with(
         &client,
         &topics.all(),
-        config.topic_partitions,
-        config.topic_replication,
-        config.topic_min_insync_replicas,
+        config.topic_args.topic_partitions,
+        config.topic_args.topic_replication,
+        config.topic_args.topic_min_insync_replicas,
         Duration::from_secs(30),
     )
     .await

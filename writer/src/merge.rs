@@ -268,8 +268,8 @@ pub(crate) async fn count_claimed<J>(
     tx: &Transaction<'_>,
     claimed: &[&EventMessage<J>],
 ) -> Result<(), tokio_postgres::Error> {
-    let mut visitors: HashMap<(i64, &str), Tally<'_>> = HashMap::new();
-    let mut sessions: HashMap<(i64, &str), Tally<'_>> = HashMap::new();
+    let mut visitors: Tallies<'_> = HashMap::new();
+    let mut sessions: Tallies<'_> = HashMap::new();
     for e in claimed {
         // An empty id names no row (the tables refuse it); the collector sends none.
         if let Some(a) = e.anonymous_id.as_deref().filter(|a| !a.is_empty()) {
@@ -285,66 +285,79 @@ pub(crate) async fn count_claimed<J>(
                 .add(e);
         }
     }
-    let visits = async {
-        if visitors.is_empty() {
-            return Ok(0);
-        }
-        let n = visitors.len();
-        let (mut t, mut a, mut w) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut f, mut l, mut c, mut b) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for ((tenant, anon), x) in &visitors {
-            t.push(*tenant);
-            a.push(*anon);
-            w.push(x.workspace_id);
-            f.push(x.first);
-            l.push(x.last);
-            c.push(x.events);
-            b.push(x.bot);
-        }
-        tx.execute(COUNT_VISITORS, &[&t, &a, &w, &f, &l, &c, &b])
-            .await
-    };
-    let sess = async {
-        if sessions.is_empty() {
-            return Ok(0);
-        }
-        let n = sessions.len();
-        let (mut t, mut s, mut w, mut a) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut f, mut l, mut c, mut p) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for ((tenant, sid), x) in &sessions {
-            t.push(*tenant);
-            s.push(*sid);
-            w.push(x.workspace_id);
-            a.push(x.anonymous_id);
-            f.push(x.first);
-            l.push(x.last);
-            c.push(x.events);
-            p.push(x.pages);
-        }
-        tx.execute(COUNT_SESSIONS, &[&t, &s, &w, &a, &f, &l, &c, &p])
-            .await
-    };
-    futures::try_join!(visits, sess)?;
+    futures::try_join!(count_visitors(tx, &visitors), count_sessions(tx, &sessions))?;
     Ok(())
+}
+
+/// Claimed events' tallies by (tenant, anonymous id) or (tenant, session id).
+type Tallies<'a> = HashMap<(i64, &'a str), Tally<'a>>;
+
+/// Runs [`COUNT_VISITORS`] over the visitors' tallies, one array a column.
+async fn count_visitors(
+    tx: &Transaction<'_>,
+    visitors: &Tallies<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    if visitors.is_empty() {
+        return Ok(0);
+    }
+    let n = visitors.len();
+    let (mut t, mut a, mut w) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut f, mut l, mut c, mut b) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((tenant, anon), x) in visitors {
+        t.push(*tenant);
+        a.push(*anon);
+        w.push(x.workspace_id);
+        f.push(x.first);
+        l.push(x.last);
+        c.push(x.events);
+        b.push(x.bot);
+    }
+    tx.execute(COUNT_VISITORS, &[&t, &a, &w, &f, &l, &c, &b])
+        .await
+}
+
+/// Runs [`COUNT_SESSIONS`] over the sessions' tallies, one array a column.
+async fn count_sessions(
+    tx: &Transaction<'_>,
+    sessions: &Tallies<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    if sessions.is_empty() {
+        return Ok(0);
+    }
+    let n = sessions.len();
+    let (mut t, mut s, mut w, mut a) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut f, mut l, mut c, mut p) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((tenant, sid), x) in sessions {
+        t.push(*tenant);
+        s.push(*sid);
+        w.push(x.workspace_id);
+        a.push(x.anonymous_id);
+        f.push(x.first);
+        l.push(x.last);
+        c.push(x.events);
+        p.push(x.pages);
+    }
+    tx.execute(COUNT_SESSIONS, &[&t, &s, &w, &a, &f, &l, &c, &p])
+        .await
 }
 
 #[cfg(test)]
