@@ -44,21 +44,13 @@ enum Command {
 }
 
 #[derive(Args)]
+#[command(mut_args(own_words(&[("database_url", "PostgreSQL to fill (migrated)")])))]
 struct FillArgs {
     /// Rows to add to `event`, and claims to `event_dedup`.
     #[arg(long, default_value_t = 20_000_000)]
     rows: i64,
-    /// PostgreSQL to fill (migrated).
-    #[arg(
-        long,
-        env = "SLUICE_DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://sluice@127.0.0.1:54320/sluice"
-    )]
-    database_url: String,
-    /// File holding the PostgreSQL URL (a mounted Secret); wins over --database-url.
-    #[arg(long, env = "SLUICE_DATABASE_URL_FILE")]
-    database_url_file: Option<PathBuf>,
+    #[command(flatten)]
+    database_args: DatabaseArgs,
 }
 
 #[derive(Args)]
@@ -297,11 +289,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn fill(args: FillArgs) -> anyhow::Result<ExitCode> {
-    let url = sluice_schema::secrets::value_or_file(
-        &args.database_url,
-        args.database_url_file.as_deref(),
-        "SLUICE_DATABASE_URL_FILE",
-    )?;
+    let url = args.database_args.url()?;
     let client = sluice_loadtest::keys::connect(&url).await?;
     let rows = args.rows;
     let report = sluice_loadtest::fill::fill(&client, rows, |done, s| {

@@ -260,7 +260,7 @@ mod tests {
                 Kind::Gauge => assert!(m.buckets.is_empty(), "{}", m.name),
             }
         }
-        assert_eq!(ALL.len(), 17);
+        assert_eq!(ALL.len(), 18);
         assert_eq!(BATCH_ROWS, "sluice_writer_batch_rows");
         // The misleadingly named constant of before: a batch's whole duration, not a commit's.
         assert_eq!(BATCH_DURATION.name, "sluice_writer_batch_duration_seconds");
