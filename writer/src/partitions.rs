@@ -13,12 +13,30 @@ use tokio_postgres::Client;
 
 use crate::metrics;
 
+/// Partitions (by their first day) this writer has seen to exist, so the common case costs a
+/// set lookup. Poisoning is ignored: the set is a cache, and a wrong entry is corrected by
+/// the missing-partition path.
+#[derive(Debug, Default)]
+struct Known(Mutex<HashSet<NaiveDate>>);
+
+impl Known {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<NaiveDate>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Those of `days` not known to exist.
+    fn missing(&self, days: impl Iterator<Item = NaiveDate>) -> HashSet<NaiveDate> {
+        let known = self.lock();
+        days.filter(|d| !known.contains(d)).collect()
+    }
+}
+
 /// Months known to exist, so the common case (current month) costs a set lookup.
 #[derive(Debug)]
 pub(crate) struct Months {
     /// First days of months known to have a partition. Grows by a few entries a month;
     /// bounded in practice by retention plus months ahead.
-    known: Mutex<HashSet<NaiveDate>>,
+    known: Known,
     /// Layout of new months.
     cfg: PartitionConfig,
 }
@@ -26,13 +44,9 @@ pub(crate) struct Months {
 impl Months {
     pub fn new(cfg: PartitionConfig) -> Months {
         Months {
-            known: Mutex::new(HashSet::new()),
+            known: Known::default(),
             cfg,
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<NaiveDate>> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Ensures the current month and the months ahead (start-up and timer).
@@ -48,7 +62,9 @@ impl Months {
             let until = partitions::month_bounds(last).1.timestamp();
             metrics::partitions_until(until);
         }
-        self.lock().extend(ensured.into_iter().map(|e| e.month));
+        self.known
+            .lock()
+            .extend(ensured.into_iter().map(|e| e.month));
         Ok(())
     }
 
@@ -58,27 +74,23 @@ impl Months {
         client: &Client,
         times: impl Iterator<Item = DateTime<Utc>>,
     ) -> Result<usize, sluice_schema::SchemaError> {
-        let missing: HashSet<NaiveDate> = {
-            let known = self.lock();
-            times
-                .map(|t| partitions::month_start(t.date_naive()))
-                .filter(|m| !known.contains(m))
-                .collect()
-        };
+        let missing = self
+            .known
+            .missing(times.map(|t| partitions::month_start(t.date_naive())));
         let mut created = 0;
         for month in missing {
             if partitions::ensure_month(client, month, self.cfg.hash_modulus).await? {
                 created += 1;
                 metrics::partitions_created(1);
             }
-            self.lock().insert(month);
+            self.known.lock().insert(month);
         }
         Ok(created)
     }
 
     /// Forgets a month (its partition was found missing after all, e.g. pruned by an operator).
     pub fn forget_all(&self) {
-        self.lock().clear();
+        self.known.lock().clear();
     }
 }
 
@@ -90,19 +102,15 @@ pub(crate) struct ClaimDays {
     pub window: Window,
     /// Days known to have a partition: about the window's length, as old days are
     /// forgotten when they are dropped.
-    known: Mutex<HashSet<NaiveDate>>,
+    known: Known,
 }
 
 impl ClaimDays {
     pub fn new(window: Window) -> ClaimDays {
         ClaimDays {
             window,
-            known: Mutex::new(HashSet::new()),
+            known: Known::default(),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<NaiveDate>> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Ensures every day a claim key can fall on at `now`, and tomorrow's (start-up, timer).
@@ -130,17 +138,14 @@ impl ClaimDays {
         client: &Client,
         days: impl Iterator<Item = NaiveDate>,
     ) -> Result<usize, sluice_schema::SchemaError> {
-        let missing: HashSet<NaiveDate> = {
-            let known = self.lock();
-            days.filter(|d| !known.contains(d)).collect()
-        };
+        let missing = self.known.missing(days);
         let mut created = 0;
         for day in missing {
             if dedup::ensure_day(client, day).await? {
                 created += 1;
                 metrics::dedup_days_created(1);
             }
-            self.lock().insert(day);
+            self.known.lock().insert(day);
         }
         Ok(created)
     }
@@ -154,12 +159,12 @@ impl ClaimDays {
         let dropped = dedup::prune(client, now, self.window).await?;
         metrics::dedup_days_dropped(dropped.len() as u64);
         let oldest = self.window.oldest_kept(now);
-        self.lock().retain(|d| *d >= oldest);
+        self.known.lock().retain(|d| *d >= oldest);
         Ok(dropped.len())
     }
 
     /// Forgets every day (one was found missing after all, e.g. dropped by an operator).
     pub fn forget_all(&self) {
-        self.lock().clear();
+        self.known.lock().clear();
     }
 }
