@@ -17,7 +17,11 @@
 //! - `e2e`: a topic pre-filled with ROWS events, then a writer started on it; rows/s from start
 //!   to the last row visible, against psql's COPY of the identical rows into the same table.
 //!   With `SLUICE_BENCH_FILL_ROWS=20000000`, `event` and `event_dedup` first hold that many
-//!   rows (a steady state; the fill takes minutes and prints its progress).
+//!   rows (a steady state; the fill takes minutes and prints its progress), and with
+//!   `SLUICE_BENCH_E2E_DATABASE_URL` it runs on that database instead of a fresh one.
+//!
+//! `SLUICE_BENCH_SQL`, when set, runs on each fresh database after the migrations: a setting
+//! to try before it becomes a migration.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -78,6 +82,10 @@ async fn fresh_db(admin_url: &str) -> Result<String> {
     let mut client = connect(&url).await?;
     sluice_schema::migrate::up(&mut client).await?;
     sluice_schema::partitions::ensure_month(&client, Utc::now().date_naive(), 8).await?;
+    // A setting to try before it becomes a migration (storage parameters, indexes).
+    if let Ok(sql) = std::env::var("SLUICE_BENCH_SQL") {
+        client.batch_execute(&sql).await?;
+    }
     Ok(url)
 }
 
