@@ -158,6 +158,10 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         // Back within a second of the broker (librdkafka's default, 10 s between attempts, kept
         // the collector answering 503 for 6-10 s after a network cut healed).
         .set("reconnect.backoff.max.ms", "1000")
+        // Requests go out when written: with Nagle on, a produce request pipelined behind an
+        // unacknowledged one waited for its ACK (64 connections, batches of 20: 40,800 and
+        // 51,223 events/s, p99 95 and 55 ms; with it off 56,775 and 58,833, p99 45 ms).
+        .set("socket.nagle.disable", "true")
         .set("client.id", "sluice-ingest");
     config.kafka.apply(&mut c);
     c
