@@ -3,7 +3,7 @@
 //! ```sh
 //! SLUICE_BENCH_DATABASE_URL=postgres://sluice@127.0.0.1:54320/sluice \
 //! SLUICE_BENCH_KAFKA_BROKERS=127.0.0.1:19092 \
-//! cargo bench -p sluice-writer --bench writer -- [copy|e2e|dedup|all] [ROWS]
+//! cargo bench -p sluice-writer --bench writer -- [copy|e2e|all] [ROWS]
 //! ```
 //!
 //! - `copy`: the same event rows COPYed five ways into a fresh migrated database with one
@@ -11,9 +11,6 @@
 //!   (the machine's limit), hand-encoded chunks through `CopyInSink` into the parent and into
 //!   the computed leaves, tokio-postgres' `BinaryCopyInWriter` into the parent, and the cost of
 //!   the `event_dedup` claim alone.
-//! - `dedup`: the claim of ROWS new events into claim tables already holding 0 and then
-//!   `SLUICE_BENCH_DEDUP_FILL` (20,000,000) claims: the day-partitioned table keyed by client
-//!   time against the earlier one keyed by random ids.
 //! - `e2e`: a topic pre-filled with ROWS events, then a writer started on it; rows/s from start
 //!   to the last row visible, against psql's COPY of the identical rows into the same table.
 //!   With `SLUICE_BENCH_FILL_ROWS=20000000`, `event` and `event_dedup` first hold that many
@@ -23,153 +20,25 @@
 //! `SLUICE_BENCH_SQL`, when set, runs on each fresh database after the migrations: a setting
 //! to try before it becomes a migration.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use chrono::Utc;
+use common::{
+    connect, dedup_claim, drop_db, env, events, fresh_db, kafka_properties, psql_copy, rate, reset,
+    unique, FIRST_TENANT,
+};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use sluice_schema::kafka::KafkaProperties;
-use sluice_schema::messages::{self, EventMessage, EventType, JsonObject};
+use sluice_schema::messages::EventMessage;
 use sluice_schema::topics::{message_key, Topics};
 use sluice_writer::copy;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::Client;
-
-fn env(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", Utc::now().timestamp_micros())
-}
-
-/// The services' own connector, so a TLS URL (`sslmode=verify-full&sslrootcert=...`) works.
-async fn connect(url: &str) -> Result<Client> {
-    Ok(sluice_schema::db::connect(url).await?)
-}
-
-/// `url` with its database replaced, the query (TLS parameters) kept.
-fn with_db(url: &str, db: &str) -> String {
-    let (url, query) = match url.split_once('?') {
-        Some((url, query)) => (url, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    match url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}{query}"),
-        None => format!("{url}{query}"),
-    }
-}
-
-/// `SLUICE_KAFKA_PROPERTIES` (TLS, SASL), as the services read it.
-fn kafka_properties() -> Result<KafkaProperties> {
-    Ok(KafkaProperties::parse_list(&env(
-        "SLUICE_KAFKA_PROPERTIES",
-        "",
-    ))?)
-}
-
-/// A fresh migrated database with the current month's partition; returns its URL.
-async fn fresh_db(admin_url: &str) -> Result<String> {
-    let name = unique("bench");
-    connect(admin_url)
-        .await?
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let url = with_db(admin_url, &name);
-    let mut client = connect(&url).await?;
-    sluice_schema::migrate::up(&mut client).await?;
-    sluice_schema::partitions::ensure_month(&client, Utc::now().date_naive(), 8).await?;
-    // A setting to try before it becomes a migration (storage parameters, indexes).
-    if let Ok(sql) = std::env::var("SLUICE_BENCH_SQL") {
-        client.batch_execute(&sql).await?;
-    }
-    Ok(url)
-}
-
-/// Tenant ids of the benchmark's events: clear of the ones a stack's seed, the load test and
-/// `sluice_loadtest::fill` use, so its rows can be told apart (and removed) in a shared database.
-const FIRST_TENANT: i64 = 2_000_001;
-
-/// Drops a database [`fresh_db`] made (the disk is shared: a filled one holds gigabytes).
-async fn drop_db(admin_url: &str, url: &str) -> Result<()> {
-    let name = url
-        .split('?')
-        .next()
-        .and_then(|u| u.rsplit('/').next())
-        .unwrap_or_default();
-    anyhow::ensure!(
-        name.starts_with("bench_"),
-        "not a benchmark database: {name}"
-    );
-    connect(admin_url)
-        .await?
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
-    Ok(())
-}
-
-/// Events of ~460 bytes in binary form, 50 tenants, now.
-fn events(n: usize) -> Vec<EventMessage> {
-    let now = Utc::now();
-    (0..n)
-        .map(|i| {
-            let tenant = FIRST_TENANT + (i % 50) as i64;
-            let message_id = format!("bench-{i}");
-            let mut properties = JsonObject::new();
-            properties.insert("plan".into(), "pro".into());
-            properties.insert("price".into(), (i as f64 * 0.01).into());
-            properties.insert("sku".into(), format!("SKU-{:08}", i % 9973).into());
-            properties.insert("path".into(), "/pricing/enterprise".into());
-            let mut context = JsonObject::new();
-            context.insert("locale".into(), "en-GB".into());
-            context.insert(
-                "page".into(),
-                serde_json::json!({"url": "https://shop.example/pricing", "title": "Pricing"}),
-            );
-            context.insert(
-                "library".into(),
-                serde_json::json!({"name": "analytics.js", "version": "4.1.0"}),
-            );
-            EventMessage {
-                v: messages::VERSION,
-                tenant_id: tenant,
-                workspace_id: tenant * 10,
-                event_id: messages::event_id(tenant, &message_id),
-                message_id,
-                kind: EventType::Track,
-                name: Some(["Signed Up", "Viewed Pricing", "Added To Cart"][i % 3].into()),
-                anonymous_id: Some(format!("anon-{:06}", i % 20_000)),
-                user_id: None,
-                session_id: Some(format!("sess-{:06}", i % 40_000)),
-                occurred_at: now - chrono::Duration::milliseconds((n - i) as i64),
-                timestamp: Some(now),
-                sent_at: Some(now),
-                received_at: now,
-                properties,
-                context,
-                ip: Some("203.0.113.9".into()),
-                user_agent: Some(
-                    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0".into(),
-                ),
-                bot: false,
-            }
-        })
-        .collect()
-}
-
-async fn reset(client: &Client) -> Result<()> {
-    client
-        .batch_execute("TRUNCATE event, event_dedup; CHECKPOINT")
-        .await?;
-    Ok(())
-}
-
-fn rate(n: usize, took: Duration) -> f64 {
-    n as f64 / took.as_secs_f64()
-}
 
 async fn hand_parent(client: &mut Client, evs: &[EventMessage]) -> Result<Duration> {
     let started = Instant::now();
@@ -256,161 +125,6 @@ async fn generic_writer(client: &mut Client, evs: &[EventMessage]) -> Result<Dur
     writer.finish().await?;
     tx.commit().await?;
     Ok(started.elapsed())
-}
-
-/// The writer's claim of `evs` (binary COPY of key and id, 20,000 a statement) into `table`.
-async fn dedup_claim(client: &mut Client, table: &str, evs: &[EventMessage]) -> Result<Duration> {
-    let window = sluice_schema::dedup::Window { days: 7 };
-    let now = Utc::now();
-    let started = Instant::now();
-    let tx = client.transaction().await?;
-    let sql = format!("COPY {table} (key_ms, event_id) FROM STDIN (FORMAT binary)");
-    for chunk in evs.chunks(20_000) {
-        let sink = tx.copy_in(&sql).await?;
-        let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::UUID]);
-        tokio::pin!(writer);
-        for e in chunk {
-            let key = window.key_ms(e.timestamp, e.received_at, now);
-            writer.as_mut().write(&[&key, &e.event_id]).await?;
-        }
-        writer.finish().await?;
-    }
-    tx.commit().await?;
-    Ok(started.elapsed())
-}
-
-/// The claim before migration 0007, for comparison: random event ids under a key of tenant
-/// and id in one unpartitioned table.
-async fn dedup_claim_by_id(client: &mut Client, evs: &[EventMessage]) -> Result<Duration> {
-    let started = Instant::now();
-    let tx = client.transaction().await?;
-    for chunk in evs.chunks(20_000) {
-        let sink = tx
-            .copy_in("COPY claim_by_id (tenant_id, event_id) FROM STDIN (FORMAT binary)")
-            .await?;
-        let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::UUID]);
-        tokio::pin!(writer);
-        for e in chunk {
-            writer.as_mut().write(&[&e.tenant_id, &e.event_id]).await?;
-        }
-        writer.finish().await?;
-    }
-    tx.commit().await?;
-    Ok(started.elapsed())
-}
-
-/// Per-id cost of the dedup claim as the window fills: the claim of `n` new events into a
-/// claim table already holding 0 and then `fill` claims, for the day-partitioned table keyed
-/// by client time (0007) and for the earlier table keyed by random ids (0003's shape).
-async fn dedup_bench(admin_url: &str, n: usize, fill: usize) -> Result<()> {
-    let url = fresh_db(admin_url).await?;
-    let mut client = connect(&url).await?;
-    let now = Utc::now();
-    for day in (sluice_schema::dedup::Window { days: 7 }).days_ahead(now) {
-        sluice_schema::dedup::ensure_day(&client, day).await?;
-    }
-    client
-        .batch_execute(
-            "CREATE TABLE claim_by_id (tenant_id bigint NOT NULL, event_id uuid NOT NULL, \
-             PRIMARY KEY (tenant_id, event_id))",
-        )
-        .await?;
-    println!("dedup: claims of {n} new events, into tables holding 0 and then {fill} claims");
-    println!("| claim table | holding | µs an id | ids/s |\n| --- | ---: | ---: | ---: |");
-    let mut batch = 0;
-    for holding in [0, fill] {
-        if holding > 0 {
-            let started = Instant::now();
-            // The window's earlier claims: client times over the last days, ascending, as they
-            // arrived; ids random, as name-based UUIDs are.
-            let span_ms = 6 * sluice_schema::dedup::DAY_MS;
-            let from = now.timestamp_millis() - span_ms;
-            client
-                .execute(
-                    "INSERT INTO event_dedup (key_ms, event_id) \
-                     SELECT $1::bigint + i * ($2::bigint / $3::bigint), gen_random_uuid() \
-                     FROM generate_series(0, $3::bigint - 1) AS i",
-                    &[&from, &span_ms, &(holding as i64)],
-                )
-                .await?;
-            client
-                .execute(
-                    // In random order, as the claims arrived: the index as production grows it.
-                    "INSERT INTO claim_by_id SELECT 1 + i % 50, gen_random_uuid() \
-                     FROM generate_series(0, $1::bigint - 1) AS i",
-                    &[&(holding as i64)],
-                )
-                .await?;
-            client
-                .batch_execute("VACUUM ANALYZE event_dedup, claim_by_id")
-                .await?;
-            client.batch_execute("CHECKPOINT").await?;
-            eprintln!(
-                "dedup: filled both with {holding} claims in {:.0} s",
-                started.elapsed().as_secs_f64()
-            );
-        }
-        for round in 0..2 {
-            batch += 1;
-            let evs: Vec<EventMessage> = events(n)
-                .into_iter()
-                .map(|mut e| {
-                    e.message_id = format!("{batch}-{}", e.message_id);
-                    e.event_id = messages::event_id(e.tenant_id, &e.message_id);
-                    e
-                })
-                .collect();
-            let by_time = dedup_claim(&mut client, "event_dedup", &evs).await?;
-            let by_id = dedup_claim_by_id(&mut client, &evs).await?;
-            client.batch_execute("CHECKPOINT").await?;
-            if round == 0 {
-                continue; // warm-up: caches and the first checkpoint
-            }
-            for (name, took) in [
-                ("by day and client time (0007)", by_time),
-                ("by tenant and random id (0003)", by_id),
-            ] {
-                println!(
-                    "| {name} | {holding} | {:.2} | {:.0} |",
-                    took.as_secs_f64() * 1e6 / n as f64,
-                    rate(n, took)
-                );
-            }
-        }
-    }
-    drop(client);
-    drop_db(admin_url, &url).await
-}
-
-/// psql's `\copy` of the writer's encoding of the same rows: the machine's limit.
-async fn psql_copy(url: &str, evs: &[EventMessage]) -> Result<Duration> {
-    let path = std::env::temp_dir().join(format!("{}.pgcopy", unique("bench")));
-    let bytes: Vec<u8> = copy::encode_events(evs).concat();
-    std::fs::write(&path, &bytes)?;
-    let cols = "(tenant_id, occurred_at, event_id, workspace_id, type, name, anonymous_id, user_id, \
-                session_id, message_id, received_at, sent_at, original_timestamp, properties, context, \
-                ip, user_agent, bot)";
-    let started = Instant::now();
-    let out = tokio::process::Command::new("psql")
-        .arg(url)
-        .arg("-v")
-        .arg("ON_ERROR_STOP=1")
-        .arg("-c")
-        .arg(format!(
-            "\\copy event {cols} FROM '{}' (FORMAT binary)",
-            path.display()
-        ))
-        .output()
-        .await
-        .context("running psql")?;
-    let took = started.elapsed();
-    let _ = std::fs::remove_file(&path);
-    anyhow::ensure!(
-        out.status.success(),
-        "psql failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(took)
 }
 
 async fn copy_bench(admin_url: &str, n: usize) -> Result<()> {
@@ -663,10 +377,6 @@ async fn main() -> Result<()> {
     if matches!(what, "e2e" | "all") {
         let fill_rows = env("SLUICE_BENCH_FILL_ROWS", "0").parse()?;
         e2e_bench(&db, &brokers, n, fill_rows).await?;
-    }
-    if matches!(what, "dedup" | "all") {
-        let fill = env("SLUICE_BENCH_DEDUP_FILL", "20000000").parse()?;
-        dedup_bench(&db, n, fill).await?;
     }
     Ok(())
 }
