@@ -112,7 +112,8 @@ FROM (SELECT i, 1000001 + i % 50 AS t,
       FROM generate_series($3::bigint, $4::bigint) AS i) g
 "#;
 
-/// Claims `$3..=$4`, claim `i` keyed `$1 + i * $2` ms: ascending, as clients' clocks send them.
-const FILL_CLAIMS: &str = "INSERT INTO event_dedup (key_ms, event_id) \
+/// Claims `$3..=$4`, claim `i` keyed `$1 + i * $2` ms: ascending, as clients' clocks send them
+/// (also the writer's dedup benchmark's fill).
+pub const FILL_CLAIMS: &str = "INSERT INTO event_dedup (key_ms, event_id) \
      SELECT $1::bigint + i * $2::bigint, gen_random_uuid() \
      FROM generate_series($3::bigint, $4::bigint) AS i";

@@ -66,12 +66,11 @@ async fn dedup_bench(admin_url: &str, n: usize, fill: usize) -> Result<()> {
             // arrived; ids random, as name-based UUIDs are.
             let span_ms = 6 * sluice_schema::dedup::DAY_MS;
             let from = now.timestamp_millis() - span_ms;
+            let holding = holding as i64;
             client
                 .execute(
-                    "INSERT INTO event_dedup (key_ms, event_id) \
-                     SELECT $1::bigint + i * ($2::bigint / $3::bigint), gen_random_uuid() \
-                     FROM generate_series(0, $3::bigint - 1) AS i",
-                    &[&from, &span_ms, &(holding as i64)],
+                    sluice_loadtest::fill::FILL_CLAIMS,
+                    &[&from, &(span_ms / holding).max(1), &0_i64, &(holding - 1)],
                 )
                 .await?;
             client
@@ -79,7 +78,7 @@ async fn dedup_bench(admin_url: &str, n: usize, fill: usize) -> Result<()> {
                     // In random order, as the claims arrived: the index as production grows it.
                     "INSERT INTO claim_by_id SELECT 1 + i % 50, gen_random_uuid() \
                      FROM generate_series(0, $1::bigint - 1) AS i",
-                    &[&(holding as i64)],
+                    &[&holding],
                 )
                 .await?;
             client
@@ -125,16 +124,8 @@ async fn dedup_bench(admin_url: &str, n: usize, fill: usize) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    sluice_schema::runtime::init_tracing(sluice_schema::runtime::LogFormat::Text);
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let (args, db) = common::start();
     let n: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(200_000);
-    let db = env(
-        "SLUICE_BENCH_DATABASE_URL",
-        "postgres://sluice@127.0.0.1:54320/sluice",
-    );
     let fill = env("SLUICE_BENCH_DEDUP_FILL", "20000000").parse()?;
     dedup_bench(&db, n, fill).await
 }

@@ -359,17 +359,9 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize, fill_rows: i64) -> 
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    sluice_schema::runtime::init_tracing(sluice_schema::runtime::LogFormat::Text);
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let (args, db) = common::start();
     let what = args.first().map(String::as_str).unwrap_or("all");
     let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
-    let db = env(
-        "SLUICE_BENCH_DATABASE_URL",
-        "postgres://sluice@127.0.0.1:54320/sluice",
-    );
     let brokers = env("SLUICE_BENCH_KAFKA_BROKERS", "127.0.0.1:19092");
     if matches!(what, "copy" | "all") {
         copy_bench(&db, n).await?;

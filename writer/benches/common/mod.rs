@@ -15,6 +15,21 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
+/// What every benchmark starts with: logs, its arguments (cargo's `--bench` flag left out) and
+/// the database to measure (`SLUICE_BENCH_DATABASE_URL`, the local stack's by default).
+pub fn start() -> (Vec<String>, String) {
+    sluice_schema::runtime::init_tracing(sluice_schema::runtime::LogFormat::Text);
+    let args = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let db = env(
+        "SLUICE_BENCH_DATABASE_URL",
+        "postgres://sluice@127.0.0.1:54320/sluice",
+    );
+    (args, db)
+}
+
 pub fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
