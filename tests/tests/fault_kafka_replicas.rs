@@ -77,7 +77,7 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     let metadata_client: BaseConsumer =
         client.clone().set("group.id", unique_name("md")).create()?;
     let leader_of = |partition: i32| -> Result<i32> {
-        let md = metadata_client.fetch_metadata(Some(&topics.event), Duration::from_secs(10))?;
+        let md = metadata_client.fetch_metadata(Some(&topics.event), Duration::from_secs(5))?;
         let topic = md.topics().first().context("no topic metadata")?;
         assert!(
             topic.partitions().iter().all(|p| p.replicas().len() == 3),
@@ -106,7 +106,15 @@ async fn a_lost_leader_loses_and_duplicates_nothing_and_two_lost_brokers_answer_
     // The controllers fence a broker that stopped heartbeating after broker.session.timeout.ms
     // (9 s by default), then elect new leaders from the in-sync replicas.
     let killed_at = std::time::Instant::now();
-    while leader_of(0)? == victim {
+    // A metadata request can time out while the client's connection to the killed broker
+    // is the one it asks on (seen in CI): that is "no answer yet", asked again until the
+    // deadline, not a failure of the test.
+    loop {
+        match leader_of(0) {
+            Ok(leader) if leader != victim => break,
+            Ok(_) => {}
+            Err(err) => eprintln!("metadata during the failover: {err:#}"),
+        }
         assert!(
             killed_at.elapsed() < Duration::from_secs(40),
             "partition 0 has no new leader 40 s after broker {victim} was killed"
