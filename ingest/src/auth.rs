@@ -1,6 +1,7 @@
 //! Write-key authentication: the key from the request (Basic, Bearer, body `writeKey`, pixel
-//! `k=`), its row from `api_key` by prefix behind an in-memory TTL cache, the constant-time
-//! hash check, and `last_used_at` written in the background, never per request.
+//! `k=`), its row from `api_key` by prefix behind an in-memory TTL cache (one look-up in
+//! flight per prefix, found keys refreshed ahead of their expiry), the constant-time hash
+//! check, and `last_used_at` written in the background, never per request.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -12,8 +13,11 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use sluice_schema::apikey;
 
+use tokio::sync::watch;
+
 use crate::error::IngestError;
 use crate::metrics;
+use crate::metrics::KeyLookup;
 
 /// What the collector knows of a key: its `api_key` row without the secret parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +50,7 @@ pub struct Principal {
 }
 
 /// The key store failed (not: the key is unknown).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("key store unavailable: {0}")]
 pub struct StoreError(pub String);
 
@@ -160,8 +164,49 @@ pub fn key_from_headers(headers: &HeaderMap) -> Option<String> {
 struct Entry {
     /// The row, or `None` for an unknown prefix.
     row: Option<KeyRow>,
+    /// From when a request using the entry also looks the row up again, so that a busy key
+    /// is refreshed by one request before it expires instead of by all of them after.
+    refresh_at: Instant,
     /// When the entry stops being believed.
     expires: Instant,
+}
+
+/// What the cache says of a prefix.
+enum Cached {
+    /// Believed: use it.
+    Fresh(Option<KeyRow>),
+    /// Believed, but due for a refresh.
+    Due(Option<KeyRow>),
+    /// Absent or expired: look it up before answering.
+    Missing,
+}
+
+/// The answer of a look-up in flight, `None` until it lands.
+type Answer = Option<Result<Option<KeyRow>, StoreError>>;
+
+/// Whether a request asks the store itself or waits for the look-up another one started.
+enum Role<'a> {
+    /// This request looks the prefix up; the others wait for its answer.
+    Lead(Flight<'a>),
+    /// Another request's look-up of the same prefix is in flight.
+    Follow(watch::Receiver<Answer>),
+}
+
+/// A look-up this request leads. Dropped, it leaves the flights (also when the request is
+/// cancelled midway: its followers then see the sender gone and ask again).
+struct Flight<'a> {
+    flights: &'a Mutex<HashMap<String, watch::Receiver<Answer>>>,
+    /// `None` when the flights were full and this look-up is not shared.
+    prefix: Option<&'a str>,
+    answer: watch::Sender<Answer>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        if let (Some(prefix), Ok(mut flights)) = (self.prefix, self.flights.lock()) {
+            flights.remove(prefix);
+        }
+    }
 }
 
 /// Keys checked against a [`KeyStore`] through a bounded TTL cache.
@@ -170,6 +215,11 @@ pub struct Authenticator<K> {
     store: K,
     /// Prefix -> row. Bounded by `max_entries`; a revoked key works at most `ttl` longer.
     cache: Mutex<HashMap<String, Entry>>,
+    /// Prefix -> the answer of its look-up in flight, so that the requests a cold or expired
+    /// key gets at once cost the store one query, not one each (which, behind a busy
+    /// database, timed out the small pool: 503s). Bounded by `max_entries`; past it a look-up
+    /// is not shared.
+    flights: Mutex<HashMap<String, watch::Receiver<Answer>>>,
     /// Life of a found row.
     ttl: Duration,
     /// Life of an unknown prefix.
@@ -195,6 +245,7 @@ impl<K: KeyStore> Authenticator<K> {
         Authenticator {
             store,
             cache: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
             ttl,
             negative_ttl,
             max_entries: max_entries.max(1),
@@ -206,22 +257,7 @@ impl<K: KeyStore> Authenticator<K> {
     /// Checks a presented key: known, hash equal, write scope, not revoked, not expired.
     pub async fn authenticate(&self, presented: &str) -> Result<Principal, IngestError> {
         let prefix = apikey::prefix_of(presented).ok_or(IngestError::UnknownKey)?;
-        let row = match self.cached(prefix) {
-            Some(row) => {
-                metrics::key_cache_lookup(true);
-                row
-            }
-            None => {
-                metrics::key_cache_lookup(false);
-                let row = self.store.fetch(prefix).await.map_err(|err| {
-                    tracing::warn!(cause = %err, "cannot look up a write key");
-                    IngestError::KeyStoreUnavailable(self.retry_after_secs)
-                })?;
-                self.remember(prefix, row.clone());
-                row
-            }
-        };
-        let row = row.ok_or(IngestError::UnknownKey)?;
+        let row = self.row_of(prefix).await?.ok_or(IngestError::UnknownKey)?;
         if !apikey::verify(presented, &row.hash) {
             return Err(IngestError::UnknownKey);
         }
@@ -245,18 +281,106 @@ impl<K: KeyStore> Authenticator<K> {
         })
     }
 
-    /// The cached look-up of `prefix`: `Some(row or None)` while fresh, `None` to fetch.
-    fn cached(&self, prefix: &str) -> Option<Option<KeyRow>> {
-        let cache = self.cache.lock().ok()?;
-        let entry = cache.get(prefix)?;
-        (entry.expires > Instant::now()).then(|| entry.row.clone())
+    /// The row of `prefix` (`None`: unknown), from the cache or the store. A row due for a
+    /// refresh is refreshed by the one request that finds no refresh in flight; if that
+    /// look-up fails, the row is used until it expires, and no longer (fail closed).
+    async fn row_of(&self, prefix: &str) -> Result<Option<KeyRow>, IngestError> {
+        match self.cached(prefix) {
+            Cached::Fresh(row) => {
+                metrics::key_cache_lookup(KeyLookup::Hit);
+                Ok(row)
+            }
+            Cached::Due(row) => match self.join(prefix) {
+                Role::Lead(flight) => {
+                    metrics::key_cache_lookup(KeyLookup::Refresh);
+                    Ok(self.fetch(prefix, flight).await.unwrap_or(row))
+                }
+                Role::Follow(_) => {
+                    metrics::key_cache_lookup(KeyLookup::Hit);
+                    Ok(row)
+                }
+            },
+            Cached::Missing => loop {
+                match self.join(prefix) {
+                    Role::Lead(flight) => {
+                        metrics::key_cache_lookup(KeyLookup::Miss);
+                        return self.fetch(prefix, flight).await.map_err(|err| {
+                            tracing::warn!(cause = %err, "cannot look up a write key");
+                            IngestError::KeyStoreUnavailable(self.retry_after_secs)
+                        });
+                    }
+                    Role::Follow(mut answer) => {
+                        let landed = answer.wait_for(Option::is_some).await.ok();
+                        if let Some(answer) = landed.as_deref().cloned().flatten() {
+                            metrics::key_cache_lookup(KeyLookup::Shared);
+                            return answer.map_err(|_| {
+                                IngestError::KeyStoreUnavailable(self.retry_after_secs)
+                            });
+                        }
+                        // The leading request was cancelled before its answer: lead or follow
+                        // the next look-up.
+                    }
+                }
+            },
+        }
+    }
+
+    /// Leads the look-up of `prefix`, or follows the one in flight.
+    fn join<'a>(&'a self, prefix: &'a str) -> Role<'a> {
+        let (answer, waiting) = watch::channel(None);
+        let Ok(mut flights) = self.flights.lock() else {
+            return Role::Lead(Flight {
+                flights: &self.flights,
+                prefix: None,
+                answer,
+            });
+        };
+        if let Some(waiting) = flights.get(prefix) {
+            return Role::Follow(waiting.clone());
+        }
+        let shared = flights.len() < self.max_entries;
+        if shared {
+            flights.insert(prefix.to_owned(), waiting);
+        }
+        Role::Lead(Flight {
+            flights: &self.flights,
+            prefix: shared.then_some(prefix),
+            answer,
+        })
+    }
+
+    /// Asks the store for `prefix` and caches a found or unknown row (a failure is not
+    /// cached: the next request asks again), then tells the followers.
+    async fn fetch(&self, prefix: &str, flight: Flight<'_>) -> Result<Option<KeyRow>, StoreError> {
+        let answer = self.store.fetch(prefix).await;
+        if let Ok(row) = &answer {
+            self.remember(prefix, row.clone());
+        }
+        flight.answer.send_replace(Some(answer.clone()));
+        answer
+    }
+
+    /// What the cache holds for `prefix` now.
+    fn cached(&self, prefix: &str) -> Cached {
+        let Ok(cache) = self.cache.lock() else {
+            return Cached::Missing;
+        };
+        let now = Instant::now();
+        match cache.get(prefix) {
+            Some(e) if e.expires <= now => Cached::Missing,
+            Some(e) if e.refresh_at <= now => Cached::Due(e.row.clone()),
+            Some(e) => Cached::Fresh(e.row.clone()),
+            None => Cached::Missing,
+        }
     }
 
     fn remember(&self, prefix: &str, row: Option<KeyRow>) {
-        let ttl = if row.is_some() {
-            self.ttl
+        // Found rows are refreshed in the last quarter of their life; unknown prefixes are
+        // not (a flood of made-up prefixes must not keep the store busy), they just expire.
+        let (ttl, refresh_after) = if row.is_some() {
+            (self.ttl, self.ttl - self.ttl / 4)
         } else {
-            self.negative_ttl
+            (self.negative_ttl, self.negative_ttl)
         };
         let Ok(mut cache) = self.cache.lock() else {
             return;
@@ -270,11 +394,13 @@ impl<K: KeyStore> Authenticator<K> {
                 cache.clear();
             }
         }
+        let now = Instant::now();
         cache.insert(
             prefix.to_owned(),
             Entry {
                 row,
-                expires: Instant::now() + ttl,
+                refresh_at: now + refresh_after,
+                expires: now + ttl,
             },
         );
         metrics::key_cache_entries(cache.len());
@@ -308,6 +434,175 @@ impl<K: KeyStore> Authenticator<K> {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// One key, counted look-ups that take `delay`, and a switch that makes them fail.
+    struct SlowStore {
+        row: KeyRow,
+        prefix: String,
+        delay: Duration,
+        fetches: AtomicUsize,
+        down: AtomicBool,
+    }
+
+    impl KeyStore for Arc<SlowStore> {
+        async fn fetch(&self, prefix: &str) -> Result<Option<KeyRow>, StoreError> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError("timed out waiting for a connection".into()));
+            }
+            Ok((prefix == self.prefix).then(|| self.row.clone()))
+        }
+        async fn touch(&self, _: &[i64]) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn ping(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// An authenticator over a [`SlowStore`] of one key, with `ttl`, and that key.
+    fn slow(
+        ttl: Duration,
+        delay: Duration,
+    ) -> (Arc<Authenticator<Arc<SlowStore>>>, Arc<SlowStore>, String) {
+        let key = apikey::generate();
+        let store = Arc::new(SlowStore {
+            row: KeyRow {
+                id: 1,
+                tenant_id: 2,
+                workspace_id: 3,
+                hash: key.hash.to_vec(),
+                scopes: vec!["write".into()],
+                expires_at: None,
+                revoked_at: None,
+            },
+            prefix: key.prefix.clone(),
+            delay,
+            fetches: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+        });
+        let auth = Authenticator::new(store.clone(), ttl, Duration::from_secs(5), 100, 1);
+        (Arc::new(auth), store, key.plaintext)
+    }
+
+    /// `n` requests with `key` at once; their results.
+    async fn at_once(
+        auth: &Arc<Authenticator<Arc<SlowStore>>>,
+        key: &str,
+        n: usize,
+    ) -> Vec<Result<Principal, IngestError>> {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (auth, key) = (auth.clone(), key.to_owned());
+                tokio::spawn(async move { auth.authenticate(&key).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("task ran"));
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_for_an_uncached_key_share_one_look_up_and_its_failure() {
+        let (auth, store, key) = slow(Duration::from_secs(30), Duration::from_millis(100));
+        store.down.store(true, Ordering::SeqCst);
+        let failed = at_once(&auth, &key, 50).await;
+        assert!(failed
+            .iter()
+            .all(|r| matches!(r, Err(IngestError::KeyStoreUnavailable(1)))));
+        assert_eq!(
+            store.fetches.load(Ordering::SeqCst),
+            1,
+            "one look-up for 50 requests"
+        );
+
+        // A failure is not cached: the next requests ask again, once.
+        store.down.store(false, Ordering::SeqCst);
+        let ok = at_once(&auth, &key, 50).await;
+        assert!(ok
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|p| p.tenant_id == 2)));
+        assert_eq!(store.fetches.load(Ordering::SeqCst), 2);
+        at_once(&auth, &key, 10).await;
+        assert_eq!(
+            store.fetches.load(Ordering::SeqCst),
+            2,
+            "then the cache answers"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_key_is_refreshed_once_before_it_expires_and_fails_closed_after() {
+        let ttl = Duration::from_secs(2);
+        let (auth, store, key) = slow(ttl, Duration::from_millis(50));
+        assert!(auth.authenticate(&key).await.is_ok());
+        assert_eq!(store.fetches.load(Ordering::SeqCst), 1);
+
+        // In the last quarter of the entry's life: one request refreshes, none waits for it
+        // to fail, and a failed refresh leaves the row usable until it expires.
+        tokio::time::sleep(ttl - ttl / 8).await;
+        store.down.store(true, Ordering::SeqCst);
+        let during = at_once(&auth, &key, 20).await;
+        assert!(during.iter().all(Result::is_ok), "{during:?}");
+        assert_eq!(store.fetches.load(Ordering::SeqCst), 2, "one refresh");
+
+        // Expired and the store still down: closed, not trusted.
+        tokio::time::sleep(ttl / 4).await;
+        let after = at_once(&auth, &key, 20).await;
+        assert!(after
+            .iter()
+            .all(|r| matches!(r, Err(IngestError::KeyStoreUnavailable(_)))));
+
+        // A refresh that succeeds renews the entry before anyone waits on the store.
+        store.down.store(false, Ordering::SeqCst);
+        assert!(auth.authenticate(&key).await.is_ok());
+        let fetches = store.fetches.load(Ordering::SeqCst);
+        tokio::time::sleep(ttl - ttl / 8).await;
+        assert!(at_once(&auth, &key, 20).await.iter().all(Result::is_ok));
+        assert_eq!(
+            store.fetches.load(Ordering::SeqCst),
+            fetches + 1,
+            "one refresh"
+        );
+        tokio::time::sleep(ttl / 4).await;
+        assert!(at_once(&auth, &key, 20).await.iter().all(Result::is_ok));
+        assert_eq!(
+            store.fetches.load(Ordering::SeqCst),
+            fetches + 1,
+            "the refreshed entry answers past the first one's expiry"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_look_up_hands_over_to_a_waiting_request() {
+        let (auth, store, key) = slow(Duration::from_secs(30), Duration::from_millis(200));
+        let leader = {
+            let (auth, key) = (auth.clone(), key.clone());
+            tokio::spawn(async move { auth.authenticate(&key).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let follower = {
+            let (auth, key) = (auth.clone(), key.clone());
+            tokio::spawn(async move { auth.authenticate(&key).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        leader.abort();
+        let answer = tokio::time::timeout(Duration::from_secs(2), follower)
+            .await
+            .expect("the follower does not wait forever")
+            .expect("task ran");
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(store.fetches.load(Ordering::SeqCst), 2);
+        assert!(
+            auth.flights.lock().expect("lock").is_empty(),
+            "no flight left behind"
+        );
+    }
 
     #[test]
     fn keys_come_from_basic_and_bearer() {

@@ -93,11 +93,12 @@ pub const CLOCK_SKEW: Metric = Metric::histogram(
     SKEW_BUCKETS,
     "Seconds between a request's sentAt and its receipt.",
 );
-/// Key cache look-ups. Label: `result` (hit, miss).
+/// Key cache look-ups. Label: `result` (hit, miss, shared, refresh).
 pub const KEY_CACHE: Metric = Metric::counter(
     "sluice_ingest_key_cache_total",
     &["result"],
-    "Write-key cache look-ups, by result (hit, miss).",
+    "Write-key cache look-ups, by result: hit, miss (asked the database), shared (waited for \
+     another request's look-up of the same key), refresh (asked the database ahead of expiry).",
 );
 /// Entries in the key cache.
 pub const KEY_CACHE_ENTRIES: Metric = Metric::gauge(
@@ -244,9 +245,28 @@ pub fn producer_queue(messages: usize) {
     set(&PRODUCER_QUEUE, [], messages as f64);
 }
 
-/// A write key was looked up in the cache: found (`hit`) or not.
-pub fn key_cache_lookup(hit: bool) {
-    count(&KEY_CACHE, [if hit { "hit" } else { "miss" }.into()], 1);
+/// How a request found its write key's row.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyLookup {
+    /// In the cache.
+    Hit,
+    /// Asked the database.
+    Miss,
+    /// Waited for another request's look-up of the same key.
+    Shared,
+    /// In the cache, and asked the database again ahead of the entry's expiry.
+    Refresh,
+}
+
+/// A write key's row was found, in the way `how` says.
+pub fn key_cache_lookup(how: KeyLookup) {
+    let label = match how {
+        KeyLookup::Hit => "hit",
+        KeyLookup::Miss => "miss",
+        KeyLookup::Shared => "shared",
+        KeyLookup::Refresh => "refresh",
+    };
+    count(&KEY_CACHE, [label.into()], 1);
 }
 
 /// The key cache holds `entries`.
@@ -360,7 +380,7 @@ mod tests {
             kafka_error("timeout");
             kafka_produced(Duration::from_millis(1));
             producer_queue(0);
-            key_cache_lookup(true);
+            key_cache_lookup(KeyLookup::Hit);
             key_cache_entries(1);
             dependency_up(Dependency::Kafka, true);
             rate_limit_per_collector(0);
