@@ -70,6 +70,11 @@ async fn health_readiness_and_metrics_answer_on_the_metrics_port() -> Result<()>
         "sluice_writer_batch_rows_bucket{le=",
         "sluice_writer_copy_duration_seconds_bucket{le=",
         "sluice_writer_batch_duration_seconds_bucket{le=",
+        // Where the batch's time went, by phase.
+        "sluice_writer_step_duration_seconds_count{step=\"claim\"} 1",
+        "sluice_writer_step_duration_seconds_count{step=\"events\"} 1",
+        "sluice_writer_step_duration_seconds_count{step=\"counters\"} 1",
+        "sluice_writer_step_duration_seconds_count{step=\"commit\"} 1",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }

@@ -36,7 +36,7 @@ use crate::consume::{Command, Record};
 use crate::decode::Rejection;
 use crate::dlq::{DeadLetter, Dlq};
 use crate::error::StoreError;
-use crate::metrics;
+use crate::metrics::{self, Phase, Phases};
 use crate::offsets::{self, Assignments, Tp};
 use crate::partitions::{ClaimDays, Months};
 use crate::suppress::Suppression;
@@ -258,10 +258,12 @@ impl Store {
     }
 
     async fn store_once(&self, batch: &[Record], moves: &[Move]) -> Result<Stored, StoreError> {
-        let decode_started = Instant::now();
+        let mut phases = Phases::default();
+        let mut since = Instant::now();
         let prepared = self.prepare(batch);
-        let decode_time = decode_started.elapsed();
+        phases.lap(Phase::Decode, &mut since);
         let mut conn = self.pool.get().await?;
+        phases.lap(Phase::Connect, &mut since);
         if !prepared.events.is_empty() {
             self.months
                 .ensure_for(&conn, prepared.events.iter().map(|(_, e)| e.occurred_at))
@@ -278,56 +280,51 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::Transient(e.to_string()))?;
         }
+        phases.lap(Phase::Partitions, &mut since);
         let tx = conn.transaction().await?;
         // Offsets first: a stale writer fails here before doing any work, and the row locks
         // serialise two writers that both think they own a partition.
         for m in moves {
             offsets::advance_in(&tx, &self.group, &m.tp, m.expected, m.next).await?;
         }
+        phases.lap(Phase::Offsets, &mut since);
         let mut prepared = prepared;
         let suppressed = self.suppress(&tx, &mut prepared).await?;
+        phases.lap(Phase::Suppress, &mut since);
         let mut stored = Stored {
             duplicates: prepared.in_batch_duplicates,
             suppressed,
+            phases,
             ..Stored::default()
         };
         let mut refused: Vec<(usize, Rejection)> = Vec::new();
-        // Per-step times for the debug log: which table a slow batch spends its time on.
-        let mut step_ms = [0u64; 4];
-        for (k, step) in [
-            Step::Events,
-            Step::Visitors,
-            Step::Sessions,
-            Step::Identities,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let step_started = Instant::now();
+        for (step, phase) in [
+            (Step::Events, None),
+            (Step::Visitors, Some(Phase::Visitors)),
+            (Step::Sessions, Some(Phase::Sessions)),
+            (Step::Identities, Some(Phase::Identities)),
+        ] {
             let bad = self.split_step(&tx, step, &prepared, &mut stored).await?;
-            if step == Step::Events {
-                stored.copy_time = step_started.elapsed();
-            }
-            step_ms[k] = step_started.elapsed().as_millis() as u64;
             refused.extend(bad);
+            // The events step times its own parts (claim, events, counters).
+            match phase {
+                Some(phase) => stored.phases.lap(phase, &mut since),
+                None => since = Instant::now(),
+            }
         }
         self.dead_letter(batch, prepared.rejected.iter().chain(refused.iter()))
             .await?;
-        let before_commit = Instant::now();
+        stored.phases.lap(Phase::DeadLetter, &mut since);
         tx.commit().await?;
+        stored.phases.lap(Phase::Commit, &mut since);
         tracing::debug!(
-            decode_ms = decode_time.as_millis() as u64,
-            events_ms = step_ms[0],
-            visitors_ms = step_ms[1],
-            sessions_ms = step_ms[2],
-            identities_ms = step_ms[3],
+            phases_ms = ?stored.phases.millis(),
             events = prepared.events.len(),
             visitors = prepared.visitors.len(),
             sessions = prepared.sessions.len(),
             identities = prepared.identities.len(),
             identity_waves = stored.waves,
             identity_reach_ms = stored.reach_time.as_millis() as u64,
-            commit_ms = before_commit.elapsed().as_millis() as u64,
             "batch timings"
         );
         Ok(stored)
@@ -393,7 +390,8 @@ impl Store {
         if stored.duplicates > 0 {
             metrics::duplicates(stored.duplicates);
         }
-        metrics::batch(messages, stored.copy_time, took);
+        metrics::batch(messages, stored.phases.get(Phase::Events), took);
+        stored.phases.record();
         tracing::debug!(
             messages,
             events = stored.events,

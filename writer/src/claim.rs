@@ -3,12 +3,14 @@
 //! session.
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use sluice_schema::messages::{EventMessage, RawObject};
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::copy::{copy_in, encode_event, CopyEncoder, COPY_EVENT};
+use crate::metrics::{Phase, Phases};
 
 /// What storing a batch's events did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -34,22 +36,16 @@ pub(crate) async fn events(
     tx: &Transaction<'_>,
     events: &[&EventMessage<RawObject>],
     keys: &[i64],
+    phases: &mut Phases,
 ) -> Result<EventsStored, tokio_postgres::Error> {
     debug_assert_eq!(events.len(), keys.len());
     if events.is_empty() {
         return Ok(EventsStored::default());
     }
-    let mut enc = CopyEncoder::new(COPY_EVENT);
+    let started = Instant::now();
     if claim_all(tx, events, keys).await? {
-        for e in events {
-            encode_event(&mut enc, e);
-        }
-        let stored = copy_in(tx, enc).await?;
-        crate::merge::count_claimed(tx, events).await?;
-        return Ok(EventsStored {
-            stored,
-            duplicates: 0,
-        });
+        phases.add(Phase::Claim, started.elapsed());
+        return copy_and_count(tx, events, 0, phases).await;
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let claimed: HashSet<(i64, Uuid)> = tx
@@ -69,16 +65,32 @@ pub(crate) async fn events(
         .filter(|(e, k)| claimed.contains(&(**k, e.event_id)))
         .map(|(e, _)| *e)
         .collect();
-    for e in &fresh {
+    phases.add(Phase::Claim, started.elapsed());
+    let duplicates = (events.len() - fresh.len()) as u64;
+    copy_and_count(tx, &fresh, duplicates, phases).await
+}
+
+/// Copies the claimed `events` into `event` and adds them to their counters.
+async fn copy_and_count(
+    tx: &Transaction<'_>,
+    events: &[&EventMessage<RawObject>],
+    duplicates: u64,
+    phases: &mut Phases,
+) -> Result<EventsStored, tokio_postgres::Error> {
+    let started = Instant::now();
+    let mut enc = CopyEncoder::new(COPY_EVENT);
+    for e in events {
         encode_event(&mut enc, e);
     }
-    let duplicates = events.len() as u64 - enc.rows;
     let stored = if enc.rows > 0 {
         copy_in(tx, enc).await?
     } else {
         0
     };
-    crate::merge::count_claimed(tx, &fresh).await?;
+    let copied = Instant::now();
+    phases.add(Phase::Events, copied - started);
+    crate::merge::count_claimed(tx, events).await?;
+    phases.add(Phase::Counters, copied.elapsed());
     Ok(EventsStored { stored, duplicates })
 }
 

@@ -2,7 +2,7 @@
 //! labels and buckets, and emitted only through the functions below. Emitted once per batch or
 //! per partition, never per message, with bounded label values.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_schema::metrics::Metric;
 
@@ -135,6 +135,15 @@ pub const REBALANCES_TOTAL: Metric = Metric::counter(
     "Rebalance events, by kind.",
 );
 
+/// Seconds of a stored batch by phase of its transaction. Label: `step` ([`Phase`]).
+pub const STEP_DURATION: Metric = Metric::histogram(
+    "sluice_writer_step_duration_seconds",
+    &["step"],
+    SECONDS_BUCKETS,
+    "Seconds a stored batch spent per phase: decode, connect, partitions, offsets, suppress, \
+     claim (dedup), events (COPY), counters, visitors, sessions, identities, dead_letter, commit.",
+);
+
 /// Every metric the writer exports: what the recorder and the deploy checks read.
 pub const ALL: &[Metric] = &[
     ROWS_TOTAL,
@@ -155,6 +164,7 @@ pub const ALL: &[Metric] = &[
     PAUSED,
     PARTITIONS_UNTIL,
     REBALANCES_TOTAL,
+    STEP_DURATION,
 ];
 
 /// Records rows stored in `table`.
@@ -179,6 +189,111 @@ pub(crate) fn batch(messages: usize, copy: Duration, total: Duration) {
     metrics::histogram!(BATCH_ROWS_HISTOGRAM.name).record(messages as f64);
     metrics::histogram!(COPY_DURATION.name).record(copy.as_secs_f64());
     metrics::histogram!(BATCH_DURATION.name).record(total.as_secs_f64());
+}
+
+/// A phase of a batch's transaction, in the order they run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Phase {
+    /// Kafka records to typed messages.
+    Decode,
+    /// Waiting for a pooled connection.
+    Connect,
+    /// Months and dedup days ensured.
+    Partitions,
+    /// Stored offsets checked and moved.
+    Offsets,
+    /// Erased visitors' messages dropped.
+    Suppress,
+    /// The dedup claim of the events.
+    Claim,
+    /// The event COPY.
+    Events,
+    /// Visitor and session counters of the claimed events.
+    Counters,
+    Visitors,
+    Sessions,
+    Identities,
+    DeadLetter,
+    Commit,
+}
+
+impl Phase {
+    const ALL: [Phase; 13] = [
+        Phase::Decode,
+        Phase::Connect,
+        Phase::Partitions,
+        Phase::Offsets,
+        Phase::Suppress,
+        Phase::Claim,
+        Phase::Events,
+        Phase::Counters,
+        Phase::Visitors,
+        Phase::Sessions,
+        Phase::Identities,
+        Phase::DeadLetter,
+        Phase::Commit,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Decode => "decode",
+            Phase::Connect => "connect",
+            Phase::Partitions => "partitions",
+            Phase::Offsets => "offsets",
+            Phase::Suppress => "suppress",
+            Phase::Claim => "claim",
+            Phase::Events => "events",
+            Phase::Counters => "counters",
+            Phase::Visitors => "visitors",
+            Phase::Sessions => "sessions",
+            Phase::Identities => "identities",
+            Phase::DeadLetter => "dead_letter",
+            Phase::Commit => "commit",
+        }
+    }
+}
+
+/// Where one batch's attempt spent its time, by [`Phase`]: what tells an operator (and the
+/// benchmark suite) which table a slow writer waits on.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Phases([Duration; Phase::ALL.len()]);
+
+impl Phases {
+    /// Adds `took` to `phase`.
+    pub(crate) fn add(&mut self, phase: Phase, took: Duration) {
+        self.0[phase as usize] += took;
+    }
+
+    /// Adds the time from `since` to now to `phase`, and moves `since` to now.
+    pub(crate) fn lap(&mut self, phase: Phase, since: &mut Instant) {
+        let now = Instant::now();
+        self.add(phase, now - *since);
+        *since = now;
+    }
+
+    /// The time of `phase`.
+    pub(crate) fn get(&self, phase: Phase) -> Duration {
+        self.0[phase as usize]
+    }
+
+    /// Milliseconds by phase label, for the debug log.
+    pub(crate) fn millis(&self) -> Vec<(&'static str, u128)> {
+        Phase::ALL
+            .iter()
+            .map(|p| (p.label(), self.get(*p).as_millis()))
+            .collect()
+    }
+
+    /// Counts a stored batch's phases.
+    pub(crate) fn record(&self) {
+        for phase in Phase::ALL {
+            let took = self.get(phase);
+            if !took.is_zero() {
+                metrics::histogram!(STEP_DURATION.name, "step" => phase.label())
+                    .record(took.as_secs_f64());
+            }
+        }
+    }
 }
 
 /// Records `n` events dropped as already claimed.
@@ -260,7 +375,7 @@ mod tests {
                 Kind::Gauge => assert!(m.buckets.is_empty(), "{}", m.name),
             }
         }
-        assert_eq!(ALL.len(), 18);
+        assert_eq!(ALL.len(), 19);
         assert_eq!(BATCH_ROWS, "sluice_writer_batch_rows");
         // The misleadingly named constant of before: a batch's whole duration, not a commit's.
         assert_eq!(BATCH_DURATION.name, "sluice_writer_batch_duration_seconds");

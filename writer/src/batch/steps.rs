@@ -14,6 +14,7 @@ use super::prepare::Prepared;
 use super::Store;
 use crate::decode::Rejection;
 use crate::error::{is_concurrent_lead_insert, is_data_error, StoreError};
+use crate::metrics::Phases;
 use crate::{claim, identity, merge};
 
 /// Steps of the transaction that can be split to isolate a refused row.
@@ -36,7 +37,8 @@ pub(super) struct Stored {
     pub(super) links: u64,
     pub(super) waves: u64,
     pub(super) reach_time: Duration,
-    pub(super) copy_time: Duration,
+    /// Where the attempt spent its time.
+    pub(super) phases: Phases,
     /// Messages dropped by the suppression list: events, visitors, sessions, identities.
     pub(super) suppressed: [u64; 4],
 }
@@ -125,7 +127,7 @@ impl Store {
                     .iter()
                     .map(|e| p.claim_key(&self.claim_days, e))
                     .collect();
-                let out = claim::events(tx, &rows, &keys).await?;
+                let out = claim::events(tx, &rows, &keys, &mut stored.phases).await?;
                 stored.events += out.stored;
                 stored.duplicates += out.duplicates;
             }
