@@ -313,7 +313,7 @@ async fn a_lead_inserted_by_a_concurrent_transaction_is_updated_not_dead_lettere
     wait_for_count(
         &db,
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-         AND query LIKE 'INSERT INTO lead%'",
+         AND query LIKE '%INSERT INTO lead (%'",
         1,
         WAIT,
     )
