@@ -1,88 +1,100 @@
-//! JSON scanning before and around the parser: the guard pass (nesting depth, lone surrogate
-//! escapes, numbers out of range), the parse itself, and the compact size of a value's text.
+//! JSON checking before and around the parser: the guard pass (simd-json's validation, and
+//! the nesting depth read off its tape), the parse itself, and the compact size of a value's
+//! text.
 
 use serde::Deserialize;
+use simd_json::Node;
 
 use super::PayloadError;
 
-/// Rejects JSON the rest of the collector must never see, before it reaches a parser, in one
-/// pass over the bytes:
-/// - nesting deeper than `max`: deserialising recurses once per level, so a 500 KB body of
-///   `[[[[...` would otherwise exhaust the stack (and `properties` and `context` are passed on
-///   as text, so their depth is checked here or nowhere);
-/// - `\u` escapes of lone UTF-16 surrogates, which are not text (a lenient parser would turn
-///   them into replacement characters, silently changing the data);
-/// - numbers no 64-bit integer or finite double holds: `properties` and `context` go on as
-///   text, and the tree parser the collector used before refused them, so they are refused
-///   here too rather than handed to the writer.
+thread_local! {
+    /// The copy of the body simd-json unescapes in place and its working buffers, kept from
+    /// one body to the next on each thread: allocating them afresh cost more than the whole
+    /// validation of a 54 KB batch. They keep the size of the largest body the thread saw,
+    /// a few times `max_request_bytes` at most.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, simd_json::Buffers)> = Default::default();
+}
+
+/// Rejects JSON the rest of the collector must never see, before the typed parse:
+/// - anything simd-json refuses: malformed JSON, bad UTF-8, control characters in strings,
+///   numbers no 64-bit integer or finite double holds, `\u` escapes of lone low surrogates
+///   (lone surrogates are not text: a lenient parser would turn them into replacement
+///   characters, silently changing the data).
+///   `properties` and `context` go on as text, and serde_json skips over the contents of
+///   such raw values without decoding their escapes or ranging their numbers, so this is
+///   where they are refused rather than handed to the writer;
+/// - nesting deeper than `max`, read off simd-json's tape: deserialising recurses once per
+///   level, so a 500 KB body of `[[[[...` would otherwise exhaust the stack (simd-json's own
+///   pass does not recurse);
+/// - a high-surrogate escape without its low one, which simd-json does not refuse but decodes
+///   to a wrong character ([`lone_high_surrogate`]).
+///
+/// simd-json unescapes strings in place, so it is given a copy of the body.
 fn check(json: &[u8], max: usize) -> Result<(), PayloadError> {
-    let lone = || PayloadError::BadRequest("a string holds a lone UTF-16 surrogate escape".into());
-    let mut depth = 0usize;
-    let mut in_string = false;
-    // The previous string token was a high-surrogate escape: a low one must follow.
-    let mut want_low = false;
-    let mut i = 0;
-    while i < json.len() {
-        if in_string {
-            // Skip to the next quote or escape: most of a body is string contents.
-            let Some(skip) = json[i..].iter().position(|b| *b == b'"' || *b == b'\\') else {
-                break;
-            };
-            if want_low && (skip > 0 || json[i + skip] == b'"') {
-                return Err(lone());
-            }
-            i += skip;
-            if json[i] == b'"' {
-                in_string = false;
-                i += 1;
-                continue;
-            }
-            if json.get(i + 1) == Some(&b'u') {
-                match hex_unit(json, i + 2) {
-                    Some(0xD800..=0xDBFF) if !want_low => want_low = true,
-                    Some(0xDC00..=0xDFFF) if want_low => want_low = false,
-                    Some(0xD800..=0xDFFF) => return Err(lone()),
-                    _ if want_low => return Err(lone()),
-                    _ => {}
-                }
-                i += 6;
-            } else {
-                if want_low {
-                    return Err(lone());
-                }
-                i += 2;
-            }
-            continue;
+    SCRATCH.with_borrow_mut(|(copy, buffers)| {
+        copy.clear();
+        copy.extend_from_slice(json);
+        let tape = simd_json::to_tape_with_buffers(copy, buffers)
+            .map_err(|err| PayloadError::BadRequest(format!("the JSON is not valid ({err})")))?;
+        if depth_exceeds(&tape.0, max) {
+            return Err(PayloadError::BadRequest(format!(
+                "JSON nested deeper than {max} levels"
+            )));
         }
-        match json[i] {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max {
-                    return Err(PayloadError::BadRequest(format!(
-                        "JSON nested deeper than {max} levels"
-                    )));
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b'-' | b'0'..=b'9' => {
-                let len = json[i..]
-                    .iter()
-                    .position(|b| !matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
-                    .unwrap_or(json.len() - i);
-                if !number_in_range(&json[i..i + len]) {
-                    return Err(PayloadError::BadRequest(
-                        "a number is beyond what a 64-bit integer or a double holds".into(),
-                    ));
-                }
-                i += len;
-                continue;
-            }
-            _ => {}
-        }
-        i += 1;
+        Ok(())
+    })?;
+    if lone_high_surrogate(json) {
+        return Err(PayloadError::BadRequest(
+            "a string holds a lone UTF-16 surrogate escape".into(),
+        ));
     }
     Ok(())
+}
+
+/// Whether the tape nests arrays and objects deeper than `max`. Each container's node counts
+/// the nodes inside it, so the ends of the open containers are kept on a stack, no recursion;
+/// the stack never grows past `max + 1`.
+fn depth_exceeds(tape: &[Node<'_>], max: usize) -> bool {
+    let mut open: Vec<usize> = Vec::new();
+    for (i, node) in tape.iter().enumerate() {
+        while open.last().is_some_and(|end| *end <= i) {
+            open.pop();
+        }
+        if let Node::Object { count, .. } | Node::Array { count, .. } = node {
+            open.push(i + 1 + count);
+            if open.len() > max {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Whether JSON simd-json has accepted holds a high-surrogate escape not followed by a
+/// low-surrogate escape. simd-json 0.17 refuses a lone low surrogate and a high one followed
+/// by an escape below `\udc00`, but decodes a high one followed by anything else to U+0000
+/// (`"\ud800"`) and one followed by `\ue000`-`\uffff` to a wrong character, without a
+/// range check. Only the body's backslashes are visited (in valid JSON each starts an escape).
+fn lone_high_surrogate(json: &[u8]) -> bool {
+    let mut next = 0;
+    for at in memchr::memchr_iter(b'\\', json) {
+        if at < next {
+            // The second backslash of `\\`, or inside a `\u` escape already read.
+            continue;
+        }
+        if json.get(at + 1) != Some(&b'u') {
+            next = at + 2;
+            continue;
+        }
+        next = at + 6;
+        if matches!(hex_unit(json, at + 2), Some(0xD800..=0xDBFF))
+            && (json.get(at + 6..at + 8) != Some(&b"\\u"[..])
+                || !matches!(hex_unit(json, at + 8), Some(0xDC00..=0xDFFF)))
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// The UTF-16 unit of the four hex digits at `at`, if they are four hex digits.
@@ -91,19 +103,6 @@ fn hex_unit(json: &[u8], at: usize) -> Option<u16> {
     std::str::from_utf8(digits)
         .ok()
         .and_then(|h| u16::from_str_radix(h, 16).ok())
-}
-
-/// False for a number token a 64-bit integer (without fraction or exponent) or a finite double
-/// cannot hold. A token that is no number at all is the parser's to refuse.
-fn number_in_range(token: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(token) else {
-        return true;
-    };
-    if token.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
-        text.parse::<f64>().map_or(true, f64::is_finite)
-    } else {
-        text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok() || text.parse::<f64>().is_err()
-    }
 }
 
 /// Parses a body's JSON after [`check`]: the one way request JSON is read.
@@ -174,6 +173,7 @@ pub(crate) fn compact_size(text: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::value::RawValue;
     use serde_json::{json, Value};
 
     #[test]
@@ -191,9 +191,11 @@ mod tests {
 
     #[test]
     fn the_guard_refuses_depth_surrogates_and_numbers_out_of_range_anywhere() {
+        // Parsed as one raw value, as `properties` and `context` are: serde_json only skips
+        // over their contents, so what is refused here is refused by the guard.
         let refused = |body: &str| {
             matches!(
-                parse_json::<Value>(body.as_bytes(), 4),
+                parse_json::<&RawValue>(body.as_bytes(), 4),
                 Err(PayloadError::BadRequest(_))
             )
         };
@@ -207,6 +209,12 @@ mod tests {
             r#"{"properties":{"n":-9223372036854775809}}"#,
             "{\"a\":\"\u{1}\"}",
             "{\"a\":1,}",
+            r#"{"context":{"x":"\ud800\ue000"}}"#,
+            r#"{"context":{"x":"a\\\ud800\uffff"}}"#,
+            r#"{"context":{"x":"\ud800\ud800"}}"#,
+            r#"{"context":{"x":"\ud800x"}}"#,
+            r#"{"context":{"x":"\ud800\n"}}"#,
+            r#"{"context":{"x":"\uDBFF"}}"#,
         ] {
             assert!(refused(bad), "{bad}");
         }
@@ -215,9 +223,32 @@ mod tests {
             r#"{"properties":{"n":18446744073709551615,"m":-9223372036854775808}}"#,
             r#"{"properties":{"n":1e300,"m":-0,"o":1.5E-400,"p":"1e999"}}"#,
             r#"{"x":"\ud83d\ude00 \u00e9 \\ud800"}"#,
+            r#"{"x":"\\\\ud800\ue000 \udbff\udfff"}"#,
         ] {
             assert!(!refused(good), "{good}");
         }
         assert!(refused(&format!(r#"{{"n":{}}}"#, "9".repeat(400))));
+        assert!(matches!(
+            parse_json::<&RawValue>(b"{\"a\":\"\xff\"}", 4),
+            Err(PayloadError::BadRequest(_))
+        ));
+        // Depth: `max` levels pass, one more is refused with the limit in the message.
+        assert!(parse_json::<Value>(br#"[{"a":[{"b":[]}]}]"#, 5).is_ok());
+        for deep in [
+            &br#"[{"a":[{"b":[[]]}]}]"#[..],
+            br#"{"a":1,"b":[1,{"c":[[[{}]]]}]}"#,
+        ] {
+            match parse_json::<Value>(deep, 5) {
+                Err(PayloadError::BadRequest(m)) => {
+                    assert_eq!(m, "JSON nested deeper than 5 levels")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Siblings close their levels: many containers side by side are not deep.
+        let wide = format!("[{}]", vec!["[[]]"; 1000].join(","));
+        assert!(parse_json::<Value>(wide.as_bytes(), 3).is_ok());
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert!(parse_json::<Value>(deep.as_bytes(), 32).is_err());
     }
 }
