@@ -8,13 +8,14 @@ use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sluice_schema::messages::{
-    event_id, EventMessage, EventType, IdentityKind, IdentityMessage, JsonObject, SessionMessage,
-    Touch, VisitorMessage, VERSION,
+    event_id, EventMessage, EventType, IdentityKind, IdentityMessage, JsonObject, RawObject,
+    SessionMessage, Touch, VisitorMessage, VERSION,
 };
 use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::config::Cidr;
+use crate::payload::raw::{entries, pick, with_entries};
 use crate::payload::{Kind, Message};
 
 mod summaries;
@@ -39,8 +40,8 @@ pub struct RequestFacts {
 /// The messages one request yields, by topic.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Outgoing {
-    /// Events (track, page, screen, group, pixel).
-    pub events: Vec<EventMessage>,
+    /// Events (track, page, screen, group, pixel), `properties` and `context` as text.
+    pub events: Vec<EventMessage<RawObject>>,
     /// Identify and alias calls.
     pub identities: Vec<IdentityMessage>,
     /// One per visitor seen in the request.
@@ -128,41 +129,17 @@ pub fn utm_from_url(url: &str) -> JsonObject {
     utm
 }
 
-fn str_at<'a>(o: &'a JsonObject, path: &[&str]) -> Option<&'a str> {
-    let (last, parents) = path.split_last()?;
-    let mut cur = o;
-    for p in parents {
-        cur = cur.get(*p)?.as_object()?;
-    }
-    cur.get(*last)?.as_str()
-}
-
 /// Attribution of one message: UTM from the page URL (or the SDK's `context.campaign`),
 /// referrer, and the page URL.
 fn touch_of(m: &Message) -> Touch {
-    let url = str_at(&m.context, &["page", "url"]).or_else(|| str_at(&m.properties, &["url"]));
+    let url = m.peeked.page_url.as_deref();
     let mut utm = url.map(utm_from_url).unwrap_or_default();
     if utm.is_empty() {
-        if let Some(Value::Object(c)) = m.context.get("campaign") {
-            for (from, to) in [
-                ("source", "source"),
-                ("medium", "medium"),
-                ("name", "campaign"),
-                ("term", "term"),
-                ("content", "content"),
-            ] {
-                if let Some(Value::String(v)) = c.get(from) {
-                    utm.insert(to.into(), Value::String(v.clone()));
-                }
-            }
-        }
+        utm.clone_from(&m.peeked.campaign_utm);
     }
     Touch {
         utm,
-        referrer: str_at(&m.context, &["page", "referrer"])
-            .or_else(|| str_at(&m.properties, &["referrer"]))
-            .filter(|r| !r.is_empty())
-            .map(str::to_owned),
+        referrer: m.peeked.referrer.clone(),
         landing_page: url.map(str::to_owned),
     }
 }
@@ -201,10 +178,11 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
             .unwrap_or_else(|| Uuid::now_v7().to_string());
         let client = Client::of(&m, facts);
         summaries.first_client(&client);
+        let touch = touch_of(&m);
         if !matches!(m.kind, Kind::Alias) {
-            add_campaign(&mut m);
+            add_campaign(&mut m, &touch);
         }
-        summaries.add(at, &m);
+        summaries.add(at, &m, &touch);
         let kind = match m.kind {
             Kind::Track => EventType::Track,
             Kind::Page => EventType::Page,
@@ -236,15 +214,14 @@ impl Client {
     /// `context`; the request's own are the SDK's, so they only fill in.
     fn of(m: &Message, facts: &RequestFacts) -> Client {
         let user_agent = m
-            .context
-            .get("userAgent")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
+            .peeked
+            .user_agent
+            .clone()
             .or_else(|| facts.user_agent.clone());
         let ip = m
-            .context
-            .get("ip")
-            .and_then(Value::as_str)
+            .peeked
+            .ip
+            .as_deref()
             .and_then(|s| s.parse::<IpAddr>().ok())
             .or(facts.ip)
             .map(|ip| ip.to_string());
@@ -259,28 +236,24 @@ impl Client {
 
 /// The message's UTM parameters as Segment's `context.campaign` (`utm_campaign` as `name`),
 /// unless the client sent one.
-fn add_campaign(m: &mut Message) {
-    if m.context.contains_key("campaign") {
+fn add_campaign(m: &mut Message, touch: &Touch) {
+    if m.peeked.has_campaign || touch.utm.is_empty() {
         return;
     }
-    let utm = touch_of(m).utm;
-    if utm.is_empty() {
-        return;
-    }
-    let campaign: JsonObject = utm
-        .into_iter()
+    let campaign: JsonObject = touch
+        .utm
+        .iter()
         .map(|(k, v)| {
-            (
-                if k == "campaign" {
-                    "name".to_owned()
-                } else {
-                    k
-                },
-                v,
-            )
+            let k = if k == "campaign" { "name" } else { k };
+            (k.to_owned(), v.clone())
         })
         .collect();
-    m.context.insert("campaign".into(), Value::Object(campaign));
+    let Ok(campaign) = serde_json::value::to_raw_value(&campaign) else {
+        return;
+    };
+    // `context` has no `campaign` (`has_campaign`), so it is added, not repeated.
+    m.context = with_entries(m.context.get(), [("campaign", &*campaign)]);
+    m.peeked.has_campaign = true;
 }
 
 /// An identify or alias, for the identity topic.
@@ -304,7 +277,7 @@ fn identity_message(
         user_id: m.user_id,
         previous_id: m.previous_id,
         traits: m.traits,
-        context: m.context,
+        context: m.context.to_object(),
         occurred_at: at,
         received_at: facts.received_at,
         // Sealed after enrichment (`seal`), by a collector with PII keys.
@@ -321,20 +294,21 @@ fn event_message(
     at: DateTime<Utc>,
     client: Client,
     facts: &RequestFacts,
-) -> EventMessage {
+) -> EventMessage<RawObject> {
     let mut properties = m.properties;
     if m.kind == Kind::Group {
+        // Rare enough to be written out again whole.
+        let mut with_group = properties.to_object();
         if let Some(group_id) = m.group_id {
-            properties.insert("groupId".into(), Value::String(group_id));
+            with_group.insert("groupId".into(), Value::String(group_id));
         }
         let mut traits = m.traits;
         strip_pii(&mut traits);
-        properties.insert("traits".into(), Value::Object(traits));
+        with_group.insert("traits".into(), Value::Object(traits));
+        properties = RawObject::of(&with_group);
     }
     let mut context = m.context;
-    if let Some(Value::Object(traits)) = context.get_mut("traits") {
-        strip_pii(traits);
-    }
+    strip_traits(&mut context, &sluice_schema::pii::SEALED_TRAITS);
     let tenant_id = facts.principal.tenant_id;
     EventMessage {
         v: VERSION,
@@ -368,6 +342,31 @@ fn strip_pii(traits: &mut JsonObject) {
     for key in sluice_schema::pii::SEALED_TRAITS {
         traits.remove(key);
     }
+}
+
+/// Removes `names` from the `traits` object of `object` (text), writing it out again only when
+/// one was there. An object whose text names no `traits` (and has no escape that could spell
+/// it) is left unread.
+pub(crate) fn strip_traits<S: AsRef<str>>(object: &mut RawObject, names: &[S]) {
+    let text = object.get();
+    if !text.contains("traits") && !text.contains('\\') {
+        return;
+    }
+    let [traits] = pick(text, &["traits"]);
+    let Some(traits) = traits else {
+        return;
+    };
+    let traits = entries(traits.get());
+    if !names.iter().any(|n| traits.contains_key(n.as_ref())) {
+        return;
+    }
+    let mut whole = object.to_object();
+    if let Some(Value::Object(traits)) = whole.get_mut("traits") {
+        for name in names {
+            traits.remove(name.as_ref());
+        }
+    }
+    *object = RawObject::of(&whole);
 }
 
 #[cfg(test)]
@@ -404,9 +403,9 @@ mod tests {
         let body = r#"{"batch": [
             {"type": "track", "event": "E", "userId": "u", "timestamp": "9999-01-01T00:00:00Z"},
             {"type": "track", "event": "E", "userId": "u", "timestamp": "2001-01-01T00:00:00Z"}]}"#;
-        let mut b = body.as_bytes().to_vec();
+        let b = body.as_bytes().to_vec();
         let parsed =
-            crate::payload::parse(&mut b, crate::payload::Endpoint::Batch, &Default::default())
+            crate::payload::parse(&b, crate::payload::Endpoint::Batch, &Default::default())
                 .unwrap();
         let facts = RequestFacts {
             principal: Principal {

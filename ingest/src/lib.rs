@@ -13,7 +13,8 @@
 //! - [`pipeline`]: the request path every endpoint shares: read -> decode -> authorize ->
 //!   limit -> enrich -> produce, and the answer.
 //! - [`auth`]: write keys: extraction, cached look-up, constant-time check, `last_used_at`.
-//! - [`payload`]: body decoding (gzip, beacons, forms), simd-json parsing, the Segment rules,
+//! - [`payload`]: body decoding (gzip, beacons, forms), typed parsing (`properties` and
+//!   `context` kept as JSON text), the Segment rules,
 //!   the pixel's query, PostHog's capture bodies mapped onto Segment messages.
 //! - [`posthog_config`]: PostHog's remote config and feature flags, all off.
 //! - [`enrich`]: receive time, skew-corrected `occurred_at`, IP, user agent, bot flag, UTM;

@@ -228,17 +228,17 @@ fn decode<S: Sink, K: KeyStore>(
         Endpoint::Single(Kind::Pixel) => pixel::parse(head.query, limits),
         // Segment's pixel carries a whole API message: parsed and checked as a body is.
         Endpoint::SegmentPixel(_) => {
-            payload::parse(&mut payload::pixel_data(head.query)?, endpoint, limits)
+            payload::parse(&payload::pixel_data(head.query)?, endpoint, limits)
         }
         Endpoint::PostHog => {
-            let mut json = posthog::decode(raw, head.query, encoding, content_type, limits)?;
+            let json = posthog::decode(raw, head.query, encoding, content_type, limits)?;
             metrics::request_body(json.len());
-            posthog::parse(&mut json, head.query, received_at, limits)
+            posthog::parse(&json, head.query, received_at, limits)
         }
         Endpoint::Batch | Endpoint::Single(_) => {
-            let mut json = payload::decode_body(raw, encoding, content_type, limits)?;
+            let json = payload::decode_body(raw, encoding, content_type, limits)?;
             metrics::request_body(json.len());
-            payload::parse(&mut json, endpoint, limits)
+            payload::parse(&json, endpoint, limits)
         }
     }
 }

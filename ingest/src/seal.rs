@@ -8,7 +8,7 @@ use serde_json::Value;
 use sluice_schema::messages::{IdentityKind, JsonObject, IDENTITY_VERSION};
 use sluice_schema::pii::{PiiKeys, SEALED_TRAITS};
 
-use crate::enrich::Outgoing;
+use crate::enrich::{strip_traits, Outgoing};
 use crate::payload::{Kind, Message};
 
 /// The collector's PII settings: keys, and which traits are personal data.
@@ -44,11 +44,14 @@ impl Sealer {
             m.v = IDENTITY_VERSION;
             self.strip_context(&mut m.context);
         }
+        let names: Vec<&str> = SEALED_TRAITS
+            .iter()
+            .copied()
+            .chain(self.others.iter().map(String::as_str))
+            .collect();
         for e in &mut out.events {
-            self.strip_context(&mut e.context);
-            if let Some(Value::Object(traits)) = e.properties.get_mut("traits") {
-                self.strip(traits);
-            }
+            strip_traits(&mut e.context, &names);
+            strip_traits(&mut e.properties, &names);
         }
     }
 
@@ -87,13 +90,14 @@ pub fn strip_without_keys(out: &mut Outgoing, traits: &[String]) {
             stripper.strip(t);
         }
     }
+    let names: Vec<&str> = SEALED_TRAITS
+        .iter()
+        .copied()
+        .chain(traits.iter().map(|s| s.trim()))
+        .collect();
     for e in &mut out.events {
-        if let Some(Value::Object(t)) = e.context.get_mut("traits") {
-            stripper.strip(t);
-        }
-        if let Some(Value::Object(t)) = e.properties.get_mut("traits") {
-            stripper.strip(t);
-        }
+        strip_traits(&mut e.context, &names);
+        strip_traits(&mut e.properties, &names);
     }
 }
 
@@ -117,7 +121,7 @@ mod tests {
     use base64::Engine as _;
     use chrono::Utc;
     use serde_json::json;
-    use sluice_schema::messages::{EventMessage, EventType, IdentityMessage};
+    use sluice_schema::messages::{EventMessage, EventType, IdentityMessage, RawObject};
 
     fn keys() -> PiiKeys {
         let k = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
@@ -163,8 +167,8 @@ mod tests {
                 timestamp: None,
                 sent_at: None,
                 received_at: now,
-                properties: obj(json!({"traits": {"name": "Ada", "plan": "pro"}})),
-                context,
+                properties: RawObject::of(&obj(json!({"traits": {"name": "Ada", "plan": "pro"}}))),
+                context: RawObject::of(&context),
                 ip: None,
                 user_agent: None,
                 bot: false,

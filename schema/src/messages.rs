@@ -37,6 +37,28 @@ impl RawObject {
     pub fn get(&self) -> &str {
         self.0.get()
     }
+
+    /// `raw` if it is an object, else `None`.
+    pub fn new(raw: Box<serde_json::value::RawValue>) -> Option<RawObject> {
+        raw.get()
+            .trim_start()
+            .starts_with('{')
+            .then_some(RawObject(raw))
+    }
+
+    /// The text of `object`, written out.
+    pub fn of(object: &JsonObject) -> RawObject {
+        // Writing a map of string keys cannot fail.
+        serde_json::value::to_raw_value(object)
+            .map(RawObject)
+            .unwrap_or_default()
+    }
+
+    /// The object as a map, for a reader that needs more than a few of its fields.
+    pub fn to_object(&self) -> JsonObject {
+        // The text is an object by construction.
+        serde_json::from_str(self.get()).unwrap_or_default()
+    }
 }
 
 impl Default for RawObject {

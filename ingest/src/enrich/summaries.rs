@@ -4,9 +4,12 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sluice_schema::messages::{JsonObject, SessionMessage, Touch, VisitorMessage, VERSION};
+use serde_json::Value;
+use sluice_schema::messages::{
+    JsonObject, RawObject, SessionMessage, Touch, VisitorMessage, VERSION,
+};
 
-use super::{touch_of, Client};
+use super::Client;
 use crate::auth::Principal;
 use crate::payload::{Kind, Message};
 
@@ -33,24 +36,24 @@ struct Summary {
 }
 
 impl Summary {
-    fn new(at: DateTime<Utc>, m: &Message) -> Summary {
+    fn new(at: DateTime<Utc>, m: &Message, touch: &Touch) -> Summary {
         Summary {
             first: at,
             last: at,
             events: 0,
             pages: 0,
-            touch: touch_of(m),
+            touch: touch.clone(),
             anonymous_id: m.anonymous_id.clone(),
             user_id: m.user_id.clone(),
-            device: pick(&m.context, &["device", "os", "screen", "userAgent"]),
-            geo: pick(&m.context, &["location", "timezone", "locale"]),
+            device: pick(&m.context, ["device", "os", "screen", "userAgent"]),
+            geo: pick(&m.context, ["location", "timezone", "locale"]),
         }
     }
 
-    fn add(&mut self, at: DateTime<Utc>, m: &Message, is_event: bool) {
+    fn add(&mut self, at: DateTime<Utc>, m: &Message, touch: &Touch, is_event: bool) {
         if at < self.first {
             self.first = at;
-            self.touch = touch_of(m);
+            self.touch.clone_from(touch);
         }
         self.last = self.last.max(at);
         if is_event {
@@ -65,10 +68,13 @@ impl Summary {
     }
 }
 
-fn pick(o: &JsonObject, fields: &[&str]) -> JsonObject {
+/// The `fields` of `o` there are, as values: read only for a session's first message.
+fn pick<const N: usize>(o: &RawObject, fields: [&str; N]) -> JsonObject {
+    let found = crate::payload::raw::pick(o.get(), &fields);
     fields
-        .iter()
-        .filter_map(|f| o.get(*f).map(|v| ((*f).to_owned(), v.clone())))
+        .into_iter()
+        .zip(found)
+        .filter_map(|(f, v)| Some((f.to_owned(), serde_json::from_str::<Value>(v?.get()).ok()?)))
         .collect()
 }
 
@@ -80,12 +86,12 @@ struct Keyed {
 }
 
 impl Keyed {
-    fn add(&mut self, key: &str, at: DateTime<Utc>, m: &Message, is_event: bool) {
+    fn add(&mut self, key: &str, at: DateTime<Utc>, m: &Message, touch: &Touch, is_event: bool) {
         match self.at.get(key) {
-            Some(&i) => self.entries[i].1.add(at, m, is_event),
+            Some(&i) => self.entries[i].1.add(at, m, touch, is_event),
             None => {
-                let mut s = Summary::new(at, m);
-                s.add(at, m, is_event);
+                let mut s = Summary::new(at, m, touch);
+                s.add(at, m, touch, is_event);
                 self.at.insert(key.to_owned(), self.entries.len());
                 self.entries.push((key.to_owned(), s));
             }
@@ -111,13 +117,14 @@ impl Summaries {
         }
     }
 
-    pub(super) fn add(&mut self, at: DateTime<Utc>, m: &Message) {
+    /// Counts `m`, whose attribution is `touch`, in its visitor's and session's summaries.
+    pub(super) fn add(&mut self, at: DateTime<Utc>, m: &Message, touch: &Touch) {
         let is_event = !matches!(m.kind, Kind::Identify | Kind::Alias);
         if let Some(anon) = m.anonymous_id.as_ref() {
-            self.visitors.add(anon, at, m, is_event);
+            self.visitors.add(anon, at, m, touch, is_event);
         }
         if let Some(sid) = m.session_id.as_ref() {
-            self.sessions.add(sid, at, m, is_event);
+            self.sessions.add(sid, at, m, touch, is_event);
         }
     }
 

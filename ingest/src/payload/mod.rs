@@ -1,22 +1,24 @@
 //! Request bodies to validated messages, in stages: [`body`] undoes content encodings
-//! (gzip, `text/plain` beacons, base64 `data=` forms), [`json`] parses with simd-json behind
-//! a nesting-depth guard, [`segment`] applies the Segment rules per call type, [`pixel`]
-//! reads the tracking pixel's query, [`posthog`] maps PostHog's capture bodies. Any bytes end
-//! as parsed messages or a [`PayloadError`] (a 4xx), never a panic.
+//! (gzip, `text/plain` beacons, base64 `data=` forms), [`json`] guards (nesting depth,
+//! surrogates, number range) and parses, [`segment`] reads each message's fields and applies
+//! the Segment rules per call type, keeping `properties` and `context` as JSON text ([`raw`]
+//! reads the few fields of them the collector needs), [`pixel`] reads the tracking pixel's
+//! query, [`posthog`] maps PostHog's capture bodies. Any bytes end as parsed messages or a
+//! [`PayloadError`] (a 4xx), never a panic.
 
 pub mod body;
 pub mod json;
 pub mod pixel;
 pub mod posthog;
+pub(crate) mod raw;
 pub mod segment;
 
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sluice_schema::messages::JsonObject;
+use sluice_schema::messages::{JsonObject, RawObject};
 
 pub use body::{decode_base64, decode_body, pixel_data};
-pub use json::json_size;
 pub use segment::{parse, validate, Defaults};
 
 /// Why a body cannot be taken: the request's answer is a 400 or a 413. It says what to send
@@ -276,12 +278,33 @@ pub struct Message {
     pub timestamp: Option<DateTime<Utc>>,
     /// Client `sentAt` (the message's own, else the batch's).
     pub sent_at: Option<DateTime<Utc>>,
-    /// `properties`, plus top-level fields the API does not define.
-    pub properties: JsonObject,
-    /// `traits` (identify, group).
+    /// `properties`, plus top-level fields the API does not define, as text: passed on.
+    pub properties: RawObject,
+    /// `traits` (identify, group): sealed or stripped of personal data, so read.
     pub traits: JsonObject,
-    /// `context`, over the batch's context, plus SDK envelope fields (`integrations`, ...).
-    pub context: JsonObject,
+    /// `context`, over the batch's context, plus SDK envelope fields (`integrations`, ...), as
+    /// text: passed on, with what enrichment adds.
+    pub context: RawObject,
+    /// The fields of `context` and `properties` enrichment reads.
+    pub peeked: Peeked,
+}
+
+/// What enrichment reads of a message's `context` and `properties`, read once when the message
+/// is taken apart, so neither is ever parsed into a tree.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Peeked {
+    /// `context.page.url`, else `properties.url`.
+    pub page_url: Option<String>,
+    /// `context.page.referrer`, else `properties.referrer`; never empty.
+    pub referrer: Option<String>,
+    /// `context.userAgent`: a server SDK forwarding its end user's.
+    pub user_agent: Option<String>,
+    /// `context.ip`, as sent.
+    pub ip: Option<String>,
+    /// `context` has a `campaign`, of whatever value.
+    pub has_campaign: bool,
+    /// The text fields of `context.campaign`, under their UTM names (`name` as `campaign`).
+    pub campaign_utm: JsonObject,
 }
 
 /// A parsed request: its messages (or their refusals) and the key named in the body.

@@ -87,12 +87,12 @@ fn query_param(query: &str, name: &str) -> Option<String> {
 /// without `sent_at` takes it from the query (`sent_at`, or `_` in epoch milliseconds, as
 /// posthog-js puts it on the URL).
 pub fn parse(
-    json: &mut [u8],
+    json: &[u8],
     query: &str,
     received_at: DateTime<Utc>,
     limits: &Limits,
 ) -> Result<Parsed, PayloadError> {
-    let value = parse_json(json, limits.max_json_depth)?;
+    let value: Value = parse_json(json, limits.max_json_depth)?;
     let mut body_key = None;
     let mut sent_at = None;
     let events = match value {
@@ -128,10 +128,7 @@ pub fn parse(
             .and_then(|ms| ms.parse::<i64>().ok())
             .map(Value::from)
     });
-    let defaults = Defaults {
-        context: None,
-        sent_at: None,
-    };
+    let defaults = Defaults::default();
     let mut parsed = Parsed {
         write_key: body_key,
         ..Parsed::default()

@@ -1,35 +1,37 @@
-//! The Segment rules: a parsed body of one endpoint to its messages, each checked per call
-//! type (ids, names, times, required fields) and taken apart; refusals carry their reason.
+//! The Segment rules: a body of one endpoint to its messages, each checked per call type
+//! (ids, names, times, required fields) and taken apart; refusals carry their reason. The
+//! body is read in one pass into each message's fields as JSON text borrowed from it:
+//! `properties` and `context` are copied on as text, never built into trees.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
-use serde_json::{Map, Value};
-use sluice_schema::messages::JsonObject;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use sluice_schema::messages::{JsonObject, RawObject};
 
-use super::json::{json_size_object, parse_json};
-use super::{Endpoint, Kind, Limits, Message, Parsed, PayloadError, Reason};
+use super::json::{compact_size, parse_json};
+use super::raw::{self, entries, pick, with_entries, Key, Scalar};
+use super::{Endpoint, Kind, Limits, Message, Parsed, PayloadError, Peeked, Reason};
 
 /// Parses a JSON body of `endpoint` into messages. A malformed body is a 400; a batch's bad
 /// messages are refused one by one while the good ones go on.
-pub fn parse(json: &mut [u8], endpoint: Endpoint, limits: &Limits) -> Result<Parsed, PayloadError> {
-    let Value::Object(mut body) = parse_json(json, limits.max_json_depth)? else {
-        return Err(PayloadError::BadRequest("the JSON is not an object".into()));
-    };
-    let write_key = match body.remove("writeKey") {
-        Some(Value::String(key)) => Some(key),
-        _ => None,
-    };
-    let mut parsed = Parsed {
-        write_key,
-        ..Parsed::default()
-    };
+pub fn parse(json: &[u8], endpoint: Endpoint, limits: &Limits) -> Result<Parsed, PayloadError> {
+    let not_an_object = || PayloadError::BadRequest("the JSON is not an object".into());
     match endpoint {
         Endpoint::Single(kind) | Endpoint::SegmentPixel(kind) => {
-            let checked = validate(
-                Value::Object(body),
-                Some(kind),
-                &Defaults::default(),
-                limits,
-            );
+            let Item::Object(fields) = parse_json(json, limits.max_json_depth)? else {
+                return Err(not_an_object());
+            };
+            let mut parsed = Parsed {
+                write_key: fields.get(Field::WriteKey).and_then(string),
+                ..Parsed::default()
+            };
+            // The key was taken off the body before the message was measured.
+            let checked = check(&fields, Some(kind), &Defaults::default(), limits, true);
             if matches!(&checked, Err((Reason::TooLarge, _))) {
                 return Err(PayloadError::TooLarge {
                     what: "message",
@@ -37,24 +39,27 @@ pub fn parse(json: &mut [u8], endpoint: Endpoint, limits: &Limits) -> Result<Par
                 });
             }
             parsed.push(0, None, checked);
+            Ok(parsed)
         }
-        Endpoint::PostHog => {
-            return Err(PayloadError::BadRequest(
-                "a PostHog body is parsed by posthog::parse".into(),
-            ))
+        Endpoint::PostHog => Err(PayloadError::BadRequest(
+            "a PostHog body is parsed by posthog::parse".into(),
+        )),
+        Endpoint::Batch => {
+            let Top::Body(body) = parse_json(json, limits.max_json_depth)? else {
+                return Err(not_an_object());
+            };
+            parse_batch(body, limits)
         }
-        Endpoint::Batch => parse_batch(body, &mut parsed, limits)?,
     }
-    Ok(parsed)
 }
 
-/// A batch body's messages into `parsed`, each on its own: a bad one is refused, the rest go on.
-fn parse_batch(
-    mut body: Map<String, Value>,
-    parsed: &mut Parsed,
-    limits: &Limits,
-) -> Result<(), PayloadError> {
-    let Some(Value::Array(batch)) = body.remove("batch") else {
+/// A batch body's messages, each on its own: a bad one is refused, the rest go on.
+fn parse_batch(body: BatchBody<'_>, limits: &Limits) -> Result<Parsed, PayloadError> {
+    let mut parsed = Parsed {
+        write_key: body.write_key.and_then(string),
+        ..Parsed::default()
+    };
+    let Some(Batch::Items(batch)) = body.batch else {
         return Err(PayloadError::BadRequest(
             "a batch body needs a \"batch\" array of messages".into(),
         ));
@@ -66,58 +71,86 @@ fn parse_batch(
         });
     }
     let defaults = Defaults {
-        context: match body.remove("context") {
-            Some(Value::Object(c)) => Some(c),
-            _ => None,
-        },
-        sent_at: body
-            .get("sentAt")
-            .and_then(|v| parse_time(v).ok().flatten()),
+        context: body.context.map(|c| entries(c.get())).unwrap_or_default(),
+        sent_at: body.sent_at.and_then(|v| parse_time(v).ok().flatten()),
     };
     for (index, item) in batch.into_iter().enumerate() {
-        if let Some(key) = item.get("writeKey").and_then(Value::as_str) {
-            parsed.note_key(key, "write keys")?;
+        let Item::Object(fields) = item else {
+            parsed.push(index, None, Err(not_an_object()));
+            continue;
+        };
+        if let Some(key) = fields.get(Field::WriteKey).and_then(string) {
+            parsed.note_key(&key, "write keys")?;
         }
-        let message_id = item
-            .get("messageId")
-            .and_then(Value::as_str)
-            .filter(|id| id.len() <= limits.max_id_bytes)
-            .map(str::to_owned);
-        parsed.push(index, message_id, validate(item, None, &defaults, limits));
+        let message_id = fields
+            .get(Field::MessageId)
+            .and_then(string)
+            .filter(|id| id.len() <= limits.max_id_bytes);
+        parsed.push(
+            index,
+            message_id,
+            check(&fields, None, &defaults, limits, false),
+        );
     }
-    Ok(())
+    Ok(parsed)
 }
 
 /// What a batch gives each of its messages unless the message says otherwise.
 #[derive(Debug, Default)]
-pub struct Defaults {
-    /// The batch's `context`, under each message's own.
-    pub context: Option<JsonObject>,
+pub struct Defaults<'a> {
+    /// The batch's `context` entries, under each message's own.
+    pub context: BTreeMap<Cow<'a, str>, &'a RawValue>,
     /// The batch's `sentAt`.
     pub sent_at: Option<DateTime<Utc>>,
 }
 
 type Refusal = (Reason, String);
 
+fn not_an_object() -> Refusal {
+    (
+        Reason::NotAnObject,
+        "a message must be a JSON object".into(),
+    )
+}
+
+/// The string `raw` holds, if it is one.
+fn string(raw: &RawValue) -> Option<String> {
+    Scalar::of(raw).into_string()
+}
+
 /// Top-level fields of the SDKs' envelope that are about delivery, not the event: kept in
 /// `context` under their own names.
 const ENVELOPE: [&str; 5] = ["integrations", "channel", "_metadata", "version", "library"];
 
-/// Checks one message and takes it apart. `kind` is the endpoint's kind; `None` in a batch,
-/// where the message's `type` says.
+/// Checks one message given as a JSON value (the pixel's and PostHog's, built as maps) and
+/// takes it apart, as a message of a body is. `kind` is the endpoint's kind; `None` where the
+/// message's `type` says.
 pub fn validate(
     value: Value,
     kind: Option<Kind>,
-    defaults: &Defaults,
+    defaults: &Defaults<'_>,
     limits: &Limits,
 ) -> Result<Message, Refusal> {
-    let Value::Object(mut m) = value else {
-        return Err((
-            Reason::NotAnObject,
-            "a message must be a JSON object".into(),
-        ));
-    };
-    let size = json_size_object(&m);
+    if !value.is_object() {
+        return Err(not_an_object());
+    }
+    let text = value.to_string();
+    match serde_json::from_str::<Item<'_>>(&text) {
+        Ok(Item::Object(fields)) => check(&fields, kind, defaults, limits, false),
+        _ => Err(not_an_object()),
+    }
+}
+
+/// Checks one message and takes it apart. `kind` is the endpoint's kind; `None` in a batch,
+/// where the message's `type` says. `keyless`: its size is measured without `writeKey`.
+fn check(
+    f: &Fields<'_>,
+    kind: Option<Kind>,
+    defaults: &Defaults<'_>,
+    limits: &Limits,
+    keyless: bool,
+) -> Result<Message, Refusal> {
+    let size = f.size(keyless);
     if size > limits.max_message_bytes {
         return Err((
             Reason::TooLarge,
@@ -127,43 +160,68 @@ pub fn validate(
             ),
         ));
     }
-    let kind = kind_of(&mut m, kind)?;
-    let id = |m: &mut Map<String, Value>, field: &str| take_string(m, field, limits.max_id_bytes);
-    let message_id = id(&mut m, "messageId")?;
-    let anonymous_id = id(&mut m, "anonymousId")?;
-    let user_id = id(&mut m, "userId")?;
-    let group_id = id(&mut m, "groupId")?;
-    let previous_id = id(&mut m, "previousId")?;
-    let session_id = id(&mut m, "sessionId")?;
-    let name_field = if kind == Kind::Track { "event" } else { "name" };
-    if m.get(name_field).is_some_and(Value::is_number) {
+    let kind = match kind {
+        Some(kind) => kind,
+        None => f
+            .get(Field::Type)
+            .and_then(string)
+            .and_then(|t| Kind::from_type(&t))
+            .ok_or_else(|| {
+                (
+                    Reason::InvalidType,
+                    "type must be one of track, page, screen, identify, alias, group".into(),
+                )
+            })?,
+    };
+    let id = |field: Field| take_string(f.get(field), field.name(), limits.max_id_bytes);
+    let message_id = id(Field::MessageId)?;
+    let anonymous_id = id(Field::AnonymousId)?;
+    let user_id = id(Field::UserId)?;
+    let group_id = id(Field::GroupId)?;
+    let previous_id = id(Field::PreviousId)?;
+    let session_id = id(Field::SessionId)?;
+    // A track's name is its `event`; any other call's `event` is just another field.
+    let (name_field, other_name) = if kind == Kind::Track {
+        (Field::Event, Field::Name)
+    } else {
+        (Field::Name, Field::Event)
+    };
+    let name_raw = f.get(name_field);
+    if name_raw.is_some_and(|v| matches!(Scalar::of(v), Scalar::Num(_))) {
         return Err((
             Reason::InvalidField,
-            format!("{name_field} must be a string"),
+            format!("{} must be a string", name_field.name()),
         ));
     }
-    let name = take_string(&mut m, name_field, limits.max_name_bytes)?;
-    let timestamp = take_time(&mut m, "timestamp")?;
-    let sent_at = take_time(&mut m, "sentAt")?.or(defaults.sent_at);
-    let mut properties = take_object(&mut m, "properties")?;
-    let traits = take_object(&mut m, "traits")?;
-    let mut context = take_object(&mut m, "context")?;
-    if let Some(batch_context) = &defaults.context {
-        for (k, v) in batch_context {
-            context.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-    }
-    let session_id = session_id.or_else(|| session_of_context(&context, limits));
-    // A key must never travel on into Kafka or the database.
-    m.remove("writeKey");
-    // Leftover top-level fields are kept, never dropped silently (docs/architecture.md §4.2).
-    for (k, v) in m {
-        if ENVELOPE.contains(&k.as_str()) || matches!(kind, Kind::Identify | Kind::Alias) {
-            context.entry(k).or_insert(v);
+    let name = take_string(name_raw, name_field.name(), limits.max_name_bytes)?;
+    let timestamp = take_time(f.get(Field::Timestamp), "timestamp")?;
+    let sent_at = take_time(f.get(Field::SentAt), "sentAt")?.or(defaults.sent_at);
+    let properties = take_object(f.get(Field::Properties), "properties")?;
+    let traits = take_object(f.get(Field::Traits), "traits")?
+        .and_then(|t| serde_json::from_str::<JsonObject>(t.get()).ok())
+        .unwrap_or_default();
+    let own_context = take_object(f.get(Field::Context), "context")?;
+    // Leftover top-level fields are kept, never dropped silently (docs/architecture.md §4.2);
+    // `type` and the key (which must never travel on into Kafka) are not.
+    let leftovers = f
+        .others
+        .iter()
+        .map(|(k, v)| (k.as_ref(), *v))
+        .chain(f.get(other_name).map(|v| (other_name.name(), v)));
+    let (mut to_context, mut to_properties) = (Vec::new(), Vec::new());
+    for (k, v) in leftovers {
+        if ENVELOPE.contains(&k) || matches!(kind, Kind::Identify | Kind::Alias) {
+            to_context.push((k, v));
         } else {
-            properties.entry(k).or_insert(v);
+            to_properties.push((k, v));
         }
     }
+    let batch_context = defaults.context.iter().map(|(k, v)| (k.as_ref(), *v));
+    let context = merged(own_context, batch_context.chain(to_context));
+    let properties = merged(properties, to_properties);
+    let peeked = Peeked::of(&context, &properties);
+    let session_id =
+        session_id.or_else(|| session_of_context(own_context, &defaults.context, limits));
     let message = Message {
         kind,
         message_id,
@@ -178,41 +236,81 @@ pub fn validate(
         properties,
         traits,
         context,
+        peeked,
     };
     required_fields(&message)?;
     Ok(message)
 }
 
-/// The message's kind: the endpoint's, else (in a batch) the one its `type` names. `type` is
-/// removed either way.
-fn kind_of(m: &mut Map<String, Value>, endpoint_kind: Option<Kind>) -> Result<Kind, Refusal> {
-    let type_field = m.remove("type");
-    match endpoint_kind {
-        Some(kind) => Ok(kind),
-        None => type_field
-            .as_ref()
-            .and_then(Value::as_str)
-            .and_then(Kind::from_type)
-            .ok_or_else(|| {
-                (
-                    Reason::InvalidType,
-                    "type must be one of track, page, screen, identify, alias, group".into(),
-                )
-            }),
+/// The object `own` (or `{}`) with the entries of `under` whose keys it lacks: the first of a
+/// key in `under` wins.
+fn merged<'a>(
+    own: Option<&RawValue>,
+    under: impl IntoIterator<Item = (&'a str, &'a RawValue)>,
+) -> RawObject {
+    let mut under = under.into_iter().peekable();
+    if under.peek().is_none() {
+        return own.map(raw::object).unwrap_or_default();
+    }
+    let text = own.map_or("{}", RawValue::get);
+    let mut present: BTreeSet<Cow<'_, str>> = entries(text).into_keys().collect();
+    let added: Vec<_> = under
+        .filter(|(k, _)| present.insert(Cow::Borrowed(*k)))
+        .collect();
+    with_entries(text, added)
+}
+
+/// The session id SDKs put in `context` (`sessionId` or `session_id`) when the message has
+/// none: the message's own context over the batch's, before leftover fields joined it.
+fn session_of_context(
+    own: Option<&RawValue>,
+    batch: &BTreeMap<Cow<'_, str>, &RawValue>,
+    limits: &Limits,
+) -> Option<String> {
+    let [camel, snake] = own.map_or([None; 2], |c| pick(c.get(), &["sessionId", "session_id"]));
+    let camel = camel.or_else(|| batch.get("sessionId").copied());
+    let snake = snake.or_else(|| batch.get("session_id").copied());
+    match Scalar::of(camel.or(snake)?) {
+        Scalar::Str(s) if !s.is_empty() && s.len() <= limits.max_id_bytes => Some(s.into_owned()),
+        Scalar::Num(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 
-/// The session id SDKs put in `context` (`sessionId` or `session_id`) when the message has none.
-fn session_of_context(context: &JsonObject, limits: &Limits) -> Option<String> {
-    match context
-        .get("sessionId")
-        .or_else(|| context.get("session_id"))
-    {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= limits.max_id_bytes => {
-            Some(s.clone())
+impl Peeked {
+    /// What enrichment reads of a message's final `context` and `properties`.
+    fn of(context: &RawObject, properties: &RawObject) -> Peeked {
+        let [page, user_agent, ip, campaign] =
+            pick(context.get(), &["page", "userAgent", "ip", "campaign"]);
+        let [mut url, mut referrer] = page
+            .map(|p| pick(p.get(), &["url", "referrer"]))
+            .unwrap_or_default()
+            .map(|v| v.and_then(string));
+        if url.is_none() || referrer.is_none() {
+            let [p_url, p_referrer] = pick(properties.get(), &["url", "referrer"]);
+            url = url.or_else(|| p_url.and_then(string));
+            referrer = referrer.or_else(|| p_referrer.and_then(string));
         }
-        Some(Value::Number(n)) => Some(n.to_string()),
-        _ => None,
+        let mut campaign_utm = JsonObject::new();
+        if let Some(c) = campaign {
+            let found = pick(c.get(), &["source", "medium", "name", "term", "content"]);
+            for (to, v) in ["source", "medium", "campaign", "term", "content"]
+                .into_iter()
+                .zip(found)
+            {
+                if let Some(v) = v.and_then(string) {
+                    campaign_utm.insert(to.into(), Value::String(v));
+                }
+            }
+        }
+        Peeked {
+            page_url: url,
+            referrer: referrer.filter(|r| !r.is_empty()),
+            user_agent: user_agent.and_then(string),
+            ip: ip.and_then(string),
+            has_campaign: campaign.is_some(),
+            campaign_utm,
+        }
     }
 }
 
@@ -234,10 +332,10 @@ fn required_fields(m: &Message) -> Result<(), Refusal> {
     }
 }
 
-/// A client time field (`timestamp`, `sentAt`), removed from the message.
-fn take_time(m: &mut Map<String, Value>, field: &str) -> Result<Option<DateTime<Utc>>, Refusal> {
-    match m.remove(field) {
-        Some(v) => parse_time(&v).map_err(|()| {
+/// A client time field (`timestamp`, `sentAt`).
+fn take_time(v: Option<&RawValue>, field: &str) -> Result<Option<DateTime<Utc>>, Refusal> {
+    match v {
+        Some(v) => parse_time(v).map_err(|()| {
             (
                 Reason::InvalidTimestamp,
                 format!("{field} must be RFC 3339 or epoch milliseconds"),
@@ -249,16 +347,14 @@ fn take_time(m: &mut Map<String, Value>, field: &str) -> Result<Option<DateTime<
 
 /// An id or name field: a non-empty string (numbers are accepted and kept as text, as some
 /// SDKs send numeric user ids); absent or null is `None`.
-fn take_string(
-    m: &mut Map<String, Value>,
-    field: &str,
-    max: usize,
-) -> Result<Option<String>, Refusal> {
-    let s = match m.remove(field) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => s,
-        Some(Value::Number(n)) => n.to_string(),
-        Some(_) => return Err((Reason::InvalidField, format!("{field} must be a string"))),
+fn take_string(v: Option<&RawValue>, field: &str, max: usize) -> Result<Option<String>, Refusal> {
+    let s = match v.map(Scalar::of) {
+        None | Some(Scalar::Null) => return Ok(None),
+        Some(Scalar::Str(s)) => s,
+        Some(Scalar::Num(n)) => Cow::Owned(n.to_string()),
+        Some(Scalar::Other) => {
+            return Err((Reason::InvalidField, format!("{field} must be a string")))
+        }
     };
     if s.is_empty() {
         // An empty id is the same as none (analytics.js sends "" for a missing userId).
@@ -270,13 +366,15 @@ fn take_string(
             format!("{field} is longer than {max} bytes"),
         ));
     }
-    Ok(Some(s))
+    Ok(Some(s.into_owned()))
 }
 
-fn take_object(m: &mut Map<String, Value>, field: &str) -> Result<JsonObject, Refusal> {
-    match m.remove(field) {
-        None | Some(Value::Null) => Ok(JsonObject::new()),
-        Some(Value::Object(o)) => Ok(o),
+/// An object field's text; absent or null is `None`.
+fn take_object<'a>(v: Option<&'a RawValue>, field: &str) -> Result<Option<&'a RawValue>, Refusal> {
+    match v {
+        None => Ok(None),
+        Some(v) if v.get() == "null" => Ok(None),
+        Some(v) if v.get().starts_with('{') => Ok(Some(v)),
         Some(_) => Err((
             Reason::InvalidField,
             format!("{field} must be a JSON object"),
@@ -285,20 +383,291 @@ fn take_object(m: &mut Map<String, Value>, field: &str) -> Result<JsonObject, Re
 }
 
 /// A client time: RFC 3339 text, or epoch milliseconds. `Ok(None)` for null.
-fn parse_time(v: &Value) -> Result<Option<DateTime<Utc>>, ()> {
-    match v {
-        Value::Null => Ok(None),
-        Value::String(s) => DateTime::parse_from_rfc3339(s)
+fn parse_time(v: &RawValue) -> Result<Option<DateTime<Utc>>, ()> {
+    match Scalar::of(v) {
+        Scalar::Null => Ok(None),
+        Scalar::Str(s) => DateTime::parse_from_rfc3339(&s)
             .map(|t| Some(t.with_timezone(&Utc)))
             .map_err(|_| ()),
-        Value::Number(n) => n
+        Scalar::Num(n) => n
             .as_i64()
             .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
             // The same years RFC 3339 can say (0 to 9999), not chrono's ±262,000.
             .filter(|t| (0..=9999).contains(&t.year()))
             .map(Some)
             .ok_or(()),
-        _ => Err(()),
+        Scalar::Other => Err(()),
+    }
+}
+
+/// A field of a message the rules read; every other is kept as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Type,
+    MessageId,
+    AnonymousId,
+    UserId,
+    GroupId,
+    PreviousId,
+    SessionId,
+    Event,
+    Name,
+    Timestamp,
+    SentAt,
+    Properties,
+    Traits,
+    Context,
+    WriteKey,
+}
+
+impl Field {
+    const ALL: [Field; 15] = [
+        Field::Type,
+        Field::MessageId,
+        Field::AnonymousId,
+        Field::UserId,
+        Field::GroupId,
+        Field::PreviousId,
+        Field::SessionId,
+        Field::Event,
+        Field::Name,
+        Field::Timestamp,
+        Field::SentAt,
+        Field::Properties,
+        Field::Traits,
+        Field::Context,
+        Field::WriteKey,
+    ];
+
+    /// The field's key in a message.
+    const fn name(self) -> &'static str {
+        match self {
+            Field::Type => "type",
+            Field::MessageId => "messageId",
+            Field::AnonymousId => "anonymousId",
+            Field::UserId => "userId",
+            Field::GroupId => "groupId",
+            Field::PreviousId => "previousId",
+            Field::SessionId => "sessionId",
+            Field::Event => "event",
+            Field::Name => "name",
+            Field::Timestamp => "timestamp",
+            Field::SentAt => "sentAt",
+            Field::Properties => "properties",
+            Field::Traits => "traits",
+            Field::Context => "context",
+            Field::WriteKey => "writeKey",
+        }
+    }
+
+    fn of(key: &str) -> Option<Field> {
+        Some(match key {
+            "type" => Field::Type,
+            "messageId" => Field::MessageId,
+            "anonymousId" => Field::AnonymousId,
+            "userId" => Field::UserId,
+            "groupId" => Field::GroupId,
+            "previousId" => Field::PreviousId,
+            "sessionId" => Field::SessionId,
+            "event" => Field::Event,
+            "name" => Field::Name,
+            "timestamp" => Field::Timestamp,
+            "sentAt" => Field::SentAt,
+            "properties" => Field::Properties,
+            "traits" => Field::Traits,
+            "context" => Field::Context,
+            "writeKey" => Field::WriteKey,
+            _ => return None,
+        })
+    }
+}
+
+/// One message as sent: its fields' JSON text, borrowed from the body. The last of a repeated
+/// key wins, as when a message is read into a map.
+#[derive(Debug, Default)]
+struct Fields<'a> {
+    /// The fields the rules read, in body order (a small list: a message has a dozen).
+    known: Vec<(Field, &'a RawValue)>,
+    /// Every other field.
+    others: BTreeMap<Cow<'a, str>, &'a RawValue>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, field: Field) -> Option<&'a RawValue> {
+        self.known
+            .iter()
+            .rev()
+            .find(|(f, _)| *f == field)
+            .map(|(_, v)| *v)
+    }
+
+    /// The message's size as compact JSON, without its `writeKey` when `keyless`.
+    fn size(&self, keyless: bool) -> usize {
+        let known = Field::ALL
+            .into_iter()
+            .filter(|f| !(keyless && *f == Field::WriteKey))
+            .filter_map(|f| Some((f.name(), self.get(f)?)));
+        let others = self.others.iter().map(|(k, v)| (k.as_ref(), *v));
+        let (mut size, mut count) = (2, 0usize);
+        for (k, v) in known.chain(others) {
+            size += k.len() + 3 + compact_size(v.get());
+            count += 1;
+        }
+        size + count.saturating_sub(1)
+    }
+
+    fn read<A: MapAccess<'a>>(mut map: A) -> Result<Fields<'a>, A::Error> {
+        let mut fields = Fields::default();
+        while let Some(Key(key)) = map.next_key()? {
+            let value = map.next_value()?;
+            match Field::of(&key) {
+                Some(field) => fields.known.push((field, value)),
+                None => {
+                    fields.others.insert(key, value);
+                }
+            }
+        }
+        Ok(fields)
+    }
+}
+
+/// Drains what a visitor is not interested in, so the parser goes on past it.
+fn drain<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// The scalar cases of a visitor whose value is `$other` for anything but the shape it wants.
+macro_rules! others_are {
+    ($other:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+    };
+}
+
+/// A message of a batch, or a single call's body.
+enum Item<'a> {
+    Object(Fields<'a>),
+    /// Not a JSON object.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Item<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Item<'de>, D::Error> {
+        struct ItemVisitor;
+        impl<'de> Visitor<'de> for ItemVisitor {
+            type Value = Item<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Item<'de>, A::Error> {
+                Fields::read(map).map(Item::Object)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Item<'de>, A::Error> {
+                drain(seq).map(|()| Item::Other)
+            }
+            others_are!(Item::Other);
+        }
+        d.deserialize_any(ItemVisitor)
+    }
+}
+
+/// A batch body's `batch`.
+enum Batch<'a> {
+    Items(Vec<Item<'a>>),
+    /// Not an array.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Batch<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Batch<'de>, D::Error> {
+        struct BatchVisitor;
+        impl<'de> Visitor<'de> for BatchVisitor {
+            type Value = Batch<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of messages")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Batch<'de>, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Batch::Items(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Batch<'de>, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Batch::Other)
+            }
+            others_are!(Batch::Other);
+        }
+        d.deserialize_any(BatchVisitor)
+    }
+}
+
+/// The fields of a batch body (`POST /v1/batch`) the collector reads.
+#[derive(Default)]
+struct BatchBody<'a> {
+    batch: Option<Batch<'a>>,
+    context: Option<&'a RawValue>,
+    sent_at: Option<&'a RawValue>,
+    write_key: Option<&'a RawValue>,
+}
+
+/// A batch body, or JSON that is not an object.
+enum Top<'a> {
+    Body(BatchBody<'a>),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Top<'de>, D::Error> {
+        struct TopVisitor;
+        impl<'de> Visitor<'de> for TopVisitor {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a batch body")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+                let mut body = BatchBody::default();
+                while let Some(Key(key)) = map.next_key()? {
+                    match key.as_ref() {
+                        "batch" => body.batch = Some(map.next_value()?),
+                        // A `context` that is not an object gives nothing.
+                        "context" => {
+                            let c: &RawValue = map.next_value()?;
+                            body.context = c.get().starts_with('{').then_some(c);
+                        }
+                        "sentAt" => body.sent_at = Some(map.next_value()?),
+                        "writeKey" => body.write_key = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Top::Body(body))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Top<'de>, A::Error> {
+                drain(seq).map(|()| Top::Other)
+            }
+            others_are!(Top::Other);
+        }
+        d.deserialize_any(TopVisitor)
     }
 }
 
@@ -306,11 +675,11 @@ fn parse_time(v: &Value) -> Result<Option<DateTime<Utc>>, ()> {
 mod tests {
     use super::*;
     use crate::payload::decode_body;
-    use serde_json::json;
+    use serde_json::{json, Map};
 
     fn parse_value(v: Value, endpoint: Endpoint) -> Result<Parsed, PayloadError> {
-        let mut bytes = serde_json::to_vec(&v).unwrap();
-        parse(&mut bytes, endpoint, &Limits::default())
+        let bytes = serde_json::to_vec(&v).unwrap();
+        parse(&bytes, endpoint, &Limits::default())
     }
 
     #[test]
@@ -324,10 +693,10 @@ mod tests {
         assert_eq!(p.write_key.as_deref(), Some("sk_x"));
         let m = &p.messages[0].1;
         assert_eq!(m.name.as_deref(), Some("Signed Up"));
-        assert_eq!(m.properties["plan"], "pro");
-        assert_eq!(m.properties["x"], 1);
-        assert_eq!(m.context["integrations"], json!({"All": true}));
-        assert!(!m.properties.contains_key("writeKey"));
+        assert_eq!(m.properties.to_object()["plan"], "pro");
+        assert_eq!(m.properties.to_object()["x"], 1);
+        assert_eq!(m.context.to_object()["integrations"], json!({"All": true}));
+        assert!(!m.properties.to_object().contains_key("writeKey"));
     }
 
     #[test]
@@ -348,7 +717,7 @@ mod tests {
         let ok: Vec<usize> = p.messages.iter().map(|(i, _)| *i).collect();
         assert_eq!(ok, [0, 4]);
         assert_eq!(p.messages[0].1.user_id.as_deref(), Some("7"));
-        assert_eq!(p.messages[0].1.context["library"]["name"], "x");
+        assert_eq!(p.messages[0].1.context.to_object()["library"]["name"], "x");
         assert!(p.messages[0].1.sent_at.is_some());
         let reasons: Vec<Reason> = p.rejected.iter().map(|r| r.reason).collect();
         assert_eq!(
@@ -378,7 +747,7 @@ mod tests {
         assert!(p
             .messages
             .iter()
-            .all(|(_, m)| !m.properties.contains_key("writeKey")));
+            .all(|(_, m)| !m.properties.to_object().contains_key("writeKey")));
         let many: Vec<Value> = (0..10)
             .map(|i| json!({"type": "track", "event": "E", "userId": "u", "writeKey": format!("k{i}")}))
             .collect();
@@ -387,9 +756,9 @@ mod tests {
 
     #[test]
     fn deep_nesting_is_refused_before_parsing() {
-        let mut deep = "[".repeat(100_000).into_bytes();
+        let deep = "[".repeat(100_000).into_bytes();
         assert!(matches!(
-            parse(&mut deep, Endpoint::Batch, &Limits::default()),
+            parse(&deep, Endpoint::Batch, &Limits::default()),
             Err(PayloadError::BadRequest(_))
         ));
         // Brackets inside strings do not count.
@@ -426,17 +795,17 @@ mod tests {
             r#"{"event":"\udc00x","userId":"u"}"#,
             r#"{"event":"\ud800\u0041","userId":"u"}"#,
         ] {
-            let mut b = body.as_bytes().to_vec();
+            let b = body.as_bytes().to_vec();
             assert!(
                 matches!(
-                    parse(&mut b, Endpoint::Single(Kind::Track), &Limits::default()),
+                    parse(&b, Endpoint::Single(Kind::Track), &Limits::default()),
                     Err(PayloadError::BadRequest(_))
                 ),
                 "{body}"
             );
         }
-        let mut pair = br#"{"event":"\ud83d\ude00","userId":"u"}"#.to_vec();
-        let p = parse(&mut pair, Endpoint::Single(Kind::Track), &Limits::default()).unwrap();
+        let pair = br#"{"event":"\ud83d\ude00","userId":"u"}"#.to_vec();
+        let p = parse(&pair, Endpoint::Single(Kind::Track), &Limits::default()).unwrap();
         assert_eq!(p.messages[0].1.name.as_deref(), Some("\u{1F600}"));
         let p = parse_value(
             json!({"event": 5, "userId": 7}),
@@ -446,14 +815,99 @@ mod tests {
         assert_eq!(p.rejected[0].reason, Reason::InvalidField);
     }
 
+    #[test]
+    fn repeated_keys_keep_the_last_and_escaped_keys_are_read() {
+        let body = r#"{"batch":[{"type":"track","event":5,"event":"E","userId":"u",
+            "properties":{"a":1},"properties":{"b":"\u00e9\ud83d\ude00"},
+            "c\u006fntext":{"ip":"1.2.3.4","ip":"5.6.7.8"},"plan":"x","plan":"y"}]}"#;
+        let p = parse(body.as_bytes(), Endpoint::Batch, &Limits::default()).unwrap();
+        let m = &p.messages[0].1;
+        assert_eq!(m.name.as_deref(), Some("E"));
+        assert_eq!(
+            Value::Object(m.properties.to_object()),
+            json!({"b": "\u{e9}\u{1F600}", "plan": "y"})
+        );
+        assert_eq!(m.peeked.ip.as_deref(), Some("5.6.7.8"));
+    }
+
+    #[test]
+    fn wrong_types_are_refused_field_by_field() {
+        for (msg, reason) in [
+            (json!({"userId": ["u"]}), Reason::InvalidField),
+            (
+                json!({"userId": "u", "properties": [1]}),
+                Reason::InvalidField,
+            ),
+            (json!({"userId": "u", "traits": 1}), Reason::InvalidField),
+            (json!({"userId": "u", "context": "x"}), Reason::InvalidField),
+            (
+                json!({"userId": "u", "timestamp": true}),
+                Reason::InvalidTimestamp,
+            ),
+            (
+                json!({"userId": "u", "sentAt": {"a": 1}}),
+                Reason::InvalidTimestamp,
+            ),
+            (json!({"userId": "u", "type": 7}), Reason::InvalidType),
+            (
+                json!({"userId": "u", "event": {"a": 1}}),
+                Reason::InvalidField,
+            ),
+            (json!({"userId": true}), Reason::InvalidField),
+        ] {
+            let mut m = json!({"type": "track", "event": "E"});
+            for (k, v) in msg.as_object().unwrap() {
+                m[k] = v.clone();
+            }
+            let p = parse_value(json!({ "batch": [m] }), Endpoint::Batch).unwrap();
+            assert_eq!(p.rejected[0].reason, reason, "{m}");
+        }
+    }
+
+    #[test]
+    fn batch_context_and_leftovers_join_context_under_its_own() {
+        let p = parse_value(
+            json!({"context": {"library": {"name": "b"}, "sessionId": "s-batch", "locale": "fr"},
+                   "batch": [{"type": "track", "event": "E", "userId": "u",
+                              "context": {"locale": "de"}, "integrations": {"All": false},
+                              "name": "n", "extra": 1},
+                             {"type": "identify", "userId": "u", "extra": 2, "locale": "x"}]}),
+            Endpoint::Batch,
+        )
+        .unwrap();
+        let (track, identify) = (&p.messages[0].1, &p.messages[1].1);
+        assert_eq!(
+            Value::Object(track.context.to_object()),
+            json!({"library": {"name": "b"}, "sessionId": "s-batch", "locale": "de",
+                   "integrations": {"All": false}})
+        );
+        assert_eq!(
+            Value::Object(track.properties.to_object()),
+            json!({"name": "n", "extra": 1})
+        );
+        assert_eq!(track.session_id.as_deref(), Some("s-batch"));
+        let context = identify.context.to_object();
+        assert_eq!(
+            (&context["extra"], &context["locale"]),
+            (&json!(2), &json!("fr"))
+        );
+    }
+
+    #[test]
+    fn every_field_is_read_by_its_name() {
+        for f in Field::ALL {
+            assert_eq!(Field::of(f.name()), Some(f));
+        }
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
         #[test]
         fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let limits = Limits::default();
             for endpoint in [Endpoint::Batch, Endpoint::Single(Kind::Track), Endpoint::Single(Kind::Alias)] {
-                let mut b = bytes.clone();
-                let _ = parse(&mut b, endpoint, &limits);
+                let b = bytes.clone();
+                let _ = parse(&b, endpoint, &limits);
                 let _ = decode_body(&bytes, Some("gzip"), None, &limits);
                 let _ = decode_body(&bytes, None, Some("application/x-www-form-urlencoded"), &limits);
             }
@@ -463,8 +917,8 @@ mod tests {
         fn json_shaped_input_parses_or_fails_cleanly(s in r#"\{("(batch|type|event|userId|anonymousId|timestamp|context|properties)":(\[|\{|"[a-z]*"|[0-9]{1,20}|null|true|-1e999|"2024-01-01T00:00:00Z"),?){0,8}(\]|\})*"#) {
             let limits = Limits::default();
             for endpoint in [Endpoint::Batch, Endpoint::Single(Kind::Page)] {
-                let mut b = s.clone().into_bytes();
-                if let Ok(p) = parse(&mut b, endpoint, &limits) {
+                let b = s.clone().into_bytes();
+                if let Ok(p) = parse(&b, endpoint, &limits) {
                     proptest::prop_assert!(p.messages.len() + p.rejected.len() <= limits.max_batch_messages);
                 }
             }
@@ -476,9 +930,9 @@ mod tests {
         fn any_message_shape_is_refused_or_enriched_and_serialised(
             batch in proptest::collection::vec(message_strategy(), 0..8)
         ) {
-            let mut body = serde_json::to_vec(&json!({ "batch": batch })).unwrap();
+            let body = serde_json::to_vec(&json!({ "batch": batch })).unwrap();
             let limits = Limits::default();
-            let parsed = parse(&mut body, Endpoint::Batch, &limits).unwrap();
+            let parsed = parse(&body, Endpoint::Batch, &limits).unwrap();
             proptest::prop_assert_eq!(parsed.messages.len() + parsed.rejected.len(), batch.len());
             let facts = crate::enrich::RequestFacts {
                 principal: crate::auth::Principal { key_id: 1, tenant_id: 1, workspace_id: 1 },

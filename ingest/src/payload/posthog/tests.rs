@@ -179,8 +179,8 @@ fn events_without_name_or_distinct_id_are_refused_with_a_reason() {
 }
 
 fn parse_json(v: Value, query: &str) -> Result<Parsed, PayloadError> {
-    let mut bytes = serde_json::to_vec(&v).unwrap();
-    parse(&mut bytes, query, now(), &Limits::default())
+    let bytes = serde_json::to_vec(&v).unwrap();
+    parse(&bytes, query, now(), &Limits::default())
 }
 
 #[test]
@@ -226,8 +226,8 @@ fn bodies_of_every_shape_parse_and_keys_never_stay_in_messages() {
     assert_eq!(reasons, [Reason::NotAnObject, Reason::MissingField]);
     assert!(parse_json(json!({"batch": {}}), "").is_err());
     assert!(parse_json(json!("x"), "").is_err());
-    let mut deep = "[".repeat(10_000).into_bytes();
-    assert!(parse(&mut deep, "", now(), &Limits::default()).is_err());
+    let deep = "[".repeat(10_000).into_bytes();
+    assert!(parse(&deep, "", now(), &Limits::default()).is_err());
 }
 
 #[test]
@@ -290,10 +290,10 @@ proptest::proptest! {
         query in "(compression=(gzip-js|base64|lz64)|data=[a-zA-Z0-9+/=%]{0,40}|_=[0-9]{0,15}|&){0,3}",
     ) {
         let limits = Limits::default();
-        if let Ok(mut json) = decode(&bytes, &query, None, Some("text/plain"), &limits) {
-            let _ = parse(&mut json, &query, now(), &limits);
+        if let Ok(json) = decode(&bytes, &query, None, Some("text/plain"), &limits) {
+            let _ = parse(&json, &query, now(), &limits);
         }
-        let mut raw = bytes.clone();
-        let _ = parse(&mut raw, &query, now(), &limits);
+        let raw = bytes.clone();
+        let _ = parse(&raw, &query, now(), &limits);
     }
 }
