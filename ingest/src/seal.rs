@@ -37,38 +37,15 @@ impl Sealer {
     /// from what events and identities carry besides: `context.traits` (analytics.js copies
     /// the user's traits there on every call) and a group call's traits.
     pub fn seal(&self, out: &mut Outgoing) {
+        let names = personal(self.others.iter().map(String::as_str));
         for m in &mut out.identities {
             if m.kind == IdentityKind::Identify {
                 m.pii = self.keys.seal_identity_traits(&mut m.traits, &self.others);
             }
             m.v = IDENTITY_VERSION;
-            self.strip_context(&mut m.context);
+            strip_context(&mut m.context, &names);
         }
-        let names: Vec<&str> = SEALED_TRAITS
-            .iter()
-            .copied()
-            .chain(self.others.iter().map(String::as_str))
-            .collect();
-        for e in &mut out.events {
-            strip_traits(&mut e.context, &names);
-            strip_traits(&mut e.properties, &names);
-        }
-    }
-
-    fn strip_context(&self, context: &mut JsonObject) {
-        if let Some(Value::Object(traits)) = context.get_mut("traits") {
-            self.strip(traits);
-        }
-    }
-
-    fn strip(&self, traits: &mut JsonObject) {
-        for name in SEALED_TRAITS
-            .iter()
-            .copied()
-            .chain(self.others.iter().map(String::as_str))
-        {
-            traits.remove(name);
-        }
+        strip_events(out, &names);
     }
 }
 
@@ -83,35 +60,36 @@ pub fn needs_keys(m: &Message) -> bool {
 /// identifies were refused before): the extra personal traits cannot be sealed, so they are
 /// not sent.
 pub fn strip_without_keys(out: &mut Outgoing, traits: &[String]) {
-    let stripper = Stripper(traits);
+    let names = personal(traits.iter().map(|s| s.trim()));
     for m in &mut out.identities {
-        stripper.strip(&mut m.traits);
-        if let Some(Value::Object(t)) = m.context.get_mut("traits") {
-            stripper.strip(t);
-        }
+        remove_all(&mut m.traits, &names);
+        strip_context(&mut m.context, &names);
     }
-    let names: Vec<&str> = SEALED_TRAITS
-        .iter()
-        .copied()
-        .chain(traits.iter().map(|s| s.trim()))
-        .collect();
-    for e in &mut out.events {
-        strip_traits(&mut e.context, &names);
-        strip_traits(&mut e.properties, &names);
+    strip_events(out, &names);
+}
+
+/// The personal trait names: email, phone and `others`.
+fn personal<'a>(others: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    SEALED_TRAITS.iter().copied().chain(others).collect()
+}
+
+fn remove_all(traits: &mut JsonObject, names: &[&str]) {
+    for name in names {
+        traits.remove(*name);
     }
 }
 
-struct Stripper<'a>(&'a [String]);
+fn strip_context(context: &mut JsonObject, names: &[&str]) {
+    if let Some(Value::Object(traits)) = context.get_mut("traits") {
+        remove_all(traits, names);
+    }
+}
 
-impl Stripper<'_> {
-    fn strip(&self, traits: &mut JsonObject) {
-        for name in SEALED_TRAITS
-            .iter()
-            .copied()
-            .chain(self.0.iter().map(|s| s.trim()))
-        {
-            traits.remove(name);
-        }
+/// Drops `names` from every event's `context.traits` and `properties.traits` (a group call's).
+fn strip_events(out: &mut Outgoing, names: &[&str]) {
+    for e in &mut out.events {
+        strip_traits(&mut e.context, names);
+        strip_traits(&mut e.properties, names);
     }
 }
 

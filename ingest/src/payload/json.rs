@@ -34,8 +34,7 @@ fn check(json: &[u8], max: usize) -> Result<(), PayloadError> {
     SCRATCH.with_borrow_mut(|(copy, buffers)| {
         copy.clear();
         copy.extend_from_slice(json);
-        let tape = simd_json::to_tape_with_buffers(copy, buffers)
-            .map_err(|err| PayloadError::BadRequest(format!("the JSON is not valid ({err})")))?;
+        let tape = simd_json::to_tape_with_buffers(copy, buffers).map_err(invalid)?;
         if depth_exceeds(&tape.0, max) {
             return Err(PayloadError::BadRequest(format!(
                 "JSON nested deeper than {max} levels"
@@ -105,16 +104,19 @@ fn hex_unit(json: &[u8], at: usize) -> Option<u16> {
         .and_then(|h| u16::from_str_radix(h, 16).ok())
 }
 
+/// The 400 of a body that is not JSON, with the parser's reason.
+fn invalid(err: impl std::fmt::Display) -> PayloadError {
+    PayloadError::BadRequest(format!("the JSON is not valid ({err})"))
+}
+
 /// Parses a body's JSON after [`check`]: the one way request JSON is read.
 pub(crate) fn parse_json<'a, T: Deserialize<'a>>(
     json: &'a [u8],
     max_depth: usize,
 ) -> Result<T, PayloadError> {
     check(json, max_depth)?;
-    let text = std::str::from_utf8(json)
-        .map_err(|err| PayloadError::BadRequest(format!("the JSON is not valid ({err})")))?;
-    serde_json::from_str(text)
-        .map_err(|err| PayloadError::BadRequest(format!("the JSON is not valid ({err})")))
+    let text = std::str::from_utf8(json).map_err(invalid)?;
+    serde_json::from_str(text).map_err(invalid)
 }
 
 /// The length of the JSON value `text` written compactly, strings counted by their decoded

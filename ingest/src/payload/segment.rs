@@ -460,25 +460,9 @@ impl Field {
         }
     }
 
+    /// The field named `key`, if the rules read it.
     fn of(key: &str) -> Option<Field> {
-        Some(match key {
-            "type" => Field::Type,
-            "messageId" => Field::MessageId,
-            "anonymousId" => Field::AnonymousId,
-            "userId" => Field::UserId,
-            "groupId" => Field::GroupId,
-            "previousId" => Field::PreviousId,
-            "sessionId" => Field::SessionId,
-            "event" => Field::Event,
-            "name" => Field::Name,
-            "timestamp" => Field::Timestamp,
-            "sentAt" => Field::SentAt,
-            "properties" => Field::Properties,
-            "traits" => Field::Traits,
-            "context" => Field::Context,
-            "writeKey" => Field::WriteKey,
-            _ => return None,
-        })
+        Field::ALL.into_iter().find(|f| f.name() == key)
     }
 }
 
