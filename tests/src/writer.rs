@@ -25,9 +25,24 @@ async fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) -> Res
         .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&topics, &opts).await? {
-        if let Err((topic, code)) = result {
-            bail!("creating topic {topic}: {code}");
+    // A broker started moments ago can time out its first admin request while its
+    // controller settles (CI, 2026-12-02): ask again, and a topic the first attempt did
+    // create is then already there.
+    let mut attempts = 0;
+    let results = loop {
+        attempts += 1;
+        match admin.create_topics(&topics, &opts).await {
+            Err(rdkafka::error::KafkaError::AdminOp(
+                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+            )) if attempts < 3 => {}
+            other => break other?,
+        }
+    };
+    for result in results {
+        match result {
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) if attempts > 1 => {}
+            Err((topic, code)) => bail!("creating topic {topic}: {code}"),
+            Ok(_) => {}
         }
     }
     Ok(())
