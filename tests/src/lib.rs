@@ -265,15 +265,31 @@ pub fn kafka_config() -> ClientConfig {
 /// Creates topics (one replica, `partitions` each) and waits until they exist; a topic that
 /// exists already is fine.
 pub async fn create_topics(names: &[&str], partitions: i32) -> Result<()> {
-    sluice_schema::topics::create_missing(
-        &kafka_config(),
-        names,
-        partitions,
-        1,
-        Duration::from_secs(30),
-    )
-    .await?;
-    Ok(())
+    create_topics_on(&Stack::get().kafka_brokers, names, partitions).await
+}
+
+/// [`create_topics`] on `brokers` (a private broker of a test that stops it). A broker
+/// started moments ago can time out its first admin request while its controller settles
+/// (CI, 2026-12-02): asked up to three times; what an earlier attempt made exists already.
+pub async fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) -> Result<()> {
+    let mut config = kafka_config();
+    config.set("bootstrap.servers", brokers);
+    let mut attempt = 1;
+    loop {
+        let created = sluice_schema::topics::create_missing(
+            &config,
+            names,
+            partitions,
+            1,
+            Duration::from_secs(30),
+        )
+        .await;
+        match created {
+            Err(err) if attempt < 3 => eprintln!("creating topics (attempt {attempt}): {err}"),
+            other => return Ok(other?),
+        }
+        attempt += 1;
+    }
 }
 
 /// Path of a sluice binary (`sluice-writer`, ...) built beside the running test executable.

@@ -12,41 +12,7 @@ use sluice_schema::messages::{
 use sluice_schema::topics::{message_key, Topics};
 
 use crate::query_scalar;
-use crate::{bin_path, create_topics, kafka_config, unique_name, TestDb};
-
-/// Creates topics on another broker than the shared one.
-async fn create_topics_on(brokers: &str, names: &[&str], partitions: i32) -> Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let mut config = kafka_config();
-    config.set("bootstrap.servers", brokers);
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = config.create()?;
-    let topics: Vec<NewTopic> = names
-        .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    // A broker started moments ago can time out its first admin request while its
-    // controller settles (CI, 2026-12-02): ask again, and a topic the first attempt did
-    // create is then already there.
-    let mut attempts = 0;
-    let results = loop {
-        attempts += 1;
-        match admin.create_topics(&topics, &opts).await {
-            Err(rdkafka::error::KafkaError::AdminOp(
-                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
-            )) if attempts < 3 => {}
-            other => break other?,
-        }
-    };
-    for result in results {
-        match result {
-            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) if attempts > 1 => {}
-            Err((topic, code)) => bail!("creating topic {topic}: {code}"),
-            Ok(_) => {}
-        }
-    }
-    Ok(())
-}
+use crate::{bin_path, create_topics_on, kafka_config, unique_name, TestDb};
 
 /// A database and topics for one writer test.
 pub struct WriterEnv {
@@ -78,11 +44,7 @@ impl WriterEnv {
         let db = TestDb::migrated().await?;
         let prefix = format!("{}.", unique_name("w"));
         let topics = Topics::with_prefix(&prefix);
-        if brokers == crate::Stack::get().kafka_brokers {
-            create_topics(&topics.all(), partitions).await?;
-        } else {
-            create_topics_on(brokers, &topics.all(), partitions).await?;
-        }
+        create_topics_on(brokers, &topics.all(), partitions).await?;
         let mut config = kafka_config();
         config.set("bootstrap.servers", brokers);
         let producer: FutureProducer = config
