@@ -356,8 +356,11 @@ pub(crate) fn strip_traits<S: AsRef<str>>(object: &mut RawObject, names: &[S]) {
     let Some(traits) = traits else {
         return;
     };
-    let traits = entries(traits.get());
-    if !names.iter().any(|n| traits.contains_key(n.as_ref())) {
+    let traits: Vec<_> = entries(traits.get());
+    if !names
+        .iter()
+        .any(|n| traits.iter().any(|(k, _)| k == n.as_ref()))
+    {
         return;
     }
     let mut whole = object.to_object();

@@ -3,7 +3,6 @@
 //! is only passed on is copied once and never parsed into maps.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -134,28 +133,35 @@ pub(crate) fn pick<'a, const N: usize>(
     de::Deserializer::deserialize_map(&mut de, Pick(wanted)).unwrap_or([None; N])
 }
 
-/// Every top-level entry of the object `text`, the last of a repeated key winning; empty when
-/// `text` is not an object.
-pub(crate) fn entries(text: &str) -> BTreeMap<Cow<'_, str>, &RawValue> {
-    struct Entries;
-    impl<'de> Visitor<'de> for Entries {
-        type Value = BTreeMap<Cow<'de, str>, &'de RawValue>;
+/// Every top-level entry of the object `text`, in order, into a map (the last of a repeated
+/// key winning) or a list (every one kept); empty when `text` is not an object.
+pub(crate) fn entries<'a, C>(text: &'a str) -> C
+where
+    C: Default + Extend<(Cow<'a, str>, &'a RawValue)>,
+{
+    struct Entries<C>(std::marker::PhantomData<C>);
+    impl<'de, C> Visitor<'de> for Entries<C>
+    where
+        C: Default + Extend<(Cow<'de, str>, &'de RawValue)>,
+    {
+        type Value = C;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON object")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut all = BTreeMap::new();
+            let mut all = C::default();
             while let Some(Key(key)) = map.next_key()? {
-                all.insert(key, map.next_value()?);
+                all.extend([(key, map.next_value()?)]);
             }
             Ok(all)
         }
     }
     if !text.trim_start().starts_with('{') {
-        return BTreeMap::new();
+        return C::default();
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    de::Deserializer::deserialize_map(&mut de, Entries).unwrap_or_default()
+    de::Deserializer::deserialize_map(&mut de, Entries(std::marker::PhantomData))
+        .unwrap_or_default()
 }
 
 /// The object `base` (text of an object) with `added` entries after its own. The caller adds
@@ -196,6 +202,7 @@ pub(crate) fn object(text: &RawValue) -> RawObject {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::collections::BTreeMap;
 
     fn raw(s: &str) -> &RawValue {
         serde_json::from_str(s).unwrap()
@@ -213,7 +220,7 @@ mod tests {
         assert!(none.is_none());
         assert!(pick("[1]", &["a"])[0].is_none());
         assert!(pick(r#""{""#, &["a"])[0].is_none());
-        let all = entries(r#"{"a":1,"b":{"c":[2]},"a":3}"#);
+        let all: BTreeMap<_, _> = entries(r#"{"a":1,"b":{"c":[2]},"a":3}"#);
         assert_eq!(all.len(), 2);
         assert_eq!(all["a"].get(), "3");
         assert_eq!(all["b"].get(), r#"{"c":[2]}"#);

@@ -4,7 +4,7 @@
 //! `properties` and `context` are copied on as text, never built into trees.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
@@ -150,7 +150,11 @@ fn check(
     limits: &Limits,
     keyless: bool,
 ) -> Result<Message, Refusal> {
-    let size = f.size(keyless);
+    // Compacting only shrinks text, so a message whose fields fit as sent needs no measuring.
+    let size = match f.size(keyless, str::len) {
+        sent if sent <= limits.max_message_bytes => sent,
+        _ => f.size(keyless, compact_size),
+    };
     if size > limits.max_message_bytes {
         return Err((
             Reason::TooLarge,
@@ -217,11 +221,11 @@ fn check(
         }
     }
     let batch_context = defaults.context.iter().map(|(k, v)| (k.as_ref(), *v));
-    let context = merged(own_context, batch_context.chain(to_context));
-    let properties = merged(properties, to_properties);
+    let context = Merged::of(own_context, batch_context.chain(to_context));
+    let properties = Merged::of(properties, to_properties).text;
     let peeked = Peeked::of(&context, &properties);
-    let session_id =
-        session_id.or_else(|| session_of_context(own_context, &defaults.context, limits));
+    let session_id = session_id.or_else(|| session_of_context(&context, defaults, limits));
+    let context = context.text;
     let message = Message {
         kind,
         message_id,
@@ -242,35 +246,74 @@ fn check(
     Ok(message)
 }
 
-/// The object `own` (or `{}`) with the entries of `under` whose keys it lacks: the first of a
-/// key in `under` wins.
-fn merged<'a>(
-    own: Option<&RawValue>,
-    under: impl IntoIterator<Item = (&'a str, &'a RawValue)>,
-) -> RawObject {
-    let mut under = under.into_iter().peekable();
-    if under.peek().is_none() {
-        return own.map(raw::object).unwrap_or_default();
+/// An object field (`context`, `properties`) with the entries of lower layers (the batch's
+/// `context`, leftover fields) whose keys it lacks, the first of a key below winning: its
+/// text, and its entries for the few reads that follow, from one scan of the message's own.
+struct Merged<'a> {
+    text: RawObject,
+    /// The message's own entries, in order (the last of a repeated key is the one that counts).
+    own: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// The entries added from below, one per key.
+    added: Vec<(&'a str, &'a RawValue)>,
+}
+
+impl<'a> Merged<'a> {
+    fn of(
+        own: Option<&'a RawValue>,
+        under: impl IntoIterator<Item = (&'a str, &'a RawValue)>,
+    ) -> Merged<'a> {
+        let own_entries: Vec<_> = own.map(|o| entries(o.get())).unwrap_or_default();
+        let mut added: Vec<(&str, &RawValue)> = Vec::new();
+        for (k, v) in under {
+            // A handful of keys each side: a scan beats building a set.
+            if !own_entries.iter().any(|(o, _)| o == k) && !added.iter().any(|(a, _)| *a == k) {
+                added.push((k, v));
+            }
+        }
+        let text = match (own, added.is_empty()) {
+            (Some(own), true) => raw::object(own),
+            (None, true) => RawObject::default(),
+            (own, false) => with_entries(own.map_or("{}", RawValue::get), added.iter().copied()),
+        };
+        Merged {
+            text,
+            own: own_entries,
+            added,
+        }
     }
-    let text = own.map_or("{}", RawValue::get);
-    let mut present: BTreeSet<Cow<'_, str>> = entries(text).into_keys().collect();
-    let added: Vec<_> = under
-        .filter(|(k, _)| present.insert(Cow::Borrowed(*k)))
-        .collect();
-    with_entries(text, added)
+
+    /// The merged object's value of `key`.
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.own(key).or_else(|| {
+            let added = self.added.iter().find(|(k, _)| *k == key);
+            added.map(|(_, v)| *v)
+        })
+    }
+
+    /// The message's own value of `key`, before anything was merged in.
+    fn own(&self, key: &str) -> Option<&'a RawValue> {
+        self.own
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+    }
 }
 
 /// The session id SDKs put in `context` (`sessionId` or `session_id`) when the message has
 /// none: the message's own context over the batch's, before leftover fields joined it.
 fn session_of_context(
-    own: Option<&RawValue>,
-    batch: &BTreeMap<Cow<'_, str>, &RawValue>,
+    context: &Merged<'_>,
+    defaults: &Defaults<'_>,
     limits: &Limits,
 ) -> Option<String> {
-    let [camel, snake] = own.map_or([None; 2], |c| pick(c.get(), &["sessionId", "session_id"]));
-    let camel = camel.or_else(|| batch.get("sessionId").copied());
-    let snake = snake.or_else(|| batch.get("session_id").copied());
-    match Scalar::of(camel.or(snake)?) {
+    let layered = |key: &str| {
+        context
+            .own(key)
+            .or_else(|| defaults.context.get(key).copied())
+    };
+    let found = layered("sessionId").or_else(|| layered("session_id"))?;
+    match Scalar::of(found) {
         Scalar::Str(s) if !s.is_empty() && s.len() <= limits.max_id_bytes => Some(s.into_owned()),
         Scalar::Num(n) => Some(n.to_string()),
         _ => None,
@@ -279,9 +322,9 @@ fn session_of_context(
 
 impl Peeked {
     /// What enrichment reads of a message's final `context` and `properties`.
-    fn of(context: &RawObject, properties: &RawObject) -> Peeked {
+    fn of(context: &Merged<'_>, properties: &RawObject) -> Peeked {
         let [page, user_agent, ip, campaign] =
-            pick(context.get(), &["page", "userAgent", "ip", "campaign"]);
+            ["page", "userAgent", "ip", "campaign"].map(|k| context.get(k));
         let [mut url, mut referrer] = page
             .map(|p| pick(p.get(), &["url", "referrer"]))
             .unwrap_or_default()
@@ -485,8 +528,9 @@ impl<'a> Fields<'a> {
             .map(|(_, v)| *v)
     }
 
-    /// The message's size as compact JSON, without its `writeKey` when `keyless`.
-    fn size(&self, keyless: bool) -> usize {
+    /// The message's size as JSON, each value's text measured by `measure`, without its
+    /// `writeKey` when `keyless`.
+    fn size(&self, keyless: bool, measure: fn(&str) -> usize) -> usize {
         let known = Field::ALL
             .into_iter()
             .filter(|f| !(keyless && *f == Field::WriteKey))
@@ -494,7 +538,7 @@ impl<'a> Fields<'a> {
         let others = self.others.iter().map(|(k, v)| (k.as_ref(), *v));
         let (mut size, mut count) = (2, 0usize);
         for (k, v) in known.chain(others) {
-            size += k.len() + 3 + compact_size(v.get());
+            size += k.len() + 3 + measure(v.get());
             count += 1;
         }
         size + count.saturating_sub(1)
