@@ -339,7 +339,9 @@ PROPS
     local cluster_id=$KAFKA_CLUSTER_ID scram=() user
     for user in $KAFKA_SCRAM_USERS; do scram+=(--add-scram "$user"); done
     [ -n "$cluster_id" ] || cluster_id=$("${KAFKA_JAVA[@]}" kafka.tools.StorageTool random-uuid 2>>"$KAFKA_LOG" | tail -n 1)
-    "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" "${scram[@]}" >>"$KAFKA_LOG" 2>&1 \
+    # `--cluster-id=ID` in one word: a base64url id may begin with `-`, which as a separate
+    # word the tool reads as a flag ("expected one argument"; one private cluster in 64 failed so).
+    "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format "--cluster-id=$cluster_id" -c "$KAFKA_DIR/server.properties" "${scram[@]}" >>"$KAFKA_LOG" 2>&1 \
       || { tail -n 20 "$KAFKA_LOG" >&2; die "Kafka storage format failed (log above: $KAFKA_LOG)"; }
   fi
   daemon "$KAFKA_PID" "$KAFKA_LOG" "${KAFKA_JAVA[@]}" kafka.Kafka "$KAFKA_DIR/server.properties"
