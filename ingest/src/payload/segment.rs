@@ -4,6 +4,7 @@
 //! `properties` and `context` are copied on as text, never built into trees.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -248,38 +249,44 @@ fn check(
 
 /// An object field (`context`, `properties`) with the entries of lower layers (the batch's
 /// `context`, leftover fields) whose keys it lacks, the first of a key below winning: its
-/// text, and its entries for the few reads that follow, from one scan of the message's own.
+/// text, and its entries for the few reads that follow, from one scan of the message's own,
+/// made only when a merge or a read needs it.
 struct Merged<'a> {
     text: RawObject,
-    /// The message's own entries, in order (the last of a repeated key is the one that counts).
-    own: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// The message's own object, as sent.
+    source: Option<&'a RawValue>,
+    /// Its entries, in order (the last of a repeated key is the one that counts).
+    own: OnceCell<Vec<(Cow<'a, str>, &'a RawValue)>>,
     /// The entries added from below, one per key.
     added: Vec<(&'a str, &'a RawValue)>,
 }
 
 impl<'a> Merged<'a> {
     fn of(
-        own: Option<&'a RawValue>,
+        source: Option<&'a RawValue>,
         under: impl IntoIterator<Item = (&'a str, &'a RawValue)>,
     ) -> Merged<'a> {
-        let own_entries: Vec<_> = own.map(|o| entries(o.get())).unwrap_or_default();
-        let mut added: Vec<(&str, &RawValue)> = Vec::new();
+        let mut merged = Merged {
+            text: RawObject::default(),
+            source,
+            own: OnceCell::new(),
+            added: Vec::new(),
+        };
         for (k, v) in under {
             // A handful of keys each side: a scan beats building a set.
-            if !own_entries.iter().any(|(o, _)| o == k) && !added.iter().any(|(a, _)| *a == k) {
-                added.push((k, v));
+            if merged.own(k).is_none() && !merged.added.iter().any(|(a, _)| *a == k) {
+                merged.added.push((k, v));
             }
         }
-        let text = match (own, added.is_empty()) {
+        merged.text = match (source, merged.added.is_empty()) {
             (Some(own), true) => raw::object(own),
             (None, true) => RawObject::default(),
-            (own, false) => with_entries(own.map_or("{}", RawValue::get), added.iter().copied()),
+            (own, false) => with_entries(
+                own.map_or("{}", RawValue::get),
+                merged.added.iter().copied(),
+            ),
         };
-        Merged {
-            text,
-            own: own_entries,
-            added,
-        }
+        merged
     }
 
     /// The merged object's value of `key`.
@@ -292,11 +299,10 @@ impl<'a> Merged<'a> {
 
     /// The message's own value of `key`, before anything was merged in.
     fn own(&self, key: &str) -> Option<&'a RawValue> {
-        self.own
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| *v)
+        let own = self
+            .own
+            .get_or_init(|| self.source.map(|o| entries(o.get())).unwrap_or_default());
+        own.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
 }
 
