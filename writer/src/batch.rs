@@ -120,9 +120,22 @@ async fn run(
     let mut batch: Vec<Record> = Vec::with_capacity(store.limits.max_rows.min(100_000));
     let mut bytes = 0usize;
     let mut opened = Instant::now();
+    let is_full = |rows: usize, bytes: usize| {
+        rows >= store.limits.max_rows || bytes >= store.limits.max_bytes
+    };
     loop {
-        let full = batch.len() >= store.limits.max_rows || bytes >= store.limits.max_bytes;
+        let mut full = is_full(batch.len(), bytes);
         let due = !batch.is_empty() && opened.elapsed() >= store.limits.flush_interval;
+        if due {
+            // After a slow store the channel holds records older than the interval: those
+            // already waiting join this batch rather than open one that waits again.
+            while !full {
+                let Ok(rec) = rx.try_recv() else { break };
+                bytes += rec.size();
+                batch.push(rec);
+                full = is_full(batch.len(), bytes);
+            }
+        }
         if full || due {
             store.flush(&mut batch, &stop).await;
             bytes = 0;
@@ -145,7 +158,7 @@ async fn run(
             rec = rx.recv() => match rec {
                 Some(rec) => {
                     if batch.is_empty() {
-                        opened = Instant::now();
+                        opened = rec.received;
                     }
                     bytes += rec.size();
                     batch.push(rec);

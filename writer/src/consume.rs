@@ -53,6 +53,9 @@ pub(crate) struct Record {
     /// The value decoded and checked, on the consumer thread: that CPU work then overlaps the
     /// pipeline's wait on PostgreSQL instead of adding to it.
     pub decoded: Result<Decoded, Rejection>,
+    /// When the consumer polled it: a batch is due by its oldest record's age, which counts
+    /// the time the record waited behind a slow store.
+    pub received: Instant,
 }
 
 impl Record {
@@ -333,6 +336,7 @@ impl Poller {
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec),
                     decoded: decode::decode(kind, msg.payload(), self.window.now()),
+                    received: Instant::now(),
                 };
                 let lane = lane_of(msg.partition(), self.lanes.len().max(1));
                 self.lanes[lane].pending.push_back(record);
