@@ -9,8 +9,8 @@
 //!    means the event row is committed and visible). An event's end-to-end latency is the end
 //!    of the first query that saw it minus its ack time: an upper bound, at most one poll
 //!    interval plus one poll's queries above the truth. While the writer is behind, each poll
-//!    probes a tenant's pending events in ack order only up to the first chunk that is not
-//!    wholly visible, so a lagging writer is not slowed further by the verifier. Both clocks
+//!    probes a tenant's pending events in ack order only up to the first chunk of which
+//!    nothing is visible, so a lagging writer is not slowed further by the verifier. Both clocks
 //!    are this machine's (run `run` and `verify` on one host, or hosts with synchronised
 //!    clocks). Timing a sample rather than every event keeps the verifier's own queries from
 //!    taking the database's CPU from the writer it measures (timing every event slowed the
@@ -181,6 +181,21 @@ fn is_timed(id: &Uuid, sample: u32) -> bool {
     sample <= 1 || u32::from_le_bytes([b[12], b[13], b[14], b[15]]) % sample == 0
 }
 
+/// The chunk of `ids` (a tenant's pending events, in ack order) to probe after the chunk
+/// `start..start + size` came back with `found` visible: the next one, twice as large, while
+/// any of this one is visible; none once all of it is missing or `ids` are done.
+fn next_probe(
+    ids: &[Uuid],
+    start: usize,
+    size: usize,
+    found: &HashSet<Uuid>,
+) -> Option<(usize, usize)> {
+    let any_visible = ids[start..start + size].iter().any(|id| found.contains(id));
+    let next = start + size;
+    let size = (size * 2).min(LOOKUP_CHUNK).min(ids.len() - next);
+    (any_visible && size > 0).then_some((next, size))
+}
+
 /// Runs `verify`.
 pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
     let client = keys::connect(&config.database_url).await?;
@@ -248,11 +263,13 @@ pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
         }
 
         // One poll: each tenant's oldest pending events are probed in rounds, one query a
-        // round for all tenants, a tenant's probe doubling from FIRST_CHUNK while it comes back
-        // wholly visible. Ids are in ack order and rows appear in roughly that order, so once
-        // part of a probe is missing the later ones are too: probing them would only take CPU
-        // from the writer being measured. While the writer is behind, a poll costs a few index
-        // look-ups per tenant.
+        // round for all tenants, a tenant's probe doubling from FIRST_CHUNK while any of it
+        // comes back visible. Ids are in ack order, but the writer stores each lane (a share
+        // of the partitions) in its own transactions, so a chunk can be half visible while a
+        // slow lane commits: stopping there would time the other lane's later rows only after
+        // the slow one caught up. Once a whole chunk is missing, every lane is behind it and
+        // probing further would only take CPU from the writer being measured; the look-ups a
+        // poll wastes are at most as many as it found visible, plus FIRST_CHUNK a tenant.
         let mut probes: Vec<(i64, usize, usize)> = pending
             .iter()
             .map(|(tenant, ids)| (*tenant, 0, FIRST_CHUNK.min(ids.len())))
@@ -273,15 +290,13 @@ pub async fn verify(config: &VerifyConfig) -> Result<VerifyReport, Error> {
             // now, so `now - ack` bounds the latency from above.
             let answered = unix_us();
             visible.extend(found.iter().map(|id| (*id, answered)));
-            probes.retain_mut(|(tenant, start, size)| {
-                let ids = &pending[tenant];
-                let complete = ids[*start..*start + *size]
-                    .iter()
-                    .all(|id| found.contains(id));
-                *start += *size;
-                *size = (*size * 2).min(LOOKUP_CHUNK).min(ids.len() - *start);
-                complete && *size > 0
-            });
+            probes = probes
+                .into_iter()
+                .filter_map(|(tenant, start, size)| {
+                    next_probe(&pending[&tenant], start, size, &found)
+                        .map(|(start, size)| (tenant, start, size))
+                })
+                .collect();
         }
         for (id, answered) in &visible {
             if let Some(w) = watched.get_mut(id) {
@@ -492,4 +507,45 @@ fn unix_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: u128) -> Vec<Uuid> {
+        (1..=n).map(Uuid::from_u128).collect()
+    }
+
+    #[test]
+    fn a_half_visible_chunk_probes_on_so_a_fast_lane_is_timed_behind_a_slow_one() {
+        let ids = ids(40);
+        // Lane of even ids committed, odd ones still in a slow transaction.
+        let found: HashSet<Uuid> = ids
+            .iter()
+            .copied()
+            .filter(|id| id.as_u128() % 2 == 0)
+            .collect();
+        assert_eq!(next_probe(&ids, 0, 8, &found), Some((8, 16)));
+        assert_eq!(next_probe(&ids, 8, 16, &found), Some((24, 16)));
+        assert_eq!(next_probe(&ids, 24, 16, &found), None, "ids are done");
+    }
+
+    #[test]
+    fn a_wholly_missing_chunk_ends_the_probe() {
+        let ids = ids(40);
+        let found: HashSet<Uuid> = ids[..8].iter().copied().collect();
+        assert_eq!(next_probe(&ids, 0, 8, &found), Some((8, 16)));
+        assert_eq!(next_probe(&ids, 8, 16, &found), None);
+    }
+
+    #[test]
+    fn a_probe_grows_no_larger_than_a_lookup_chunk() {
+        let ids = ids(3 * LOOKUP_CHUNK as u128);
+        let found: HashSet<Uuid> = ids.iter().copied().collect();
+        assert_eq!(
+            next_probe(&ids, 0, LOOKUP_CHUNK, &found),
+            Some((LOOKUP_CHUNK, LOOKUP_CHUNK))
+        );
+    }
 }
