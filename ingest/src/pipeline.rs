@@ -121,6 +121,11 @@ async fn handle<S: Sink, K: KeyStore>(
     };
     let raw = read(app, endpoint, body, body_read).await?;
     let mut parsed = decode(app, endpoint, &head, &raw, received_at)?;
+    // Nothing borrows the body past the parse. Freed now, its memory serves the next
+    // request on this thread while still in cache, rather than sitting out the Kafka round
+    // trip while hundreds of other requests allocate (a tenth of the collector's CPU was
+    // malloc waiting for the memory of blocks freed long before).
+    drop(raw);
     let principal = authorize(app, header_principal, &head, &mut parsed).await?;
     limit(app, principal, &parsed)?;
     let batch = enrich(app, endpoint, &head, principal, received_at, parsed)?;
@@ -410,17 +415,27 @@ async fn produce<S: Sink, K: KeyStore>(
 ) -> Result<(usize, Vec<Rejected>), IngestError> {
     let records = records(&batch.out)
         .map_err(|e| PayloadError::BadRequest(format!("cannot encode a message ({e})")))?;
+    // The messages are in the records now; as for the body in `handle`, their memory is
+    // freed before the wait for Kafka rather than after it.
+    let Enriched {
+        out,
+        counts,
+        accepted,
+        rejected,
+        rejected_kind,
+    } = batch;
+    drop(out);
     metrics::producer_queue(app.sink.queue_depth());
     let sent = app.sink.send(records).await;
     let outcome = if sent.is_ok() { "accepted" } else { "failed" };
     for kind in Kind::ALL {
-        let n = batch.counts[kind as usize];
+        let n = counts[kind as usize];
         if n > 0 {
             metrics::messages(kind.as_str(), outcome, n);
         }
     }
-    if !batch.rejected.is_empty() {
-        metrics::messages(batch.rejected_kind, "rejected", batch.rejected.len() as u64);
+    if !rejected.is_empty() {
+        metrics::messages(rejected_kind, "rejected", rejected.len() as u64);
     }
     if let Err(err) = sent {
         metrics::kafka_error(err.reason());
@@ -429,5 +444,5 @@ async fn produce<S: Sink, K: KeyStore>(
             app.config.retry_after_secs(),
         ));
     }
-    Ok((batch.accepted, batch.rejected))
+    Ok((accepted, rejected))
 }

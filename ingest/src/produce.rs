@@ -8,15 +8,20 @@
 //! retry with the same `messageId`s makes harmless (the writer deduplicates by event id).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use serde::Serialize;
 use sluice_schema::kafka::{ErrorTap, TapContext};
 use sluice_schema::topics;
 use sluice_schema::topics::{message_key, DataTopic, Topics};
+use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::enrich::Outgoing;
@@ -116,10 +121,82 @@ pub trait Sink: Send + Sync + 'static {
     }
 }
 
+/// What one request is owed by Kafka: an acknowledgement per record, counted down by the
+/// producer's delivery callbacks. The last one, or the first failure, answers the request once.
+/// One count a request rather than a future a record (rdkafka's `FutureProducer`): no channel
+/// and box allocated per record, and one wake-up of the request instead of one per record.
+struct Acks {
+    /// Records not yet acknowledged.
+    remaining: AtomicUsize,
+    /// Taken by whichever delivery settles the request. Dropped unanswered (the producer
+    /// went away under us, at shut-down), the request's wait ends in an error.
+    answer: Mutex<Option<oneshot::Sender<Result<(), KafkaError>>>>,
+}
+
+impl Acks {
+    fn new(records: usize, answer: oneshot::Sender<Result<(), KafkaError>>) -> Acks {
+        Acks {
+            remaining: AtomicUsize::new(records),
+            answer: Mutex::new(Some(answer)),
+        }
+    }
+
+    /// One record acknowledged; the last one answers the request.
+    fn acknowledged(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.settle(Ok(()));
+        }
+    }
+
+    /// One record refused or timed out: the request's answer, unless it has one already.
+    fn failed(&self, err: KafkaError) {
+        self.settle(Err(err));
+    }
+
+    fn settle(&self, result: Result<(), KafkaError>) {
+        // A poisoned lock only means another delivery panicked mid-settle: the answer is still
+        // there to take.
+        let taken = self
+            .answer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(answer) = taken {
+            // The request may have given up waiting (its timeout): nobody to tell then.
+            let _ = answer.send(result);
+        }
+    }
+}
+
+/// The collector producer's context: client-wide errors into the tap, as in every sluice
+/// client, and each delivery counted against its request's [`Acks`].
+#[derive(Default)]
+struct AckContext {
+    tap: TapContext,
+}
+
+impl ClientContext for AckContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.tap.error(error, reason);
+    }
+}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = Arc<Acks>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        match result {
+            Ok(_) => acks.acknowledged(),
+            Err((err, _)) => acks.failed(err.clone()),
+        }
+    }
+}
+
 /// The Kafka [`Sink`].
 pub struct KafkaSink {
-    /// The shared producer; rdkafka batches across requests inside it.
-    producer: FutureProducer<TapContext>,
+    /// The shared producer; rdkafka batches across requests inside it, and its thread runs the
+    /// delivery callbacks.
+    producer: ThreadedProducer<AckContext>,
     /// The producer's last client-wide error (refused credentials, TLS), for `/readyz`.
     tap: ErrorTap,
     /// Topic names.
@@ -170,9 +247,9 @@ pub fn producer_config(config: &Config) -> ClientConfig {
 impl KafkaSink {
     /// A sink producing to `config`'s brokers and topics.
     pub fn new(config: &Config) -> Result<KafkaSink, IngestError> {
-        let context = TapContext::default();
-        let tap = context.tap.clone();
-        let producer: FutureProducer<TapContext> = producer_config(config)
+        let context = AckContext::default();
+        let tap = context.tap.tap.clone();
+        let producer: ThreadedProducer<AckContext> = producer_config(config)
             .create_with_context(context)
             .map_err(|e| IngestError::KafkaConfig(sluice_schema::kafka::describe_error(&e)))?;
         Ok(KafkaSink {
@@ -190,39 +267,43 @@ impl Sink for KafkaSink {
     }
 
     async fn send(&self, records: Vec<Record>) -> Result<(), ProduceError> {
+        if records.is_empty() {
+            return Ok(());
+        }
         let started = Instant::now();
-        let mut pending = Vec::with_capacity(records.len());
+        let (answer, answered) = oneshot::channel();
+        let acks = Arc::new(Acks::new(records.len(), answer));
         // Enqueue in order (librdkafka keeps per-partition order with idempotence on), then
         // wait for all acknowledgements together: the request costs one round trip, not one
         // per message.
         for r in &records {
-            let record = FutureRecord::to(r.topic.name(&self.topics))
+            let record = BaseRecord::with_opaque_to(r.topic.name(&self.topics), acks.clone())
                 .key(&r.key)
                 .payload(&r.payload);
-            match self.producer.send_result(record) {
-                Ok(delivery) => pending.push(delivery),
+            match self.producer.send(record) {
+                Ok(()) => {}
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     return Err(ProduceError::QueueFull)
                 }
                 Err((err, _)) => return Err(ProduceError::Kafka(err)),
             }
         }
-        let acks = futures::future::join_all(pending);
+        // librdkafka copied every key and payload: ours go before the wait (see `handle`).
+        drop(records);
+        drop(acks);
         // librdkafka times messages out at `message.timeout.ms` itself; this outer timeout
         // is the request's own promise, with a little slack for the callback to arrive.
-        let results = tokio::time::timeout(self.timeout + Duration::from_millis(500), acks)
+        let answer = tokio::time::timeout(self.timeout + Duration::from_millis(500), answered)
             .await
             .map_err(|_| ProduceError::Timeout)?;
-        for result in results {
-            match result {
-                Ok(Ok(_)) => {}
-                Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
-                    return Err(ProduceError::Timeout)
-                }
-                Ok(Err((err, _))) => return Err(ProduceError::Kafka(err)),
-                // The producer was dropped under us: only at shut-down.
-                Err(_canceled) => return Err(ProduceError::Timeout),
+        match answer {
+            Ok(Ok(())) => {}
+            Ok(Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut))) => {
+                return Err(ProduceError::Timeout)
             }
+            Ok(Err(err)) => return Err(ProduceError::Kafka(err)),
+            // The producer was dropped under us: only at shut-down.
+            Err(_dropped) => return Err(ProduceError::Timeout),
         }
         metrics::kafka_produced(started.elapsed());
         Ok(())
@@ -278,4 +359,57 @@ pub async fn ensure_topics(config: &Config) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acks(records: usize) -> (Acks, oneshot::Receiver<Result<(), KafkaError>>) {
+        let (answer, answered) = oneshot::channel();
+        (Acks::new(records, answer), answered)
+    }
+
+    #[test]
+    fn a_request_is_answered_by_its_last_acknowledgement_only() {
+        let (acks, mut answered) = acks(3);
+        acks.acknowledged();
+        acks.acknowledged();
+        assert!(
+            answered.try_recv().is_err(),
+            "answered before every record was acknowledged"
+        );
+        acks.acknowledged();
+        assert!(matches!(answered.try_recv(), Ok(Ok(()))));
+    }
+
+    #[test]
+    fn the_first_failure_answers_and_later_deliveries_change_nothing() {
+        let (acks, mut answered) = acks(3);
+        acks.acknowledged();
+        acks.failed(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut,
+        ));
+        acks.acknowledged();
+        acks.failed(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ));
+        assert!(matches!(
+            answered.try_recv(),
+            Ok(Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut
+            )))
+        ));
+    }
+
+    #[test]
+    fn acks_dropped_unanswered_end_the_wait_in_an_error() {
+        let (acks, mut answered) = acks(2);
+        acks.acknowledged();
+        drop(acks);
+        assert!(matches!(
+            answered.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+    }
 }
