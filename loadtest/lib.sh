@@ -1,0 +1,23 @@
+# Helpers of the load-test scripts (loadtest/bench, loadtest/ab-collector), sourced after
+# deploy/local/lib.sh.
+
+# `proc_ticks PID...`: CPU time (user + system, clock ticks) of these processes: fields 14 and
+# 15 of /proc/PID/stat, counted after the command name's closing parenthesis.
+proc_ticks() {
+  local p
+  for p in "$@"; do sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null; done | awk '{ s += $12 + $13 } END { printf "%d", s + 0 }'
+}
+
+# `make_keys N LABEL`: N new tenants with a workspace and write key each; prints the keys,
+# comma-separated (SLUICE_LOADTEST_KEYS). Needs SLUICE_DATABASE_URL and BIN_DIR.
+make_keys() {
+  local n=$1 label=$2 i tnt ws key keys=()
+  for ((i = 1; i <= n; i++)); do
+    tnt=$("$BIN_DIR/sluice-schema" tenant create "$label-$(date +%s)-$i" | tail -n 1) || return 1
+    ws=$("$BIN_DIR/sluice-schema" workspace create --tenant "$tnt" main | tail -n 1) || return 1
+    # `key create` says on stderr that the key is shown once: said here once, for all.
+    key=$("$BIN_DIR/sluice-schema" key create --workspace "$ws" 2> >(grep -v 'shown once' >&2) | tail -n 1) || return 1
+    keys+=("$key")
+  done
+  (IFS=,; echo "${keys[*]}")
+}
