@@ -7,13 +7,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use rdkafka::config::ClientConfig;
 use sluice_loadtest::generate::{parse_batch_size, GeneratorConfig, Mix};
 use sluice_loadtest::keys::Key;
 use sluice_loadtest::run::{new_run_id, Mode, RunConfig};
 use sluice_loadtest::verify::VerifyConfig;
 use sluice_loadtest::Error;
-use sluice_schema::cli::{own_words, DatabaseArgs};
+use sluice_schema::cli::{own_words, DatabaseArgs, KafkaArgs};
 use sluice_schema::runtime::{init_tracing, shutdown_signal, LogFormat};
+use sluice_schema::topics::Topics;
 
 // The load generator shares the cores of what it measures: it allocates per request, and
 // glibc's malloc cost the collector, which does the same, over half its CPU (perf).
@@ -41,6 +43,18 @@ enum Command {
     BareServer(BareArgs),
     /// Fill `event` and `event_dedup` with millions of rows: a steady state to benchmark on.
     Fill(FillArgs),
+    /// Delete the topics of a throwaway pipeline (a benchmark's topic prefix), data and all.
+    DropTopics(DropTopicsArgs),
+}
+
+#[derive(Args)]
+struct DropTopicsArgs {
+    /// The prefix the throwaway pipeline ran with (its SLUICE_TOPIC_PREFIX); required and not
+    /// empty, so a pipeline's own unprefixed topics cannot be named.
+    #[arg(long)]
+    prefix: String,
+    #[command(flatten)]
+    kafka_args: KafkaArgs,
 }
 
 #[derive(Args)]
@@ -187,6 +201,7 @@ async fn main() -> ExitCode {
         Command::Verify(args) => verify(args).await,
         Command::BareServer(args) => bare_server(args).await,
         Command::Fill(args) => fill(args).await,
+        Command::DropTopics(args) => drop_topics(args).await,
     };
     match result {
         Ok(code) => code,
@@ -297,6 +312,20 @@ async fn fill(args: FillArgs) -> anyhow::Result<ExitCode> {
     })
     .await?;
     println!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn drop_topics(args: DropTopicsArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !args.prefix.is_empty(),
+        "--prefix is empty: give the throwaway pipeline's topic prefix (its SLUICE_TOPIC_PREFIX)"
+    );
+    let topics = Topics::with_prefix(&args.prefix);
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &args.kafka_args.kafka_brokers);
+    args.kafka_args.properties()?.apply(&mut client);
+    sluice_schema::topics::delete(&client, &topics.all(), Duration::from_secs(30)).await?;
+    println!("deleted {}", topics.all().join(" "));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication, TopicResult};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
@@ -191,16 +191,7 @@ pub async fn create_missing_with(
     timeout: Duration,
 ) -> Result<(), SchemaError> {
     let min_insync = min_insync_replicas(replication, min_insync)?.to_string();
-    let kafka = |context: &str| {
-        let context = context.to_owned();
-        move |err: rdkafka::error::KafkaError| SchemaError::Kafka {
-            context,
-            cause: crate::kafka::describe_error(&err),
-        }
-    };
-    let admin: AdminClient<DefaultClientContext> = client
-        .create()
-        .map_err(kafka("creating the Kafka admin client"))?;
+    let (admin, opts) = admin(client, timeout)?;
     let new: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
@@ -208,19 +199,68 @@ pub async fn create_missing_with(
                 .set("min.insync.replicas", &min_insync)
         })
         .collect();
-    let opts = AdminOptions::new()
-        .operation_timeout(Some(timeout))
-        .request_timeout(Some(timeout));
     let results = admin
         .create_topics(&new, &opts)
         .await
-        .map_err(kafka("creating topics"))?;
+        .map_err(kafka_error("creating topics"))?;
+    settled(results, "creating", RDKafkaErrorCode::TopicAlreadyExists)
+}
+
+/// Deletes the topics `names` (one missing already counts as deleted): for the throwaway
+/// topics of benchmarks and tests, never a pipeline's own. `client` names the cluster;
+/// `timeout` bounds the request.
+pub async fn delete(
+    client: &ClientConfig,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<(), SchemaError> {
+    let (admin, opts) = admin(client, timeout)?;
+    let results = admin
+        .delete_topics(names, &opts)
+        .await
+        .map_err(kafka_error("deleting topics"))?;
+    settled(
+        results,
+        "deleting",
+        RDKafkaErrorCode::UnknownTopicOrPartition,
+    )
+}
+
+/// An admin client of `client`'s cluster, and options bounding its requests by `timeout`.
+fn admin(
+    client: &ClientConfig,
+    timeout: Duration,
+) -> Result<(AdminClient<DefaultClientContext>, AdminOptions), SchemaError> {
+    let admin = client
+        .create()
+        .map_err(kafka_error("creating the Kafka admin client"))?;
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    Ok((admin, opts))
+}
+
+/// A Kafka error while `context`.
+fn kafka_error(context: &str) -> impl FnOnce(rdkafka::error::KafkaError) -> SchemaError + '_ {
+    move |err| SchemaError::Kafka {
+        context: context.to_owned(),
+        cause: crate::kafka::describe_error(&err),
+    }
+}
+
+/// Ok when every topic's result is a success or `done_already` (it was made or gone before).
+fn settled(
+    results: Vec<TopicResult>,
+    verb: &str,
+    done_already: RDKafkaErrorCode,
+) -> Result<(), SchemaError> {
     for result in results {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => {}
+            Err((_, code)) if code == done_already => {}
             Err((topic, code)) => {
                 return Err(SchemaError::Kafka {
-                    context: format!("creating topic {topic}"),
+                    context: format!("{verb} topic {topic}"),
                     cause: code.to_string(),
                 })
             }
