@@ -249,16 +249,8 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize, fill_rows: i64) -> 
     let mut admin = ClientConfig::new();
     admin.set("bootstrap.servers", brokers);
     props.apply(&mut admin);
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        admin.create()?;
-    let new: Vec<_> = topics
-        .all()
-        .iter()
-        .map(|t| rdkafka::admin::NewTopic::new(t, 4, rdkafka::admin::TopicReplication::Fixed(1)))
-        .collect();
-    admin
-        .create_topics(&new, &rdkafka::admin::AdminOptions::new())
-        .await?;
+    let admin_timeout = Duration::from_secs(30);
+    sluice_schema::topics::create_missing(&admin, &topics.all(), 4, 1, admin_timeout).await?;
     let evs = events(n);
     let started = Instant::now();
     for chunk in evs.chunks(5_000) {
@@ -347,9 +339,7 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize, fill_rows: i64) -> 
     println!("| psql \\copy (FORMAT binary) of the same rows | {limit:.0} rows/s |");
     println!("| ratio, sustained / limit | {:.2} |", sustained / limit);
     // Its topics go too (a pre-filled topic of 200,000 events is 100 MB of the broker's disk).
-    admin
-        .delete_topics(&topics.all(), &rdkafka::admin::AdminOptions::new())
-        .await?;
+    sluice_schema::topics::delete(&admin, &topics.all(), admin_timeout).await?;
     drop(client);
     if given.is_none() {
         drop_db(admin_url, &url).await?;
