@@ -15,7 +15,8 @@ make_keys() {
   for ((i = 1; i <= n; i++)); do
     tnt=$("$BIN_DIR/sluice-schema" tenant create "$label-$(date +%s)-$i" | tail -n 1) || return 1
     ws=$("$BIN_DIR/sluice-schema" workspace create --tenant "$tnt" main | tail -n 1) || return 1
-    # `key create` says on stderr that the key is shown once: said here once, for all.
+    # `key create`'s notice that a key is shown only once is dropped: these keys go to the load
+    # generator's environment, never to the screen. Its errors still reach stderr.
     key=$("$BIN_DIR/sluice-schema" key create --workspace "$ws" 2> >(grep -v 'shown once' >&2) | tail -n 1) || return 1
     keys+=("$key")
   done
