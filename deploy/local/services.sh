@@ -22,7 +22,9 @@ start_pipeline() {
   "$BIN_DIR/sluice-schema" migrate up >/dev/null || die "migrations failed (see above)"
   "$BIN_DIR/sluice-schema" partitions ensure >/dev/null || die "creating partitions failed (see above)"
   local key_file=$SLUICE_STATE/demo-key
-  if [ ! -s "$key_file" ]; then
+  # The key is only good in the database it was made in: one made anew (its data folder
+  # deleted to free disk) is seeded again.
+  if [ ! -s "$key_file" ] || [ "$(psql_q "SELECT count(*) FROM api_key WHERE hash = sha256('$(cat "$key_file")'::bytea)")" != 1 ]; then
     say "seeding demo data (two tenants, two months of events, a funnel)"
     "$BIN_DIR/sluice-schema" seed | tail -n 1 >"$key_file" || die "seeding failed (see above)"
   fi
