@@ -10,6 +10,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+mod time;
+
 /// The message schema version this build produces and understands.
 pub const VERSION: u16 = 1;
 
@@ -151,14 +153,16 @@ pub struct EventMessage<J = JsonObject> {
     pub session_id: Option<String>,
     /// When it happened: the client `timestamp` corrected for clock skew
     /// (`received_at - (sent_at - timestamp)`), or `received_at` when the client sent none.
+    #[serde(serialize_with = "time::write")]
     pub occurred_at: DateTime<Utc>,
     /// The client's own `timestamp`, uncorrected.
-    #[serde(default)]
+    #[serde(default, serialize_with = "time::write_opt")]
     pub timestamp: Option<DateTime<Utc>>,
     /// The client's `sentAt`.
-    #[serde(default)]
+    #[serde(default, serialize_with = "time::write_opt")]
     pub sent_at: Option<DateTime<Utc>>,
     /// When the collector received the request.
+    #[serde(serialize_with = "time::write")]
     pub received_at: DateTime<Utc>,
     /// Event properties, including any top-level fields the API does not define.
     #[serde(default)]
@@ -208,8 +212,10 @@ pub struct VisitorMessage {
     #[serde(default)]
     pub user_id: Option<String>,
     /// Earliest `occurred_at` of the request's messages for this visitor.
+    #[serde(serialize_with = "time::write")]
     pub first_seen_at: DateTime<Utc>,
     /// Latest `occurred_at` of the request's messages for this visitor.
+    #[serde(serialize_with = "time::write")]
     pub last_seen_at: DateTime<Utc>,
     /// How many events of this visitor the request carried.
     pub event_count: i64,
@@ -243,8 +249,10 @@ pub struct SessionMessage {
     #[serde(default)]
     pub user_id: Option<String>,
     /// Earliest `occurred_at` of the request's messages in this session.
+    #[serde(serialize_with = "time::write")]
     pub started_at: DateTime<Utc>,
     /// Latest `occurred_at` of the request's messages in this session.
+    #[serde(serialize_with = "time::write")]
     pub last_seen_at: DateTime<Utc>,
     /// Events of this session in the request.
     pub event_count: i64,
@@ -357,8 +365,10 @@ pub struct IdentityMessage {
     #[serde(default)]
     pub context: JsonObject,
     /// When it happened, skew-corrected like [`EventMessage::occurred_at`].
+    #[serde(serialize_with = "time::write")]
     pub occurred_at: DateTime<Utc>,
     /// When the collector received the request.
+    #[serde(serialize_with = "time::write")]
     pub received_at: DateTime<Utc>,
     /// Email and phone sealed by the collector (version 2); `None` when the call had neither,
     /// and always in version 1.
