@@ -3,6 +3,9 @@
 //! from the page URL; and the visitor and session summaries of each request.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::LazyLock;
+
+use aho_corasick::AhoCorasick;
 
 use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
@@ -101,8 +104,15 @@ const BOT_MARKERS: [&str; 14] = [
 
 /// True when the user agent looks like a crawler or automation.
 pub fn is_bot(user_agent: &str) -> bool {
-    let ua = user_agent.to_ascii_lowercase();
-    BOT_MARKERS.iter().any(|m| ua.contains(m))
+    // One pass over the agent, whatever its case, instead of lowering a copy of it and
+    // searching that once a marker: every event carries its agent.
+    static MARKERS: LazyLock<AhoCorasick> = LazyLock::new(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(BOT_MARKERS)
+            .expect("the markers are a handful of short literals")
+    });
+    MARKERS.is_match(user_agent)
 }
 
 /// UTM parameters of a URL, named as in `Touch::utm` (`source`, `medium`, ...).
@@ -167,6 +177,8 @@ pub fn occurred_at(
 pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
     let mut out = Outgoing::default();
     let mut summaries = Summaries::default();
+    // Written out once: most messages have no address of their own.
+    let request_ip = facts.ip.map(|ip| ip.to_string());
     for mut m in messages {
         let mut at = occurred_at(m.timestamp, m.sent_at, facts.received_at);
         if at.signed_duration_since(facts.received_at) > facts.max_future {
@@ -176,7 +188,7 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
             .message_id
             .clone()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
-        let client = Client::of(&m, facts);
+        let client = Client::of(&m, facts, request_ip.as_deref());
         summaries.first_client(&client);
         let touch = touch_of(&m);
         if !matches!(m.kind, Kind::Alias) {
@@ -212,7 +224,7 @@ struct Client {
 impl Client {
     /// Segment semantics: a server SDK forwards the end user's agent and address in
     /// `context`; the request's own are the SDK's, so they only fill in.
-    fn of(m: &Message, facts: &RequestFacts) -> Client {
+    fn of(m: &Message, facts: &RequestFacts, request_ip: Option<&str>) -> Client {
         let user_agent = m
             .peeked
             .user_agent
@@ -223,8 +235,8 @@ impl Client {
             .ip
             .as_deref()
             .and_then(|s| s.parse::<IpAddr>().ok())
-            .or(facts.ip)
-            .map(|ip| ip.to_string());
+            .map(|ip| ip.to_string())
+            .or_else(|| request_ip.map(str::to_owned));
         let bot = user_agent.as_deref().is_some_and(is_bot);
         Client {
             user_agent,
