@@ -92,7 +92,13 @@ struct RunArgs {
     )]
     collector_url: String,
     /// Write key to send with (repeatable; traffic is spread over them zipf-wise, first most).
-    #[arg(long = "key", env = "SLUICE_LOADTEST_KEYS", value_delimiter = ',')]
+    // Secrets: `--help` names the variable, never its value.
+    #[arg(
+        long = "key",
+        env = "SLUICE_LOADTEST_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     keys: Vec<String>,
     /// Make N tenants (one workspace and key each) through the schema crate and send with
     /// their keys, in addition to any --key.
