@@ -264,7 +264,11 @@ fn add_campaign(m: &mut Message, touch: &Touch) {
         return;
     };
     // `context` has no `campaign` (`has_campaign`), so it is added, not repeated.
-    m.context = with_entries(m.context.get(), [("campaign", &*campaign)]);
+    let context = with_entries(
+        &entries::<Vec<_>>(m.context.get()),
+        [("campaign", &*campaign)],
+    );
+    m.context = context;
     m.peeked.has_campaign = true;
 }
 

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Number;
 use sluice_schema::messages::RawObject;
@@ -164,30 +165,23 @@ where
         .unwrap_or_default()
 }
 
-/// The object `base` (text of an object) with `added` entries after its own. The caller adds
-/// only keys `base` does not have, so no key is repeated.
-pub(crate) fn with_entries<'k>(
-    base: &str,
-    added: impl IntoIterator<Item = (&'k str, &'k RawValue)>,
+/// An object of the entries `base` (an object's, as [`entries`] lists them) and then `added`.
+/// The caller adds only keys `base` does not have, so no key is repeated that was not already.
+/// The values are written as their text and nothing is parsed again: making the text and then
+/// checking it with `RawValue::from_string` parsed every merged `context` a second time.
+pub(crate) fn with_entries<'a: 'b, 'b>(
+    base: &'b [(Cow<'a, str>, &'a RawValue)],
+    added: impl IntoIterator<Item = (&'b str, &'b RawValue)>,
 ) -> RawObject {
-    let base = base.trim_end();
-    let open = base.strip_suffix('}').unwrap_or("{");
-    let mut text = String::with_capacity(base.len() + 64);
-    text.push_str(open);
-    let mut empty = open[1..].trim().is_empty();
-    for (key, value) in added {
-        if !empty {
-            text.push(',');
+    struct Object<'e>(Vec<(&'e str, &'e RawValue)>);
+    impl Serialize for Object<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().copied())
         }
-        empty = false;
-        // A string always serialises.
-        text.push_str(&serde_json::to_string(key).unwrap_or_else(|_| "\"\"".into()));
-        text.push(':');
-        text.push_str(value.get());
     }
-    text.push('}');
-    // The text was made of valid JSON, so this cannot fail; the check is serde_json's.
-    RawValue::from_string(text)
+    let all = base.iter().map(|(k, v)| (k.as_ref(), *v)).chain(added);
+    // String keys and raw values always serialise.
+    serde_json::value::to_raw_value(&Object(all.collect()))
         .ok()
         .and_then(RawObject::new)
         .unwrap_or_default()
@@ -253,10 +247,19 @@ mod tests {
                 json!({"b": [true], "a": 1, "k\"ey": "x\"y"}),
             ),
         ] {
-            let out = with_entries(base, [("a", one), ("k\"ey", s)]);
+            let out = with_entries(&entries::<Vec<_>>(base), [("a", one), ("k\"ey", s)]);
             let back: serde_json::Value = serde_json::from_str(out.get()).unwrap();
             assert_eq!(back, want, "{base}");
         }
-        assert_eq!(with_entries(r#"{"b":2}"#, []).get(), r#"{"b":2}"#);
+        assert_eq!(
+            with_entries(&entries::<Vec<_>>(r#"{ "b": 2 }"#), []).get(),
+            r#"{"b":2}"#
+        );
+        // A repeated key of the base stays repeated, in order (the last one counts).
+        let repeated = entries::<Vec<_>>(r#"{"b":1,"b":2}"#);
+        assert_eq!(
+            with_entries(&repeated, [("a", one)]).get(),
+            r#"{"b":1,"b":2,"a":1}"#
+        );
     }
 }

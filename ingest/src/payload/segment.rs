@@ -281,10 +281,7 @@ impl<'a> Merged<'a> {
         merged.text = match (source, merged.added.is_empty()) {
             (Some(own), true) => raw::object(own),
             (None, true) => RawObject::default(),
-            (own, false) => with_entries(
-                own.map_or("{}", RawValue::get),
-                merged.added.iter().copied(),
-            ),
+            (_, false) => with_entries(merged.own_entries(), merged.added.iter().copied()),
         };
         merged
     }
@@ -299,10 +296,14 @@ impl<'a> Merged<'a> {
 
     /// The message's own value of `key`, before anything was merged in.
     fn own(&self, key: &str) -> Option<&'a RawValue> {
-        let own = self
-            .own
-            .get_or_init(|| self.source.map(|o| entries(o.get())).unwrap_or_default());
+        let own = self.own_entries();
         own.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// The message's own entries, scanned on first use.
+    fn own_entries(&self) -> &[(Cow<'a, str>, &'a RawValue)] {
+        self.own
+            .get_or_init(|| self.source.map(|o| entries(o.get())).unwrap_or_default())
     }
 }
 
