@@ -3,9 +3,6 @@
 //! from the page URL; and the visitor and session summaries of each request.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::LazyLock;
-
-use aho_corasick::AhoCorasick;
 
 use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
@@ -104,15 +101,8 @@ const BOT_MARKERS: [&str; 14] = [
 
 /// True when the user agent looks like a crawler or automation.
 pub fn is_bot(user_agent: &str) -> bool {
-    // One pass over the agent, whatever its case, instead of lowering a copy of it and
-    // searching that once a marker: every event carries its agent.
-    static MARKERS: LazyLock<AhoCorasick> = LazyLock::new(|| {
-        AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .build(BOT_MARKERS)
-            .expect("the markers are a handful of short literals")
-    });
-    MARKERS.is_match(user_agent)
+    let ua = user_agent.to_ascii_lowercase();
+    BOT_MARKERS.iter().any(|m| ua.contains(m))
 }
 
 /// UTM parameters of a URL, named as in `Touch::utm` (`source`, `medium`, ...).
@@ -179,6 +169,9 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
     let mut summaries = Summaries::default();
     // Written out once: most messages have no address of their own.
     let request_ip = facts.ip.map(|ip| ip.to_string());
+    // A batch's messages mostly come from one browser: its agent is searched for bot markers
+    // once, not once a message.
+    let mut last_agent = None;
     for mut m in messages {
         let mut at = occurred_at(m.timestamp, m.sent_at, facts.received_at);
         if at.signed_duration_since(facts.received_at) > facts.max_future {
@@ -188,7 +181,7 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
             .message_id
             .clone()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
-        let client = Client::of(&m, facts, request_ip.as_deref());
+        let client = Client::of(&m, facts, request_ip.as_deref(), &mut last_agent);
         summaries.first_client(&client);
         let touch = touch_of(&m);
         if !matches!(m.kind, Kind::Alias) {
@@ -224,7 +217,13 @@ struct Client {
 impl Client {
     /// Segment semantics: a server SDK forwards the end user's agent and address in
     /// `context`; the request's own are the SDK's, so they only fill in.
-    fn of(m: &Message, facts: &RequestFacts, request_ip: Option<&str>) -> Client {
+    /// `last_agent`: the agent last flagged in this request, and its flag.
+    fn of(
+        m: &Message,
+        facts: &RequestFacts,
+        request_ip: Option<&str>,
+        last_agent: &mut Option<(String, bool)>,
+    ) -> Client {
         let user_agent = m
             .peeked
             .user_agent
@@ -237,7 +236,15 @@ impl Client {
             .and_then(|s| s.parse::<IpAddr>().ok())
             .map(|ip| ip.to_string())
             .or_else(|| request_ip.map(str::to_owned));
-        let bot = user_agent.as_deref().is_some_and(is_bot);
+        let bot = match (user_agent.as_deref(), &*last_agent) {
+            (None, _) => false,
+            (Some(ua), Some((seen, bot))) if seen == ua => *bot,
+            (Some(ua), _) => {
+                let bot = is_bot(ua);
+                *last_agent = Some((ua.to_owned(), bot));
+                bot
+            }
+        };
         Client {
             user_agent,
             ip,
@@ -484,5 +491,59 @@ mod tests {
         assert!(utm_from_url("https://x.io/").is_empty());
         assert!(is_bot("Mozilla/5.0 (compatible; Googlebot/2.1)"));
         assert!(!is_bot("Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0"));
+    }
+
+    #[test]
+    fn each_message_keeps_its_own_agent_flag_and_address() {
+        // Agents flagged once a run of equal ones, addresses written once a request: neither
+        // may carry one message's over to the next.
+        let body = r#"{"batch": [
+            {"type": "track", "event": "E", "userId": "u", "context": {"userAgent": "Googlebot/2.1"}},
+            {"type": "track", "event": "E", "userId": "u", "context": {"userAgent": "Googlebot/2.1"}},
+            {"type": "track", "event": "E", "userId": "u", "context": {"userAgent": "Firefox/120.0", "ip": "203.0.113.9"}},
+            {"type": "track", "event": "E", "userId": "u"},
+            {"type": "track", "event": "E", "userId": "u", "context": {"userAgent": "GOOGLEBOT/2.1"}}]}"#;
+        let parsed = crate::payload::parse(
+            body.as_bytes(),
+            crate::payload::Endpoint::Batch,
+            &Default::default(),
+        )
+        .unwrap();
+        let facts = RequestFacts {
+            principal: Principal {
+                key_id: 1,
+                tenant_id: 1,
+                workspace_id: 1,
+            },
+            received_at: Utc::now(),
+            ip: Some("198.51.100.1".parse().unwrap()),
+            user_agent: Some("curl/8.0".into()),
+            max_future: Duration::days(1),
+        };
+        let out = enrich(
+            parsed.messages.into_iter().map(|(_, m)| m).collect(),
+            &facts,
+        );
+        let seen: Vec<_> = out
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.user_agent.as_deref().unwrap(),
+                    e.bot,
+                    e.ip.as_deref().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("Googlebot/2.1", true, "198.51.100.1"),
+                ("Googlebot/2.1", true, "198.51.100.1"),
+                ("Firefox/120.0", false, "203.0.113.9"),
+                ("curl/8.0", true, "198.51.100.1"),
+                ("GOOGLEBOT/2.1", true, "198.51.100.1"),
+            ]
+        );
     }
 }
