@@ -117,6 +117,11 @@ impl Sender {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(max_idle)
+            // The collector closes a connection idle for its header-read timeout (10 s by
+            // default: hyper starts that clock when it waits for the next request); a request
+            // sent on it at that moment fails in transport without an answer. Dropping idle
+            // connections first keeps those races out of the figures.
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()
             .map_err(Error::Client)?;
