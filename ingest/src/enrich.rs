@@ -401,6 +401,33 @@ mod tests {
     use axum::http::HeaderValue;
     use chrono::{Datelike, Duration};
 
+    /// A batch body parsed and enriched as a request from `ip` with `user_agent`.
+    fn enrich_batch(
+        body: &str,
+        ip: Option<IpAddr>,
+        user_agent: Option<&str>,
+    ) -> (Outgoing, RequestFacts) {
+        let parsed = crate::payload::parse(
+            body.as_bytes(),
+            crate::payload::Endpoint::Batch,
+            &Default::default(),
+        )
+        .unwrap();
+        let facts = RequestFacts {
+            principal: Principal {
+                key_id: 1,
+                tenant_id: 1,
+                workspace_id: 1,
+            },
+            received_at: Utc::now(),
+            ip,
+            user_agent: user_agent.map(str::to_owned),
+            max_future: Duration::days(1),
+        };
+        let messages = parsed.messages.into_iter().map(|(_, m)| m).collect();
+        (enrich(messages, &facts), facts)
+    }
+
     #[test]
     fn skew_is_corrected_by_the_send_delay() {
         let received = Utc::now();
@@ -429,25 +456,7 @@ mod tests {
         let body = r#"{"batch": [
             {"type": "track", "event": "E", "userId": "u", "timestamp": "9999-01-01T00:00:00Z"},
             {"type": "track", "event": "E", "userId": "u", "timestamp": "2001-01-01T00:00:00Z"}]}"#;
-        let b = body.as_bytes().to_vec();
-        let parsed =
-            crate::payload::parse(&b, crate::payload::Endpoint::Batch, &Default::default())
-                .unwrap();
-        let facts = RequestFacts {
-            principal: Principal {
-                key_id: 1,
-                tenant_id: 1,
-                workspace_id: 1,
-            },
-            received_at: Utc::now(),
-            ip: None,
-            user_agent: None,
-            max_future: Duration::days(1),
-        };
-        let out = enrich(
-            parsed.messages.into_iter().map(|(_, m)| m).collect(),
-            &facts,
-        );
+        let (out, facts) = enrich_batch(body, None, None);
         assert_eq!(out.events[0].occurred_at, facts.received_at);
         assert_eq!(
             out.events[0].timestamp.map(|t| t.year()),
@@ -503,27 +512,7 @@ mod tests {
             {"type": "track", "event": "E", "userId": "u", "context": {"userAgent": "Firefox/120.0", "ip": "203.0.113.9"}},
             {"type": "track", "event": "E", "userId": "u"},
             {"type": "track", "event": "E", "userId": "u", "context": {"userAgent": "GOOGLEBOT/2.1"}}]}"#;
-        let parsed = crate::payload::parse(
-            body.as_bytes(),
-            crate::payload::Endpoint::Batch,
-            &Default::default(),
-        )
-        .unwrap();
-        let facts = RequestFacts {
-            principal: Principal {
-                key_id: 1,
-                tenant_id: 1,
-                workspace_id: 1,
-            },
-            received_at: Utc::now(),
-            ip: Some("198.51.100.1".parse().unwrap()),
-            user_agent: Some("curl/8.0".into()),
-            max_future: Duration::days(1),
-        };
-        let out = enrich(
-            parsed.messages.into_iter().map(|(_, m)| m).collect(),
-            &facts,
-        );
+        let (out, _) = enrich_batch(body, "198.51.100.1".parse().ok(), Some("curl/8.0"));
         let seen: Vec<_> = out
             .events
             .iter()
