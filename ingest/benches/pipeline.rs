@@ -44,7 +44,7 @@ fn facts() -> RequestFacts {
 }
 
 fn run(body: &[u8], endpoint: Endpoint, limits: &Limits, facts: &RequestFacts) -> usize {
-    // The copy the request path makes of a body (`decode_body`).
+    // The copy the request path makes of a body (`read_body` gathers its chunks).
     let buf = body.to_vec();
     let parsed = parse(&buf, endpoint, limits).expect("valid body");
     let out = enrich(parsed.messages.into_iter().map(|(_, m)| m).collect(), facts);

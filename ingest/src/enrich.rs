@@ -130,17 +130,17 @@ pub fn utm_from_url(url: &str) -> JsonObject {
 }
 
 /// Attribution of one message: UTM from the page URL (or the SDK's `context.campaign`),
-/// referrer, and the page URL.
-fn touch_of(m: &Message) -> Touch {
-    let url = m.peeked.page_url.as_deref();
-    let mut utm = url.map(utm_from_url).unwrap_or_default();
+/// referrer, and the page URL, taken out of what the parse read for enrichment.
+fn touch_of(m: &mut Message) -> Touch {
+    let url = m.peeked.page_url.take();
+    let mut utm = url.as_deref().map(utm_from_url).unwrap_or_default();
     if utm.is_empty() {
-        utm.clone_from(&m.peeked.campaign_utm);
+        utm = std::mem::take(&mut m.peeked.campaign_utm);
     }
     Touch {
         utm,
-        referrer: m.peeked.referrer.clone(),
-        landing_page: url.map(str::to_owned),
+        referrer: m.peeked.referrer.take(),
+        landing_page: url,
     }
 }
 
@@ -179,11 +179,11 @@ pub fn enrich(messages: Vec<Message>, facts: &RequestFacts) -> Outgoing {
         }
         let message_id = m
             .message_id
-            .clone()
+            .take()
             .unwrap_or_else(|| Uuid::now_v7().to_string());
-        let client = Client::of(&m, facts, request_ip.as_deref(), &mut last_agent);
+        let client = Client::of(&mut m, facts, request_ip.as_deref(), &mut last_agent);
         summaries.first_client(&client);
-        let touch = touch_of(&m);
+        let touch = touch_of(&mut m);
         if !matches!(m.kind, Kind::Alias) {
             add_campaign(&mut m, &touch);
         }
@@ -219,7 +219,7 @@ impl Client {
     /// `context`; the request's own are the SDK's, so they only fill in.
     /// `last_agent`: the agent last flagged in this request, and its flag.
     fn of(
-        m: &Message,
+        m: &mut Message,
         facts: &RequestFacts,
         request_ip: Option<&str>,
         last_agent: &mut Option<(String, bool)>,
@@ -227,7 +227,7 @@ impl Client {
         let user_agent = m
             .peeked
             .user_agent
-            .clone()
+            .take()
             .or_else(|| facts.user_agent.clone());
         let ip = m
             .peeked
@@ -271,10 +271,7 @@ fn add_campaign(m: &mut Message, touch: &Touch) {
         return;
     };
     // `context` has no `campaign` (`has_campaign`), so it is added, not repeated.
-    let context = with_entries(
-        &entries::<Vec<_>>(m.context.get()),
-        [("campaign", &*campaign)],
-    );
+    let context = with_entries(&entries(m.context.get()), [("campaign", &*campaign)]);
     m.context = context;
     m.peeked.has_campaign = true;
 }
@@ -379,7 +376,7 @@ pub(crate) fn strip_traits<S: AsRef<str>>(object: &mut RawObject, names: &[S]) {
     let Some(traits) = traits else {
         return;
     };
-    let traits: Vec<_> = entries(traits.get());
+    let traits = entries(traits.get());
     if !names
         .iter()
         .any(|n| traits.iter().any(|(k, _)| k == n.as_ref()))

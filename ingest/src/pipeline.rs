@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -203,7 +203,10 @@ async fn read<S: Sink, K: KeyStore>(
 
 /// Reads a body up to `max` bytes; one byte more is a 413, without reading the rest.
 pub(crate) async fn read_body(body: Body, max: usize) -> Result<Vec<u8>, PayloadError> {
-    let mut out = Vec::new();
+    // Sized up front by the `Content-Length` (the body's size hint), never past `max`: growing
+    // the buffer by doubling copied a batch's body three or four times.
+    let announced = usize::try_from(body.size_hint().lower()).unwrap_or(max);
+    let mut out = Vec::with_capacity(announced.min(max));
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk =

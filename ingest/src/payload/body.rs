@@ -1,6 +1,7 @@
 //! Content decoding: a body as sent (gzip, a `data=` form, a beacon's `text/plain`) to the
 //! JSON bytes inside it, with the decompressed size capped.
 
+use std::borrow::Cow;
 use std::io::Read;
 
 use base64::alphabet;
@@ -11,13 +12,14 @@ use super::{Limits, PayloadError};
 
 /// Undoes `Content-Encoding` and the form wrapping of a body, leaving JSON bytes.
 ///
-/// The decompressed size is capped too: a 500 KB gzip body can inflate to gigabytes.
-pub fn decode_body(
-    raw: &[u8],
+/// The decompressed size is capped too: a 500 KB gzip body can inflate to gigabytes. A body
+/// of plain JSON, the common case, is the request's own bytes, not a copy.
+pub fn decode_body<'a>(
+    raw: &'a [u8],
     content_encoding: Option<&str>,
     content_type: Option<&str>,
     limits: &Limits,
-) -> Result<Vec<u8>, PayloadError> {
+) -> Result<Cow<'a, [u8]>, PayloadError> {
     let too_large = PayloadError::TooLarge {
         what: "request body",
         limit: limits.max_request_bytes,
@@ -26,8 +28,8 @@ pub fn decode_body(
         return Err(too_large);
     }
     let body = match content_encoding.map(|e| e.trim().to_ascii_lowercase()) {
-        None => raw.to_vec(),
-        Some(e) if e.is_empty() || e == "identity" => raw.to_vec(),
+        None => Cow::Borrowed(raw),
+        Some(e) if e.is_empty() || e == "identity" => Cow::Borrowed(raw),
         Some(e) if e == "gzip" || e == "x-gzip" => {
             let mut out =
                 Vec::with_capacity(raw.len().saturating_mul(4).min(limits.max_request_bytes));
@@ -43,7 +45,7 @@ pub fn decode_body(
             if out.len() > limits.max_request_bytes {
                 return Err(too_large);
             }
-            out
+            Cow::Owned(out)
         }
         Some(other) => {
             return Err(PayloadError::BadRequest(format!(
@@ -64,7 +66,7 @@ pub fn decode_body(
                     .starts_with("application/x-www-form-urlencoded")
             }));
     if is_form {
-        return form_data(&body);
+        return form_data(&body).map(Cow::Owned);
     }
     Ok(body)
 }
@@ -126,7 +128,7 @@ mod tests {
         enc.write_all(b"{\"a\":1}").unwrap();
         let gz = enc.finish().unwrap();
         assert_eq!(
-            decode_body(&gz, Some("gzip"), None, &limits).unwrap(),
+            &*decode_body(&gz, Some("gzip"), None, &limits).unwrap(),
             b"{\"a\":1}"
         );
         let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::best());
@@ -139,7 +141,7 @@ mod tests {
         ));
         let form = b"data=eyJhIjoxfQ%3D%3D";
         assert_eq!(
-            decode_body(
+            &*decode_body(
                 form,
                 Some("identity"),
                 Some("application/x-www-form-urlencoded"),
@@ -151,7 +153,7 @@ mod tests {
         assert!(decode_body(b"x", Some("br"), None, &limits).is_err());
         // curl -d labels JSON as a form: JSON it stays.
         assert_eq!(
-            decode_body(
+            &*decode_body(
                 b" {\"a\":1}",
                 None,
                 Some("application/x-www-form-urlencoded"),

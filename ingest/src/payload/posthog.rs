@@ -51,7 +51,7 @@ pub fn decode(
         }
         body::pixel_data(query)?
     } else {
-        body::decode_body(raw, encoding, content_type, limits)?
+        body::decode_body(raw, encoding, content_type, limits)?.into_owned()
     };
     let starts_like_json = body
         .iter()

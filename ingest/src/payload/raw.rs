@@ -134,35 +134,29 @@ pub(crate) fn pick<'a, const N: usize>(
     de::Deserializer::deserialize_map(&mut de, Pick(wanted)).unwrap_or([None; N])
 }
 
-/// Every top-level entry of the object `text`, in order, into a map (the last of a repeated
-/// key winning) or a list (every one kept); empty when `text` is not an object.
-pub(crate) fn entries<'a, C>(text: &'a str) -> C
-where
-    C: Default + Extend<(Cow<'a, str>, &'a RawValue)>,
-{
-    struct Entries<C>(std::marker::PhantomData<C>);
-    impl<'de, C> Visitor<'de> for Entries<C>
-    where
-        C: Default + Extend<(Cow<'de, str>, &'de RawValue)>,
-    {
-        type Value = C;
+/// Every top-level entry of the object `text`, in order, every one kept (the last of a repeated
+/// key is the one that counts); empty when `text` is not an object.
+pub(crate) fn entries(text: &str) -> Vec<(Cow<'_, str>, &RawValue)> {
+    struct Entries;
+    impl<'de> Visitor<'de> for Entries {
+        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON object")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut all = C::default();
+            // Room for a context's usual keys: growing from nothing took two allocations.
+            let mut all = Vec::with_capacity(8);
             while let Some(Key(key)) = map.next_key()? {
-                all.extend([(key, map.next_value()?)]);
+                all.push((key, map.next_value()?));
             }
             Ok(all)
         }
     }
     if !text.trim_start().starts_with('{') {
-        return C::default();
+        return Vec::new();
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    de::Deserializer::deserialize_map(&mut de, Entries(std::marker::PhantomData))
-        .unwrap_or_default()
+    de::Deserializer::deserialize_map(&mut de, Entries).unwrap_or_default()
 }
 
 /// An object of the entries `base` (an object's, as [`entries`] lists them) and then `added`.
@@ -214,7 +208,9 @@ mod tests {
         assert!(none.is_none());
         assert!(pick("[1]", &["a"])[0].is_none());
         assert!(pick(r#""{""#, &["a"])[0].is_none());
-        let all: BTreeMap<_, _> = entries(r#"{"a":1,"b":{"c":[2]},"a":3}"#);
+        let all: BTreeMap<_, _> = entries(r#"{"a":1,"b":{"c":[2]},"a":3}"#)
+            .into_iter()
+            .collect();
         assert_eq!(all.len(), 2);
         assert_eq!(all["a"].get(), "3");
         assert_eq!(all["b"].get(), r#"{"c":[2]}"#);
@@ -247,16 +243,16 @@ mod tests {
                 json!({"b": [true], "a": 1, "k\"ey": "x\"y"}),
             ),
         ] {
-            let out = with_entries(&entries::<Vec<_>>(base), [("a", one), ("k\"ey", s)]);
+            let out = with_entries(&entries(base), [("a", one), ("k\"ey", s)]);
             let back: serde_json::Value = serde_json::from_str(out.get()).unwrap();
             assert_eq!(back, want, "{base}");
         }
         assert_eq!(
-            with_entries(&entries::<Vec<_>>(r#"{ "b": 2 }"#), []).get(),
+            with_entries(&entries(r#"{ "b": 2 }"#), []).get(),
             r#"{"b":2}"#
         );
         // A repeated key of the base stays repeated, in order (the last one counts).
-        let repeated = entries::<Vec<_>>(r#"{"b":1,"b":2}"#);
+        let repeated = entries(r#"{"b":1,"b":2}"#);
         assert_eq!(
             with_entries(&repeated, [("a", one)]).get(),
             r#"{"b":1,"b":2,"a":1}"#

@@ -72,7 +72,10 @@ fn parse_batch(body: BatchBody<'_>, limits: &Limits) -> Result<Parsed, PayloadEr
         });
     }
     let defaults = Defaults {
-        context: body.context.map(|c| entries(c.get())).unwrap_or_default(),
+        context: body
+            .context
+            .map(|c| entries(c.get()).into_iter().collect())
+            .unwrap_or_default(),
         sent_at: body.sent_at.and_then(|v| parse_time(v).ok().flatten()),
     };
     for (index, item) in batch.into_iter().enumerate() {
@@ -83,15 +86,15 @@ fn parse_batch(body: BatchBody<'_>, limits: &Limits) -> Result<Parsed, PayloadEr
         if let Some(key) = fields.get(Field::WriteKey).and_then(string) {
             parsed.note_key(&key, "write keys")?;
         }
-        let message_id = fields
-            .get(Field::MessageId)
-            .and_then(string)
-            .filter(|id| id.len() <= limits.max_id_bytes);
-        parsed.push(
-            index,
-            message_id,
-            check(&fields, None, &defaults, limits, false),
-        );
+        let checked = check(&fields, None, &defaults, limits, false);
+        // The id is only reported with a refusal: a valid message carries its own.
+        let message_id = checked.is_err().then(|| {
+            fields
+                .get(Field::MessageId)
+                .and_then(string)
+                .filter(|id| id.len() <= limits.max_id_bytes)
+        });
+        parsed.push(index, message_id.flatten(), checked);
     }
     Ok(parsed)
 }
@@ -223,10 +226,10 @@ fn check(
     }
     let batch_context = defaults.context.iter().map(|(k, v)| (k.as_ref(), *v));
     let context = Merged::of(own_context, batch_context.chain(to_context));
-    let properties = Merged::of(properties, to_properties).text;
+    let properties = Merged::of(properties, to_properties).text();
     let peeked = Peeked::of(&context, &properties);
     let session_id = session_id.or_else(|| session_of_context(&context, defaults, limits));
-    let context = context.text;
+    let context = context.text();
     let message = Message {
         kind,
         message_id,
@@ -249,10 +252,9 @@ fn check(
 
 /// An object field (`context`, `properties`) with the entries of lower layers (the batch's
 /// `context`, leftover fields) whose keys it lacks, the first of a key below winning: its
-/// text, and its entries for the few reads that follow, from one scan of the message's own,
-/// made only when a merge or a read needs it.
+/// entries for the few reads that follow, from one scan of the message's own, made only when
+/// a merge or a read needs it, and its text, written once at the end.
 struct Merged<'a> {
-    text: RawObject,
     /// The message's own object, as sent.
     source: Option<&'a RawValue>,
     /// Its entries, in order (the last of a repeated key is the one that counts).
@@ -267,7 +269,6 @@ impl<'a> Merged<'a> {
         under: impl IntoIterator<Item = (&'a str, &'a RawValue)>,
     ) -> Merged<'a> {
         let mut merged = Merged {
-            text: RawObject::default(),
             source,
             own: OnceCell::new(),
             added: Vec::new(),
@@ -278,12 +279,16 @@ impl<'a> Merged<'a> {
                 merged.added.push((k, v));
             }
         }
-        merged.text = match (source, merged.added.is_empty()) {
+        merged
+    }
+
+    /// The merged object's text, written out.
+    fn text(&self) -> RawObject {
+        match (self.source, self.added.is_empty()) {
             (Some(own), true) => raw::object(own),
             (None, true) => RawObject::default(),
-            (_, false) => with_entries(merged.own_entries(), merged.added.iter().copied()),
-        };
-        merged
+            (_, false) => with_entries(self.own_entries(), self.added.iter().copied()),
+        }
     }
 
     /// The merged object's value of `key`.
@@ -552,7 +557,11 @@ impl<'a> Fields<'a> {
     }
 
     fn read<A: MapAccess<'a>>(mut map: A) -> Result<Fields<'a>, A::Error> {
-        let mut fields = Fields::default();
+        // Room for the fields a message usually has, so the list is allocated once.
+        let mut fields = Fields {
+            known: Vec::with_capacity(Field::ALL.len()),
+            others: BTreeMap::new(),
+        };
         while let Some(Key(key)) = map.next_key()? {
             let value = map.next_value()?;
             match Field::of(&key) {
