@@ -273,7 +273,14 @@ fn settled(
 /// message has no anonymous id, so that one visitor's messages stay ordered in one partition.
 pub fn message_key(tenant_id: i64, anonymous_id: Option<&str>, user_id: Option<&str>) -> String {
     let who = anonymous_id.or(user_id).unwrap_or_default();
-    format!("{tenant_id}/{who}")
+    // One a record: allocated at its size once (`format!` grew it, two allocations).
+    let mut tenant = itoa::Buffer::new();
+    let tenant = tenant.format(tenant_id);
+    let mut key = String::with_capacity(tenant.len() + 1 + who.len());
+    key.push_str(tenant);
+    key.push('/');
+    key.push_str(who);
+    key
 }
 
 #[cfg(test)]
@@ -318,5 +325,6 @@ mod tests {
         assert_eq!(message_key(7, Some("a1"), Some("u1")), "7/a1");
         assert_eq!(message_key(7, None, Some("u1")), "7/u1");
         assert_eq!(message_key(7, None, None), "7/");
+        assert_eq!(message_key(-12, Some("a1"), None), "-12/a1");
     }
 }
