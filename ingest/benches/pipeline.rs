@@ -4,44 +4,14 @@
 
 use std::hint::black_box;
 
-use chrono::Utc;
+use common::{facts, track};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
-use sluice_ingest::auth::Principal;
 use sluice_ingest::enrich::{enrich, RequestFacts};
 use sluice_ingest::payload::{parse, Endpoint, Kind, Limits};
 use sluice_ingest::produce::records;
 
-fn track(i: usize) -> serde_json::Value {
-    json!({
-        "type": "track",
-        "event": "Product Added",
-        "messageId": format!("6f1c2a9e-8d4b-4e1a-9c3f-{i:012}"),
-        "anonymousId": format!("anon-{}", i % 17),
-        "timestamp": "2026-11-24T10:00:00.000Z",
-        "sentAt": "2026-11-24T10:00:01.000Z",
-        "properties": {"product_id": "sku-1042", "price": 19.99, "currency": "EUR", "quantity": 2},
-        "context": {
-            "page": {"url": "https://shop.example/p/1042?utm_source=news&utm_medium=email", "referrer": "https://search.example/"},
-            "userAgent": "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0",
-            "library": {"name": "analytics.js", "version": "2.11.1"}
-        }
-    })
-}
-
-fn facts() -> RequestFacts {
-    RequestFacts {
-        principal: Principal {
-            key_id: 1,
-            tenant_id: 42,
-            workspace_id: 7,
-        },
-        received_at: Utc::now(),
-        ip: Some("203.0.113.9".parse().expect("valid IP literal")),
-        user_agent: Some("Mozilla/5.0".into()),
-        max_future: chrono::TimeDelta::days(1),
-    }
-}
+mod common;
 
 fn run(body: &[u8], endpoint: Endpoint, limits: &Limits, facts: &RequestFacts) -> usize {
     // The copy the request path makes of a body (`read_body` gathers its chunks).

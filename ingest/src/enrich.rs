@@ -259,15 +259,17 @@ fn add_campaign(m: &mut Message, touch: &Touch) {
     if m.peeked.has_campaign || touch.utm.is_empty() {
         return;
     }
-    let campaign: JsonObject = touch
-        .utm
-        .iter()
-        .map(|(k, v)| {
-            let k = if k == "campaign" { "name" } else { k };
-            (k.to_owned(), v.clone())
-        })
-        .collect();
-    let Ok(campaign) = serde_json::value::to_raw_value(&campaign) else {
+    /// The UTM parameters written as the campaign object, not copied into one.
+    struct Campaign<'a>(&'a JsonObject);
+    impl serde::Serialize for Campaign<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().map(|(k, v)| {
+                let k = if k == "campaign" { "name" } else { k };
+                (k, v)
+            }))
+        }
+    }
+    let Ok(campaign) = serde_json::value::to_raw_value(&Campaign(&touch.utm)) else {
         return;
     };
     // `context` has no `campaign` (`has_campaign`), so it is added, not repeated.
