@@ -18,8 +18,9 @@ pub mod defaults {
     pub const LANES: usize = 2;
     /// `SLUICE_WRITER_BATCH_MAX_BYTES`: 32 MiB.
     pub const BATCH_MAX_BYTES: usize = 32 * 1024 * 1024;
-    /// `SLUICE_WRITER_FLUSH_INTERVAL_MS`.
-    pub const FLUSH_INTERVAL_MS: u64 = 500;
+    /// `SLUICE_WRITER_FLUSH_INTERVAL_MS`: a record waits half of it on average before its
+    /// batch is stored; a writer that is behind stores full batches whatever it is.
+    pub const FLUSH_INTERVAL_MS: u64 = 250;
     /// `SLUICE_WRITER_RETENTION_DAYS`.
     pub const RETENTION_DAYS: u32 = 400;
     /// `SLUICE_WRITER_DEDUP_WINDOW_DAYS`.

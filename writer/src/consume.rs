@@ -136,6 +136,12 @@ pub(crate) fn create(
         // 8 MB, against a raw COPY of 105-122k; writer/benches/writer.rs).
         .set("max.partition.fetch.bytes", "8388608")
         .set("fetch.max.bytes", "67108864")
+        // The broker holds a fetch until 256 KB are there or 100 ms have passed. With
+        // librdkafka's 1 byte a writer that keeps up fetches again the moment anything
+        // arrives, and the fetches' CPU (Kafka's and the writer's) starved the stores they
+        // fed (docs/benchmarks.md, the run of 2026-12-07 12:50Z).
+        .set("fetch.min.bytes", "262144")
+        .set("fetch.wait.max.ms", "100")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000");
     properties.apply(&mut client);
