@@ -139,7 +139,7 @@ pub(crate) fn create(
         // The broker holds a fetch until 256 KB are there or 100 ms have passed. With
         // librdkafka's 1 byte a writer that keeps up fetches again the moment anything
         // arrives, and the fetches' CPU (Kafka's and the writer's) starved the stores they
-        // fed (docs/benchmarks.md, the run of 2026-12-07 12:50Z).
+        // fed (docs/benchmarks.md, the run of 2026-12-07 12:30Z).
         .set("fetch.min.bytes", "262144")
         .set("fetch.wait.max.ms", "100")
         .set("session.timeout.ms", "10000")
