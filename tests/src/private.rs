@@ -26,10 +26,19 @@ use tokio::sync::watch;
 
 use crate::{repo_root, unique_name};
 
-/// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
+/// A free TCP port on 127.0.0.1 (free when asked; good enough for tests), taken below Linux's
+/// ephemeral range (32768 and up): a broker a test stops and starts again on its port found it
+/// taken by some client's outgoing connection meanwhile ("Address already in use"), which
+/// port 0 invites, since it hands out ports from that range.
 pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    const PORTS: std::ops::Range<u16> = 20_000..32_768;
+    for _ in 0..1_000 {
+        let port = rand::random_range(PORTS);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port on 127.0.0.1 in {PORTS:?} after 1,000 tries: stop what holds them")
 }
 
 /// A state folder and port settings for `deploy/local/lib.sh`.
