@@ -3,7 +3,7 @@
 //! of the collector's samples under load before they were cut.
 //! Run: `cargo bench -p sluice-ingest --bench allocations`. Figures go in docs/benchmarks.md.
 
-use common::{facts, track};
+use common::{facts, single_track, track};
 use serde_json::json;
 use sluice_ingest::enrich::enrich;
 use sluice_ingest::payload::{decode_body, parse, Endpoint, Kind, Limits};
@@ -54,10 +54,7 @@ fn per_message(body: &[u8], endpoint: Endpoint) -> [f64; 3] {
 
 fn main() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let mut single = track(0);
-    if let Some(o) = single.as_object_mut() {
-        o.remove("type");
-    }
+    let single = single_track();
     // A batch as analytics-node and the load generator send one: the library's context and
     // `sentAt` once, at the batch's top level.
     let shared: Vec<_> = (0..20)

@@ -4,7 +4,7 @@
 
 use std::hint::black_box;
 
-use common::{facts, track};
+use common::{facts, single_track, track};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
 use sluice_ingest::enrich::{enrich, RequestFacts};
@@ -24,10 +24,7 @@ fn run(body: &[u8], endpoint: Endpoint, limits: &Limits, facts: &RequestFacts) -
 fn bench(c: &mut Criterion) {
     let limits = Limits::default();
     let facts = facts();
-    let mut single = track(0);
-    if let Some(o) = single.as_object_mut() {
-        o.remove("type");
-    }
+    let single = single_track();
     let single = serde_json::to_vec(&single).expect("json");
     let batch: Vec<_> = (0..100).map(track).collect();
     let batch = serde_json::to_vec(&json!({ "batch": batch })).expect("json");

@@ -24,6 +24,16 @@ pub fn track(i: usize) -> serde_json::Value {
     })
 }
 
+/// The first track call as `/v1/track` takes it: without `type`, which the path gives.
+pub fn single_track() -> serde_json::Value {
+    let mut single = track(0);
+    if let Some(o) = single.as_object_mut() {
+        o.remove("type");
+    }
+    single
+}
+
+/// The request around the messages: a write key of tenant 42, its address and agent.
 pub fn facts() -> RequestFacts {
     RequestFacts {
         principal: Principal {
