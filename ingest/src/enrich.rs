@@ -47,7 +47,7 @@ pub struct Outgoing {
     /// One per visitor seen in the request.
     pub visitors: Vec<VisitorMessage>,
     /// One per session seen in the request.
-    pub sessions: Vec<SessionMessage>,
+    pub sessions: Vec<SessionMessage<RawObject>>,
 }
 
 /// The client's address: the socket peer, unless the peer is a trusted proxy, in which case
@@ -499,6 +499,62 @@ mod tests {
         assert!(utm_from_url("https://x.io/").is_empty());
         assert!(is_bot("Mozilla/5.0 (compatible; Googlebot/2.1)"));
         assert!(!is_bot("Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0"));
+    }
+
+    #[test]
+    fn a_session_keeps_the_device_and_location_of_its_first_message_as_sent() {
+        let body = r#"{"batch": [
+            {"type": "page", "userId": "u", "anonymousId": "a", "sessionId": "s",
+             "timestamp": "2026-01-01T00:00:02Z",
+             "context": {"os": {"name": "Linux"}, "ip": "1.2.3.4", "locale": "de-DE",
+                         "device": {"type": "desktop", "type": "laptop"}, "timezone": "Europe/Berlin"}},
+            {"type": "track", "event": "E", "anonymousId": "a", "sessionId": "s",
+             "timestamp": "2026-01-01T00:00:01Z",
+             "context": {"os": {"name": "Android"}, "location": {"city": "Bonn"}}}]}"#;
+        let (out, _) = enrich_batch(body, None, None);
+        let [session] = &out.sessions[..] else {
+            panic!("one session: {:?}", out.sessions)
+        };
+        // Read back as the writer reads it: maps, a repeated key's last value winning.
+        let json = serde_json::to_string(session).unwrap();
+        let read: SessionMessage = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            Value::Object(read.device),
+            serde_json::json!({"device": {"type": "laptop"}, "os": {"name": "Linux"}})
+        );
+        assert_eq!(
+            Value::Object(read.geo),
+            serde_json::json!({"timezone": "Europe/Berlin", "locale": "de-DE"})
+        );
+        assert_eq!(read.anonymous_id.as_deref(), Some("a"));
+        assert_eq!((read.event_count, read.page_count), (2, 1));
+        let [visitor] = &out.visitors[..] else {
+            panic!("one visitor: {:?}", out.visitors)
+        };
+        assert_eq!(visitor.event_count, 2);
+        assert_eq!(visitor.user_id.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn summaries_stay_one_per_key_past_the_scanned_few() {
+        // 40 visitors, each twice, in turn: the second round finds them through the index.
+        let messages: Vec<String> = (0..80)
+            .map(|i| {
+                format!(r#"{{"type": "track", "event": "E", "anonymousId": "a{}", "sessionId": "s{}"}}"#, i % 40, i % 40)
+            })
+            .collect();
+        let body = format!(r#"{{"batch": [{}]}}"#, messages.join(","));
+        let (out, _) = enrich_batch(&body, None, None);
+        assert_eq!(out.visitors.len(), 40);
+        assert_eq!(out.sessions.len(), 40);
+        assert!(out.visitors.iter().all(|v| v.event_count == 2));
+        assert!(out.sessions.iter().all(|s| s.event_count == 2));
+        let order: Vec<&str> = out
+            .visitors
+            .iter()
+            .map(|v| v.anonymous_id.as_str())
+            .collect();
+        assert_eq!(order[..3], ["a0", "a1", "a2"], "first-seen order");
     }
 
     #[test]

@@ -232,8 +232,11 @@ pub struct VisitorMessage {
 
 /// A session seen in one collector request, on [`crate::topics::SESSION`]. Merged like
 /// visitors: `started_at` least, `last_seen_at` greatest, counters added.
+///
+/// `J` is how `device` and `geo` are held, as in [`EventMessage`]: the collector writes the
+/// fields it picked from `context` as their text ([`RawObject`]), the writer reads maps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SessionMessage {
+pub struct SessionMessage<J = JsonObject> {
     /// Schema version, [`VERSION`].
     pub v: u16,
     /// Owning tenant.
@@ -263,10 +266,10 @@ pub struct SessionMessage {
     pub first_touch: Touch,
     /// Device facts (`context.device`, `context.os`, user agent, screen).
     #[serde(default)]
-    pub device: JsonObject,
+    pub device: J,
     /// Location facts (`context.location`, `context.timezone`, `context.locale`).
     #[serde(default)]
-    pub geo: JsonObject,
+    pub geo: J,
 }
 
 /// What an identity message does.

@@ -31,7 +31,8 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
     let sent_at = Utc::now() + chrono::Duration::hours(1); // client clock one hour ahead
     let ts = sent_at - chrono::Duration::seconds(10);
     let ctx = json!({"page": {"url": "https://shop.example/?utm_source=news&utm_campaign=spring", "referrer": "https://search.example/"},
-                     "userAgent": "Mozilla/5.0 (compatible; Googlebot/2.1)", "sessionId": "s-1"});
+                     "userAgent": "Mozilla/5.0 (compatible; Googlebot/2.1)", "sessionId": "s-1",
+                     "os": {"name": "Android", "version": "14"}, "locale": "de-DE"});
 
     // Basic auth, as the server SDKs send it.
     let r = c
@@ -206,6 +207,15 @@ async fn every_endpoint_produces_contract_messages_keyed_by_visitor() {
     assert_eq!(s.len(), 2, "track and page each carried session s-1");
     assert!(s.iter().all(|s| s.session_id == "s-1"));
     assert_eq!(s.iter().map(|s| s.page_count).sum::<i64>(), 1);
+    // Device and location, picked from the context as they were sent.
+    for s in &s {
+        assert_eq!(
+            Value::Object(s.device.clone()),
+            json!({"os": {"name": "Android", "version": "14"},
+                   "userAgent": "Mozilla/5.0 (compatible; Googlebot/2.1)"})
+        );
+        assert_eq!(Value::Object(s.geo.clone()), json!({"locale": "de-DE"}));
+    }
 
     // last_used_at is written in the background.
     let client = db.client().await.unwrap();

@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
-use sluice_schema::messages::{
-    JsonObject, RawObject, SessionMessage, Touch, VisitorMessage, VERSION,
-};
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
+use sluice_schema::messages::{RawObject, SessionMessage, Touch, VisitorMessage, VERSION};
 
 use super::Client;
 use crate::auth::Principal;
@@ -25,28 +24,68 @@ struct Summary {
     pages: i64,
     /// Attribution of the earliest message.
     touch: Touch,
-    /// Visitor of the first message (sessions).
-    anonymous_id: Option<String>,
     /// Latest known user id.
     user_id: Option<String>,
-    /// Device facts of the first message (sessions).
-    device: JsonObject,
-    /// Location facts of the first message (sessions).
-    geo: JsonObject,
+    /// What a session keeps of its first message; a visitor's summary has none of it.
+    session: Option<FirstOfSession>,
+}
+
+/// A session's visitor, device and location, from its first message.
+struct FirstOfSession {
+    anonymous_id: Option<String>,
+    device: RawObject,
+    geo: RawObject,
+}
+
+impl FirstOfSession {
+    fn of(m: &Message) -> FirstOfSession {
+        const FIELDS: [&str; 7] = [
+            "device",
+            "os",
+            "screen",
+            "userAgent",
+            "location",
+            "timezone",
+            "locale",
+        ];
+        // One pass over the context for both objects; the values go on as their text (the
+        // guard checked it), not as trees of maps.
+        let found = crate::payload::raw::pick(m.context.get(), &FIELDS);
+        let fields: [(&str, Option<&RawValue>); 7] = std::array::from_fn(|i| (FIELDS[i], found[i]));
+        let (device, geo) = fields.split_at(4);
+        FirstOfSession {
+            anonymous_id: m.anonymous_id.clone(),
+            device: object_of(device),
+            geo: object_of(geo),
+        }
+    }
+}
+
+/// The object of the `fields` that were found, their values as they came.
+fn object_of(fields: &[(&str, Option<&RawValue>)]) -> RawObject {
+    struct Found<'a, 'f>(&'f [(&'a str, Option<&'a RawValue>)]);
+    impl Serialize for Found<'_, '_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().filter_map(|(f, v)| Some((*f, (*v)?))))
+        }
+    }
+    // A map of string keys and JSON values always writes.
+    serde_json::value::to_raw_value(&Found(fields))
+        .ok()
+        .and_then(RawObject::new)
+        .unwrap_or_default()
 }
 
 impl Summary {
-    fn new(at: DateTime<Utc>, m: &Message, touch: &Touch) -> Summary {
+    fn new(at: DateTime<Utc>, m: &Message, touch: &Touch, session: bool) -> Summary {
         Summary {
             first: at,
             last: at,
             events: 0,
             pages: 0,
             touch: touch.clone(),
-            anonymous_id: m.anonymous_id.clone(),
             user_id: m.user_id.clone(),
-            device: pick(&m.context, ["device", "os", "screen", "userAgent"]),
-            geo: pick(&m.context, ["location", "timezone", "locale"]),
+            session: session.then(|| FirstOfSession::of(m)),
         }
     }
 
@@ -68,31 +107,43 @@ impl Summary {
     }
 }
 
-/// The `fields` of `o` there are, as values: read only for a session's first message.
-fn pick<const N: usize>(o: &RawObject, fields: [&str; N]) -> JsonObject {
-    let found = crate::payload::raw::pick(o.get(), &fields);
-    fields
-        .into_iter()
-        .zip(found)
-        .filter_map(|(f, v)| Some((f.to_owned(), serde_json::from_str::<Value>(v?.get()).ok()?)))
-        .collect()
-}
-
-/// Summaries by key in first-seen order: the index map keeps the output deterministic.
+/// Summaries by key in first-seen order. A request has a few visitors and sessions: they are
+/// found by a scan until there are enough for an index to pay (a server's batch of many
+/// users' messages), which keeps the hashing and the keys' second copies off single calls.
 #[derive(Default)]
 struct Keyed {
     entries: Vec<(String, Summary)>,
+    /// Index into `entries`, built once they are [`Keyed::SCANNED`].
     at: HashMap<String, usize>,
 }
 
 impl Keyed {
-    fn add(&mut self, key: &str, at: DateTime<Utc>, m: &Message, touch: &Touch, is_event: bool) {
-        match self.at.get(key) {
-            Some(&i) => self.entries[i].1.add(at, m, touch, is_event),
+    const SCANNED: usize = 16;
+
+    fn find(&mut self, key: &str) -> Option<usize> {
+        if self.entries.len() < Self::SCANNED {
+            return self.entries.iter().position(|(k, _)| k == key);
+        }
+        if self.at.is_empty() {
+            self.at = (self.entries.iter().enumerate())
+                .map(|(i, (k, _))| (k.clone(), i))
+                .collect();
+        }
+        self.at.get(key).copied()
+    }
+
+    /// Counts `m` in the summary of `key`, made when it is the key's first message (with
+    /// what a session keeps of it when `session`).
+    fn add(&mut self, key: &str, at: DateTime<Utc>, m: &Message, touch: &Touch, session: bool) {
+        let is_event = !matches!(m.kind, Kind::Identify | Kind::Alias);
+        match self.find(key) {
+            Some(i) => self.entries[i].1.add(at, m, touch, is_event),
             None => {
-                let mut s = Summary::new(at, m, touch);
+                let mut s = Summary::new(at, m, touch, session);
                 s.add(at, m, touch, is_event);
-                self.at.insert(key.to_owned(), self.entries.len());
+                if !self.at.is_empty() {
+                    self.at.insert(key.to_owned(), self.entries.len());
+                }
                 self.entries.push((key.to_owned(), s));
             }
         }
@@ -119,16 +170,18 @@ impl Summaries {
 
     /// Counts `m`, whose attribution is `touch`, in its visitor's and session's summaries.
     pub(super) fn add(&mut self, at: DateTime<Utc>, m: &Message, touch: &Touch) {
-        let is_event = !matches!(m.kind, Kind::Identify | Kind::Alias);
         if let Some(anon) = m.anonymous_id.as_ref() {
-            self.visitors.add(anon, at, m, touch, is_event);
+            self.visitors.add(anon, at, m, touch, false);
         }
         if let Some(sid) = m.session_id.as_ref() {
-            self.sessions.add(sid, at, m, touch, is_event);
+            self.sessions.add(sid, at, m, touch, true);
         }
     }
 
-    pub(super) fn finish(self, principal: Principal) -> (Vec<VisitorMessage>, Vec<SessionMessage>) {
+    pub(super) fn finish(
+        self,
+        principal: Principal,
+    ) -> (Vec<VisitorMessage>, Vec<SessionMessage<RawObject>>) {
         let Principal {
             tenant_id,
             workspace_id,
@@ -157,20 +210,27 @@ impl Summaries {
             .sessions
             .entries
             .into_iter()
-            .map(|(session_id, s)| SessionMessage {
-                v: VERSION,
-                tenant_id,
-                workspace_id,
-                session_id,
-                anonymous_id: s.anonymous_id,
-                user_id: s.user_id,
-                started_at: s.first,
-                last_seen_at: s.last,
-                event_count: s.events,
-                page_count: s.pages,
-                first_touch: s.touch,
-                device: s.device,
-                geo: s.geo,
+            .map(|(session_id, s)| {
+                let first = s.session.unwrap_or_else(|| FirstOfSession {
+                    anonymous_id: None,
+                    device: RawObject::default(),
+                    geo: RawObject::default(),
+                });
+                SessionMessage {
+                    v: VERSION,
+                    tenant_id,
+                    workspace_id,
+                    session_id,
+                    anonymous_id: first.anonymous_id,
+                    user_id: s.user_id,
+                    started_at: s.first,
+                    last_seen_at: s.last,
+                    event_count: s.events,
+                    page_count: s.pages,
+                    first_touch: s.touch,
+                    device: first.device,
+                    geo: first.geo,
+                }
             })
             .collect();
         (visitors, sessions)
