@@ -9,19 +9,19 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use serde::Serialize;
 use sluice_schema::kafka::{ErrorTap, TapContext};
 use sluice_schema::topics;
 use sluice_schema::topics::{message_key, DataTopic, Topics};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::config::Config;
 use crate::enrich::Outgoing;
@@ -201,9 +201,11 @@ impl ProducerContext for AckContext {
 
 /// The Kafka [`Sink`].
 pub struct KafkaSink {
-    /// The shared producer; rdkafka batches across requests inside it, and its thread runs the
-    /// delivery callbacks.
-    producer: ThreadedProducer<AckContext>,
+    /// The shared producer; rdkafka batches across requests inside it. [`serve_deliveries`]
+    /// runs its delivery callbacks.
+    producer: Arc<BaseProducer<AckContext>>,
+    /// Wakes [`serve_deliveries`] when records are sent to an idle producer.
+    sent: Arc<Notify>,
     /// The producer's last client-wide error (refused credentials, TLS), for `/readyz`.
     tap: ErrorTap,
     /// Topic names.
@@ -256,11 +258,16 @@ impl KafkaSink {
     pub fn new(config: &Config) -> Result<KafkaSink, IngestError> {
         let context = AckContext::default();
         let tap = context.tap.tap.clone();
-        let producer: ThreadedProducer<AckContext> = producer_config(config)
-            .create_with_context(context)
-            .map_err(|e| IngestError::KafkaConfig(sluice_schema::kafka::describe_error(&e)))?;
+        let producer: Arc<BaseProducer<AckContext>> = Arc::new(
+            producer_config(config)
+                .create_with_context(context)
+                .map_err(|e| IngestError::KafkaConfig(sluice_schema::kafka::describe_error(&e)))?,
+        );
+        let sent = Arc::new(Notify::new());
+        tokio::spawn(serve_deliveries(Arc::downgrade(&producer), sent.clone()));
         Ok(KafkaSink {
             producer,
+            sent,
             tap,
             topics: config.topics(),
             timeout: config.produce_timeout(),
@@ -295,6 +302,7 @@ impl Sink for KafkaSink {
                 Err((err, _)) => return Err(ProduceError::Kafka(err)),
             }
         }
+        self.sent.notify_one();
         // librdkafka copied every key and payload: ours go before the wait (see `handle`).
         drop(records);
         drop(acks);
@@ -348,6 +356,39 @@ impl Sink for KafkaSink {
         }
     }
 }
+
+/// Serves the producer's delivery reports (and client-wide errors) on the runtime: every
+/// millisecond while records are owed, else when a send wakes it or every 100 ms. rdkafka's
+/// `ThreadedProducer` gives them a thread of its own, which woke for each report and then woke
+/// a runtime worker for each request it answered: below saturation that thread and the
+/// wake-ups were a tenth of the collector's CPU (docs/benchmarks.md, "Deliveries on the
+/// runtime"). Ends when the sink is dropped.
+async fn serve_deliveries(producer: Weak<BaseProducer<AckContext>>, sent: Arc<Notify>) {
+    loop {
+        let Some(p) = producer.upgrade() else {
+            return;
+        };
+        // One event (a partition batch's reports, or an error) per `poll(0)`; served until
+        // the count of records owed stops falling, so the reports of a burst go at once.
+        for _ in 0..MAX_EVENTS_A_TURN {
+            let owed = p.in_flight_count();
+            p.poll(Duration::ZERO);
+            if p.in_flight_count() == owed {
+                break;
+            }
+        }
+        let idle = p.in_flight_count() == 0;
+        drop(p);
+        if idle {
+            let _ = tokio::time::timeout(Duration::from_millis(100), sent.notified()).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Events served in one turn at most, so a flood of reports cannot hold a worker.
+const MAX_EVENTS_A_TURN: usize = 256;
 
 /// Creates the topics of `config` that are missing.
 pub async fn ensure_topics(config: &Config) -> Result<(), String> {
