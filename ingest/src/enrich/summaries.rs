@@ -31,6 +31,7 @@ struct Summary {
 }
 
 /// A session's visitor, device and location, from its first message.
+#[derive(Default)]
 struct FirstOfSession {
     anonymous_id: Option<String>,
     device: RawObject,
@@ -211,11 +212,8 @@ impl Summaries {
             .entries
             .into_iter()
             .map(|(session_id, s)| {
-                let first = s.session.unwrap_or_else(|| FirstOfSession {
-                    anonymous_id: None,
-                    device: RawObject::default(),
-                    geo: RawObject::default(),
-                });
+                // Always there: sessions are made with it (`Summaries::add`).
+                let first = s.session.unwrap_or_default();
                 SessionMessage {
                     v: VERSION,
                     tenant_id,
