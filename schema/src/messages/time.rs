@@ -36,6 +36,9 @@ const LONGEST: usize = 30;
 
 /// The text of `t` in `buf`, or `None` when its year is outside 0-9999.
 fn format<'b>(t: &DateTime<Utc>, buf: &'b mut [u8; LONGEST]) -> Option<&'b str> {
+    // The UTC fields read off the naive time: each read through `DateTime<Utc>` adds the zero
+    // offset again (chrono's `naive_local`), six times a time.
+    let t = t.naive_utc();
     let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
     let mut nanos = t.nanosecond();
     let mut second = t.second();
