@@ -13,7 +13,8 @@
 //! - [`query_scalar`], [`query_column`], [`query_pairs`]: the one value, the first column or
 //!   the first two columns of a query.
 //! - [`create_topics`], [`unique_name`]: topics of a test's own.
-//! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes.
+//! - [`bin_path`]: the sluice binaries, for tests that run (and kill) real processes;
+//!   [`ServiceLog`]: where such a process writes its log, and its tail for a failure.
 //! - [`private`]: Kafka and PostgreSQL instances of a test's own, and a TCP proxy to cut.
 //! - [`ingest`]: a collector served in-process ([`ingest::served`] opens most collector
 //!   tests: database, account, ready collector), [`ingest::post_json`], reading topics back.
@@ -25,7 +26,7 @@
 //! - [`sdk`]: the third-party SDKs the compatibility tests drive.
 //! - [`tls`]: certificates made with `openssl` for TLS-only instances.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -109,6 +110,49 @@ pub fn repo_root() -> PathBuf {
 /// A name no other test of any run uses: `{prefix}_{random hex}`.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// The log file of a service a test runs as a process, in the temporary folder: removed when
+/// the test is done with it, kept (and named on stderr) when the test panics, so a failure's
+/// log can be read in full; a run of the suite no longer leaves a dozen logs behind.
+pub struct ServiceLog {
+    path: PathBuf,
+}
+
+impl ServiceLog {
+    /// A log named `{name}.log`; `name` should come from [`unique_name`].
+    pub fn new(name: &str) -> ServiceLog {
+        ServiceLog {
+            path: std::env::temp_dir().join(format!("{name}.log")),
+        }
+    }
+
+    /// Where the service writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Everything written so far (empty if nothing was).
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+
+    /// The last `lines` lines, to print beside a failure.
+    pub fn tail(&self, lines: usize) -> String {
+        let text = self.text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for ServiceLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("service log kept: {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// A database of one test's own, created empty on the shared cluster and dropped with it

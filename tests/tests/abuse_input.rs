@@ -21,7 +21,7 @@ use sluice_tests::abuse::{cases, gzip};
 use sluice_tests::faults::vm_kib;
 use sluice_tests::ingest::{account, consume, consume_exactly, ingest_command, served, Collector};
 use sluice_tests::private::free_port;
-use sluice_tests::{unique_name, Stack, TestDb};
+use sluice_tests::{unique_name, ServiceLog, Stack, TestDb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -359,8 +359,8 @@ async fn collector_memory_stays_bounded_under_oversized_bodies_gzip_bombs_and_co
     let acct = account(&db, "abuse-rss").await.unwrap();
     let prefix = format!("{}.", unique_name("ar"));
     let (port, metrics_port) = (free_port().unwrap(), free_port().unwrap());
-    let log = std::env::temp_dir().join(format!("{prefix}log"));
-    let mut collector = ingest_command(&db.url, &prefix, port, metrics_port, &log)
+    let log = ServiceLog::new(&format!("{prefix}ingest"));
+    let mut collector = ingest_command(&db.url, &prefix, port, metrics_port, log.path())
         .unwrap()
         // The abusers share one key: rate limiting would refuse them before their bodies are
         // read, and the test is about what reading them costs.
@@ -382,7 +382,7 @@ async fn collector_memory_stays_bounded_under_oversized_bodies_gzip_bombs_and_co
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "sluice-ingest not ready: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            log.text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

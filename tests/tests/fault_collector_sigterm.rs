@@ -11,7 +11,7 @@ use sluice_schema::topics::Topics;
 use sluice_tests::faults::{message_ids_in_topic, reconcile, Load};
 use sluice_tests::ingest::{account, ingest_command};
 use sluice_tests::private::free_port;
-use sluice_tests::{unique_name, Stack, TestDb};
+use sluice_tests::{unique_name, ServiceLog, Stack, TestDb};
 use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,8 +20,8 @@ async fn sigterm_under_load_loses_no_acknowledged_message() -> Result<()> {
     let acct = account(&db, "sigterm").await?;
     let prefix = format!("{}.", unique_name("st"));
     let (port, metrics_port) = (free_port()?, free_port()?);
-    let log = std::env::temp_dir().join(format!("{}log", prefix));
-    let mut collector = ingest_command(&db.url, &prefix, port, metrics_port, &log)?
+    let log = ServiceLog::new(&format!("{prefix}ingest"));
+    let mut collector = ingest_command(&db.url, &prefix, port, metrics_port, log.path())?
         .env("SLUICE_READINESS_INTERVAL_MS", "200")
         // The load is the test's, not an abuser: no 429s mixed into the outcome.
         .env("SLUICE_RATE_LIMIT_PER_KEY_PER_SECOND", "0")
@@ -33,10 +33,7 @@ async fn sigterm_under_load_loses_no_acknowledged_message() -> Result<()> {
     while !matches!(http.get(&ready).send().await, Ok(r) if r.status() == 200) {
         waited += 1;
         if waited > 300 {
-            bail!(
-                "sluice-ingest not ready in 30 s: {}",
-                std::fs::read_to_string(&log)?
-            );
+            bail!("sluice-ingest not ready in 30 s: {}", log.text());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -62,7 +59,7 @@ async fn sigterm_under_load_loses_no_acknowledged_message() -> Result<()> {
         .await
         .context("sluice-ingest did not exit within 30 s of SIGTERM")??;
     let report = load.finish().await;
-    let logs = std::fs::read_to_string(&log)?;
+    let logs = log.text();
     assert!(exit.success(), "sluice-ingest exited with {exit}: {logs}");
     assert!(logs.contains("draining"), "the collector drained: {logs}");
     assert!(

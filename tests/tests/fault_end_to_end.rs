@@ -17,7 +17,7 @@ use sluice_tests::faults::{settle_in_table, Load, LoadReport};
 use sluice_tests::ingest::{account, Account, Collector};
 use sluice_tests::private::TcpProxy;
 use sluice_tests::writer::{event_rows, writer_command, RunningWriter};
-use sluice_tests::{unique_name, Stack, TestDb};
+use sluice_tests::{unique_name, ServiceLog, Stack, TestDb};
 use tokio::process::Child;
 
 /// `postgres://user@host:port/db` with host:port replaced by `addr`.
@@ -111,10 +111,10 @@ fn spawn_writer(db: &TestDb, prefix: &str, group: &str, log: &std::path::Path) -
 async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing() -> Result<()> {
     let (db, acct, collector, prefix) = served_for_load("kill").await?;
     let group = unique_name("g");
-    let log = std::env::temp_dir().join(format!("{group}.log"));
+    let log = ServiceLog::new(&group);
     let mut writers = vec![
-        spawn_writer(&db, &prefix, &group, &log)?,
-        spawn_writer(&db, &prefix, &group, &log)?,
+        spawn_writer(&db, &prefix, &group, log.path())?,
+        spawn_writer(&db, &prefix, &group, log.path())?,
     ];
     let load = Load::paced(&collector.url(""), &acct.key.plaintext, "wk", 4, 25);
     let client = db.client().await?;
@@ -133,7 +133,7 @@ async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing(
         writers[victim].wait().await?;
         last = event_rows(&client).await?;
         eprintln!("kill {round}: writer {victim} SIGKILLed with {last} rows stored");
-        writers[victim] = spawn_writer(&db, &prefix, &group, &log)?;
+        writers[victim] = spawn_writer(&db, &prefix, &group, log.path())?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = load.finish().await;
@@ -151,12 +151,7 @@ async fn writers_sigkilled_during_copy_and_rebalance_lose_and_duplicate_nothing(
         w.start_kill()?;
     }
     if r.lost != 0 || r.duplicates != 0 {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        eprintln!(
-            "writer log tail:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
+        eprintln!("writer log tail:\n{}", log.tail(30));
     }
     assert_eq!(r.lost, 0, "acknowledged messages not stored");
     assert_eq!(r.duplicates, 0, "messages stored twice");

@@ -27,7 +27,7 @@ use sluice_tests::faults::{
 use sluice_tests::ingest::{account, Collector};
 use sluice_tests::private::{free_port, PrivateKafka, TcpProxy};
 use sluice_tests::writer::{event_rows, writer_command, RunningWriter};
-use sluice_tests::{unique_name, TestDb};
+use sluice_tests::{unique_name, ServiceLog, TestDb};
 
 /// One test of this file at a time (see the header).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -236,9 +236,9 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
 
     // The real binary: its Kafka client is alone in its process, and it is the deployment's.
     let metrics_port = free_port()?;
-    let log = std::env::temp_dir().join(format!("{prefix}writer.log"));
+    let log = ServiceLog::new(&format!("{prefix}writer"));
     let brokers = proxy.addr().to_string();
-    let mut writer = writer_command(&db.url, &brokers, &prefix, &unique_name("g"), &log)?
+    let mut writer = writer_command(&db.url, &brokers, &prefix, &unique_name("g"), log.path())?
         .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
         .spawn()
         .context("starting sluice-writer (cargo build -p sluice-writer --bins)")?;
@@ -307,7 +307,8 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
     .await;
     let alive = writer.try_wait()?.is_none();
     let _ = writer.start_kill();
-    let (stored_before, outages, report, r) = outcome.inspect_err(|_| print_tail(&log))?;
+    let (stored_before, outages, report, r) =
+        outcome.inspect_err(|_| eprintln!("writer log tail:\n{}", log.tail(40)))?;
     eprintln!(
         "writer's Kafka link black-holed and cut: {r:?}, {stored_before} rows before, statuses {:?}",
         report.statuses
@@ -333,20 +334,10 @@ async fn writer_cut_from_kafka_rejoins_and_stores_everything_once() -> Result<()
         );
     }
     if r.lost != 0 || r.duplicates != 0 {
-        print_tail(&log);
+        eprintln!("writer log tail:\n{}", log.tail(40));
     }
     assert_eq!(r.lost, 0, "acknowledged messages not stored");
     assert_eq!(r.duplicates, 0, "messages stored twice");
     collector.stop().await?;
     Ok(())
-}
-
-/// Prints the end of the writer's log, to explain a failure.
-fn print_tail(log: &std::path::Path) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let tail: Vec<&str> = text.lines().rev().take(40).collect();
-    eprintln!(
-        "writer log tail:\n{}",
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    );
 }

@@ -11,7 +11,7 @@ use sluice_tests::faults::{message_ids_in_table, reconcile, vm_kib, Load};
 use sluice_tests::ingest::{account, Collector};
 use sluice_tests::private::free_port;
 use sluice_tests::writer::writer_command;
-use sluice_tests::{query_scalar, unique_name, Stack, TestDb};
+use sluice_tests::{query_scalar, unique_name, ServiceLog, Stack, TestDb};
 
 /// Resident set of `pid`, in MiB.
 fn rss_mib(pid: u32) -> Option<u64> {
@@ -40,9 +40,9 @@ async fn a_table_lock_backs_batches_up_with_bounded_memory_and_no_loss() -> Resu
     let prefix = config.topic_prefix.clone();
     let collector = Collector::start(config).await?;
     let metrics_port = free_port()?;
-    let log = std::env::temp_dir().join(format!("{}writer.log", prefix));
+    let log = ServiceLog::new(&format!("{prefix}writer"));
     let brokers = &Stack::get().kafka_brokers;
-    let mut writer = writer_command(&db.url, brokers, &prefix, &unique_name("g"), &log)?
+    let mut writer = writer_command(&db.url, brokers, &prefix, &unique_name("g"), log.path())?
         .env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
         .spawn()
         .context("starting sluice-writer (cargo build -p sluice-writer --bins)")?;

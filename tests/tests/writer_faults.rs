@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use sluice_tests::private::{PrivateKafka, PrivatePostgres};
 use sluice_tests::query_scalar;
 use sluice_tests::writer::{assert_stored_exactly_once, writer_command, RunningWriter, WriterEnv};
-use sluice_tests::Stack;
+use sluice_tests::{ServiceLog, Stack};
 use tokio::process::Child;
 
 /// Events streamed through the kill test.
@@ -27,8 +27,8 @@ fn spawn_writer(env: &WriterEnv, log: &std::path::Path) -> Result<Child> {
 async fn kill_9_during_the_stream_loses_and_duplicates_nothing() -> Result<()> {
     let env = WriterEnv::new(4).await?;
     let db = env.db.client().await?;
-    let log = std::env::temp_dir().join(format!("{}.log", env.group));
-    let mut writer = spawn_writer(&env, &log)?;
+    let log = ServiceLog::new(&env.group);
+    let mut writer = spawn_writer(&env, log.path())?;
     let stream = env.stream(KILL_TEST_EVENTS, 5_000);
     let mut kills = Vec::new();
     let mut last = 0_i64;
@@ -47,7 +47,7 @@ async fn kill_9_during_the_stream_loses_and_duplicates_nothing() -> Result<()> {
         writer.start_kill()?; // SIGKILL: no drain, mid-batch
         writer.wait().await?;
         kills.push(last);
-        writer = spawn_writer(&env, &log)?;
+        writer = spawn_writer(&env, log.path())?;
     }
     eprintln!("killed with {kills:?} events stored");
     assert!(
@@ -60,12 +60,7 @@ async fn kill_9_during_the_stream_loses_and_duplicates_nothing() -> Result<()> {
         assert_stored_exactly_once(&db, KILL_TEST_EVENTS as i64, Duration::from_secs(240)).await;
     writer.start_kill()?;
     if outcome.is_err() {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        eprintln!(
-            "writer log tail:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
+        eprintln!("writer log tail:\n{}", log.tail(40));
     }
     outcome
 }

@@ -17,7 +17,7 @@ use rdkafka::producer::FutureRecord;
 use sluice_schema::topics::message_key;
 use sluice_tests::private::free_port;
 use sluice_tests::writer::{event, event_rows, visitor, wait_for_count, writer_command, WriterEnv};
-use sluice_tests::{repo_root, unique_name};
+use sluice_tests::{repo_root, unique_name, ServiceLog};
 use yaml_rust2::YamlLoader;
 
 const BACKLOG: usize = 40_000;
@@ -184,10 +184,16 @@ async fn writer_lag_series_agree_after_a_rebalance() -> Result<()> {
         }
     }
 
-    let log = std::env::temp_dir().join(format!("{}.log", unique_name("lag_rebalance")));
+    let log = ServiceLog::new(&unique_name("lag_rebalance"));
     let (port_a, port_b) = (free_port()?, free_port()?);
     let spawn = |port: u16| -> Result<tokio::process::Child> {
-        let mut cmd = writer_command(&env.db.url, &env.brokers, &env.prefix, &env.group, &log)?;
+        let mut cmd = writer_command(
+            &env.db.url,
+            &env.brokers,
+            &env.prefix,
+            &env.group,
+            log.path(),
+        )?;
         // Small batches on one lane: the backlog lasts long enough for a lag export and a join.
         cmd.env("SLUICE_METRICS_LISTEN", format!("127.0.0.1:{port}"))
             .env("SLUICE_WRITER_BATCH_MAX_ROWS", "100")
@@ -289,6 +295,5 @@ async fn writer_lag_series_agree_after_a_rebalance() -> Result<()> {
             before.lag
         );
     }
-    let _ = std::fs::remove_file(&log);
     Ok(())
 }

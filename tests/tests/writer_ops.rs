@@ -11,7 +11,7 @@ use sluice_tests::query_scalar;
 use sluice_tests::writer::{
     event, http_get, wait_for_count, writer_command, RunningWriter, WriterEnv,
 };
-use sluice_tests::Stack;
+use sluice_tests::{ServiceLog, Stack};
 
 async fn get(port: u16, path: &str) -> Result<(u16, String)> {
     let out = http_get(port, path).await?;
@@ -106,9 +106,9 @@ async fn health_readiness_and_metrics_answer_on_the_metrics_port() -> Result<()>
 async fn sigterm_stores_the_open_batch_and_exits_cleanly() -> Result<()> {
     let env = WriterEnv::new(1).await?;
     let db = env.db.client().await?;
-    let log = std::env::temp_dir().join(format!("{}writer.log", env.prefix));
+    let log = ServiceLog::new(&format!("{}writer", env.prefix));
     let brokers = &Stack::get().kafka_brokers;
-    let mut child = writer_command(&env.db.url, brokers, &env.prefix, &env.group, &log)?
+    let mut child = writer_command(&env.db.url, brokers, &env.prefix, &env.group, log.path())?
         // A batch that waits a minute: only the drain can store it in time.
         .env("SLUICE_WRITER_FLUSH_INTERVAL_MS", "60000")
         .spawn()?;
