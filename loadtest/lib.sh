@@ -8,6 +8,16 @@ proc_ticks() {
   for p in "$@"; do sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null; done | awk '{ s += $12 + $13 } END { printf "%d", s + 0 }'
 }
 
+# `kafka_ticks PID`: the part of proc_ticks spent in PID's librdkafka threads (named `rdk:`,
+# e.g. rdk:broker1, the thread that builds, compresses and sends the produce requests).
+kafka_ticks() {
+  cat /proc/"$1"/task/*/stat 2>/dev/null | awk '
+    { name = $0; sub(/^[^(]*\(/, "", name); sub(/\).*$/, "", name)
+      rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " ")
+      if (name ~ /^rdk:/) s += f[12] + f[13] }
+    END { printf "%d", s + 0 }'
+}
+
 # `make_keys N LABEL`: N new tenants with a workspace and write key each; prints the keys,
 # comma-separated (SLUICE_LOADTEST_KEYS). Needs SLUICE_DATABASE_URL and BIN_DIR.
 make_keys() {
