@@ -60,9 +60,14 @@ struct DropTopicsArgs {
 #[derive(Args)]
 #[command(mut_args(own_words(&[("database_url", "PostgreSQL to fill (migrated)")])))]
 struct FillArgs {
-    /// Rows to add to `event`, and claims to `event_dedup`.
+    /// Rows to add to `event`, and claims to `event_dedup` (with `--top-up`: rows to have).
     #[arg(long, default_value_t = 20_000_000)]
     rows: i64,
+    /// Add only what is missing for `--rows` in the current month of `event` and the last
+    /// seven days of `event_dedup` (planner estimates): a second run on the same database
+    /// adds little or nothing.
+    #[arg(long)]
+    top_up: bool,
     #[command(flatten)]
     database_args: DatabaseArgs,
 }
@@ -313,10 +318,12 @@ async fn fill(args: FillArgs) -> anyhow::Result<ExitCode> {
     let url = args.database_args.url()?;
     let client = sluice_loadtest::keys::connect(&url).await?;
     let rows = args.rows;
-    let report = sluice_loadtest::fill::fill(&client, rows, |done, s| {
-        eprintln!("fill: {done} of {rows} rows, {s:.0} s");
-    })
-    .await?;
+    let progress = |done: i64, s: f64| eprintln!("fill: {done} rows added, {s:.0} s");
+    let report = if args.top_up {
+        sluice_loadtest::fill::top_up(&client, rows, progress).await?
+    } else {
+        sluice_loadtest::fill::fill(&client, rows, progress).await?
+    };
     println!("{report}");
     Ok(ExitCode::SUCCESS)
 }

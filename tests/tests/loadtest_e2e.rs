@@ -165,9 +165,9 @@ async fn every_acknowledged_event_is_stored_once_and_verify_catches_loss_and_dup
 
 /// The benchmarks' steady state: `fill` adds the rows and claims it says, under tenants no
 /// test or seed uses, every claim in a day partition the writer keeps, and leaves the tables
-/// vacuumed (the planner's estimate is the row count).
+/// vacuumed (the planner's estimate is the row count); `top_up` adds only what is missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fill_adds_rows_and_claims_of_its_own_tenants_and_leaves_them_vacuumed() {
+async fn fill_adds_rows_and_claims_of_its_own_tenants_leaves_them_vacuumed_and_tops_up() {
     let db = TestDb::migrated().await.unwrap();
     let client = db.client().await.unwrap();
     let mut progress = Vec::new();
@@ -195,4 +195,16 @@ async fn fill_adds_rows_and_claims_of_its_own_tenants_and_leaves_them_vacuumed()
     )
     .await;
     assert!(vacuumed > 0, "the filled leaves were vacuumed");
+
+    // Run again to the same size, a top-up finds the fill and adds nothing; to a larger one,
+    // only the difference.
+    use sluice_loadtest::fill::{held, top_up};
+    assert_eq!(held(&client).await.unwrap(), 2_500);
+    let again = top_up(&client, 2_500, |_, _| {}).await.unwrap();
+    assert_eq!((again.held, again.rows), (2_500, 0));
+    let more = top_up(&client, 3_000, |_, _| {}).await.unwrap();
+    assert_eq!((more.held, more.rows), (2_500, 500));
+    assert_eq!(scalar("SELECT count(*) FROM event").await, 3_000);
+    assert_eq!(scalar("SELECT count(*) FROM event_dedup").await, 3_000);
+    assert_eq!(held(&client).await.unwrap(), 3_000);
 }
