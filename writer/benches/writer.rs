@@ -283,7 +283,8 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize, fill_rows: i64) -> 
 
     let group = unique("bench");
     let mut config = sluice_writer::Config::for_tests(brokers, &url, &prefix, &group);
-    config.batch_max_rows = 20_000;
+    let batch_rows = 20_000;
+    config.batch_max_rows = batch_rows;
     config.flush_interval_ms = 500;
     config.lanes = env("SLUICE_WRITER_LANES", "2").parse()?;
     config.kafka_args.kafka_properties = env("SLUICE_KAFKA_PROPERTIES", "")
@@ -314,6 +315,11 @@ async fn e2e_bench(admin_url: &str, brokers: &str, n: usize, fill_rows: i64) -> 
     let took = started.elapsed();
     // Sustained: from the first committed batch to the last (start-up and group join excluded).
     let sustained = first.map(|(t, c)| rate(n - c, t.elapsed())).unwrap_or(0.0);
+    if first.is_some_and(|(_, c)| c >= n) {
+        eprintln!(
+            "e2e: every row landed in the first commit seen: no sustained rate (0); give more rows than a batch holds ({batch_rows})"
+        );
+    }
     let _ = stop_tx.send(());
     writer.await??;
     let writer_rate = rate(n, took);
