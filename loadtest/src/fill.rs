@@ -14,6 +14,10 @@ use crate::Error;
 /// Rows a statement inserts: a transaction of a minute or so, progress between them.
 const CHUNK: i64 = 1_000_000;
 
+/// Days before now the fill's claims spread over (inside the writer's 7-day window), and so
+/// the days [`held`] counts claims in.
+const CLAIM_DAYS: i64 = 6;
+
 /// What [`fill`] did.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct FillReport {
@@ -66,8 +70,8 @@ pub async fn fill(
     let until = now - chrono::Duration::hours(1);
     let rows = rows.max(0);
     let step_us = (until - month_start).num_microseconds().unwrap_or(0) as f64 / rows.max(1) as f64;
-    let claims_from = now.timestamp_millis() - 6 * DAY_MS;
-    let claim_step_ms = (6 * DAY_MS / rows.max(1)).max(1);
+    let claims_from = now.timestamp_millis() - CLAIM_DAYS * DAY_MS;
+    let claim_step_ms = (CLAIM_DAYS * DAY_MS / rows.max(1)).max(1);
     let started = Instant::now();
     let mut done = 0;
     while done < rows {
@@ -120,7 +124,7 @@ pub async fn top_up(
 pub async fn held(client: &Client) -> Result<i64, Error> {
     let today = Utc::now().date_naive();
     let month = sluice_schema::partitions::month_table_name(today);
-    let days: Vec<String> = (0..=6)
+    let days: Vec<String> = (0..=CLAIM_DAYS.unsigned_abs())
         .map(|back| dedup::day_table_name(today - chrono::Days::new(back)))
         .collect();
     let row = client
