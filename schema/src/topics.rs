@@ -269,18 +269,27 @@ fn settled(
     Ok(())
 }
 
-/// The key of every data message: `{tenant_id}/{anonymous_id}`, or the user id when the
-/// message has no anonymous id, so that one visitor's messages stay ordered in one partition.
-pub fn message_key(tenant_id: i64, anonymous_id: Option<&str>, user_id: Option<&str>) -> String {
+/// Appends the key of every data message to `out`: `{tenant_id}/{anonymous_id}`, or the user
+/// id when the message has no anonymous id, so that one visitor's messages stay ordered in
+/// one partition. Appended, so a request's keys and payloads can share one buffer.
+pub fn message_key_into(
+    out: &mut Vec<u8>,
+    tenant_id: i64,
+    anonymous_id: Option<&str>,
+    user_id: Option<&str>,
+) {
     let who = anonymous_id.or(user_id).unwrap_or_default();
-    // One a record: allocated at its size once (`format!` grew it, two allocations).
-    let mut tenant = itoa::Buffer::new();
-    let tenant = tenant.format(tenant_id);
-    let mut key = String::with_capacity(tenant.len() + 1 + who.len());
-    key.push_str(tenant);
-    key.push('/');
-    key.push_str(who);
-    key
+    out.extend_from_slice(itoa::Buffer::new().format(tenant_id).as_bytes());
+    out.push(b'/');
+    out.extend_from_slice(who.as_bytes());
+}
+
+/// [`message_key_into`] as a `String` of its own.
+pub fn message_key(tenant_id: i64, anonymous_id: Option<&str>, user_id: Option<&str>) -> String {
+    let mut key = Vec::new();
+    message_key_into(&mut key, tenant_id, anonymous_id, user_id);
+    // Written from `&str`s only: always UTF-8.
+    String::from_utf8(key).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -322,9 +331,15 @@ mod tests {
 
     #[test]
     fn key_prefers_anonymous_id_then_user_id() {
-        assert_eq!(message_key(7, Some("a1"), Some("u1")), "7/a1");
+        let key = |tenant_id, anonymous_id, user_id| {
+            let mut out = b"before".to_vec();
+            message_key_into(&mut out, tenant_id, anonymous_id, user_id);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(key(7, Some("a1"), Some("u1")), "before7/a1");
+        assert_eq!(key(7, None, Some("u1")), "before7/u1");
+        assert_eq!(key(7, None, None), "before7/");
+        assert_eq!(key(-12, Some("a1"), None), "before-12/a1");
         assert_eq!(message_key(7, None, Some("u1")), "7/u1");
-        assert_eq!(message_key(7, None, None), "7/");
-        assert_eq!(message_key(-12, Some("a1"), None), "-12/a1");
     }
 }

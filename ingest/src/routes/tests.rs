@@ -12,22 +12,29 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::auth::{KeyRow, StoreError};
-use crate::produce::{ProduceError, Record};
+use crate::produce::{ProduceError, Records};
 use sluice_schema::topics::DataTopic;
 
 /// Records what it is sent, or fails as told.
 #[derive(Default)]
 struct MemSink {
-    sent: Mutex<Vec<Record>>,
+    sent: Mutex<Vec<Sent>>,
     fail: Option<fn() -> ProduceError>,
 }
 
 impl Sink for MemSink {
-    async fn send(&self, records: Vec<Record>) -> Result<(), ProduceError> {
+    async fn send(&self, records: Records) -> Result<(), ProduceError> {
         if let Some(fail) = self.fail {
             return Err(fail());
         }
-        self.sent.lock().unwrap().extend(records);
+        self.sent
+            .lock()
+            .unwrap()
+            .extend(records.iter().map(|r| Sent {
+                topic: r.topic,
+                key: String::from_utf8(r.key.to_vec()).unwrap(),
+                payload: r.payload.to_vec(),
+            }));
         Ok(())
     }
     fn queue_depth(&self) -> usize {
@@ -37,6 +44,14 @@ impl Sink for MemSink {
         Ok(())
     }
     async fn flush(&self, _: Duration) {}
+}
+
+/// A record the sink was sent, kept.
+#[derive(Clone)]
+struct Sent {
+    topic: DataTopic,
+    key: String,
+    payload: Vec<u8>,
 }
 
 /// Keys by prefix, or down.
