@@ -29,7 +29,7 @@ use crate::error::IngestError;
 use crate::metrics;
 
 /// One Kafka record, borrowed from its request's [`Records`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Record<'a> {
     /// Destination.
     pub topic: DataTopic,
@@ -43,7 +43,7 @@ pub struct Record<'a> {
 /// order within a partition. Keys and payloads are written one after another into a single
 /// buffer: a record costs no allocation or copy of its own before librdkafka copies it (a
 /// `Vec` and a `String` a record were 6 of a single call's 52 allocations).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Records {
     bytes: Vec<u8>,
     /// Each record's topic and where its key and its payload end in `bytes` (each starts
