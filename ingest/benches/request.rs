@@ -1,11 +1,12 @@
 //! The collector's CPU a request, in process: a request handed to the router as hyper hands it
 //! over (with the peer's address), routed, read, parsed, authorized (the key cached), limited,
-//! enriched, serialised and "produced" to a sink that acknowledges at once, the answer
-//! written; with the Prometheus recorder installed, so every metric is paid for. What the live
-//! collector spends beyond it is HTTP on the wire (the bare server's floor in
-//! `loadtest/ab-collector`) and librdkafka: this isolates the work of the collector's own code
-//! per request, the part a single call's cuts change, from the run-to-run noise of the live
-//! side-by-side runs.
+//! enriched, serialised and "produced" to a sink that acknowledges at once, the answer made;
+//! with the collector's allocator and its Prometheus recorder, so every allocation and metric
+//! is paid for (building the request's head, hyper's part, is timed too, alike in every
+//! build). What the live collector spends beyond it is HTTP on the wire (the bare server's
+//! floor in `loadtest/ab-collector`), librdkafka, and the waits and wake-ups around Kafka's
+//! answer: this isolates the collector's own code per request from the run-to-run noise of
+//! the live side-by-side runs.
 //! Run: `cargo bench -p sluice-ingest --bench request`. Figures go in docs/benchmarks.md.
 
 use std::collections::HashMap;
