@@ -75,19 +75,15 @@ impl<S: Sink, K: KeyStore> App<S, K> {
     }
 }
 
-/// What the per-endpoint handlers return.
-type HandlerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
-
 /// The public API's routes. Segment's short paths (`/v1/t`, `/v1/p`, ...) are the ones
 /// analytics.js posts to, so they are served too, and so is Segment's pixel API
 /// (`/v1/pixel/<type>`), for `<img>` tags written for Segment.
 pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
-    fn on<S: Sink, K: KeyStore>(
-        endpoint: Endpoint,
-    ) -> impl Fn(State<Arc<App<S, K>>>, Request) -> HandlerFuture + Clone + Send + Sync + 'static
-    {
-        move |State(app), req| Box::pin(async move { ingest(app, endpoint, req).await })
-    }
+    // A closure making the handlers, not a function: its handlers' futures need no name, so
+    // axum's one box holds each request's future (a named type meant a second box).
+    let on = |endpoint: Endpoint| {
+        move |State(app): State<Arc<App<S, K>>>, req: Request| ingest(app, endpoint, req)
+    };
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
@@ -97,26 +93,26 @@ pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
             header::CONTENT_ENCODING,
         ])
         .max_age(Duration::from_secs(86_400));
-    let batch = post(on::<S, K>(Endpoint::Batch));
+    let batch = post(on(Endpoint::Batch));
     let calls = Kind::ALL
         .into_iter()
         .filter(|kind| *kind != Kind::Pixel)
         .fold(Router::new(), |routes, kind| {
             let name = kind.as_str();
-            let call = post(on::<S, K>(Endpoint::Single(kind)));
+            let call = post(on(Endpoint::Single(kind)));
             routes
                 .route(&format!("/v1/{name}"), call.clone())
                 // Segment's short path is the call's first letter.
                 .route(&format!("/v1/{}", &name[..1]), call)
                 .route(
                     &format!("/v1/pixel/{name}"),
-                    get(on::<S, K>(Endpoint::SegmentPixel(kind))),
+                    get(on(Endpoint::SegmentPixel(kind))),
                 )
         });
     Router::new()
         .route("/v1/batch", batch.clone())
         .route("/v1/b", batch)
-        .route("/v1/p.gif", get(on::<S, K>(Endpoint::Single(Kind::Pixel))))
+        .route("/v1/p.gif", get(on(Endpoint::Single(Kind::Pixel))))
         .merge(calls)
         .merge(posthog_routes::<S, K>())
         .route("/healthz", get(healthz))
