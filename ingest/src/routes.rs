@@ -127,9 +127,8 @@ pub fn router<S: Sink, K: KeyStore>(app: Arc<App<S, K>>) -> Router {
 /// PostHog's capture paths (new and old SDKs', with and without the trailing slash, `GET`
 /// with `data=` too), its remote config and its feature flags.
 fn posthog_routes<S: Sink, K: KeyStore>() -> Router<Arc<App<S, K>>> {
-    let capture = |State(app): State<Arc<App<S, K>>>, req: Request| async move {
-        ingest(app, Endpoint::PostHog, req).await
-    };
+    let capture =
+        |State(app): State<Arc<App<S, K>>>, req: Request| ingest(app, Endpoint::PostHog, req);
     let mut routes = Router::new();
     for path in ["/e", "/i/v0/e", "/batch", "/capture", "/track", "/engage"] {
         routes = routes
